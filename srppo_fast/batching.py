@@ -1,0 +1,88 @@
+"""Packed micro-batches as tensors: one flattened row per micro-batch, position_ids restarting per sequence.
+
+transformers (>= 4.53) detects packed rows from position_ids when no attention mask is given and
+the cache is off, and keeps attention inside each sequence (sdpa/eager: a block-diagonal causal
+mask; flash-attention: varlen with cu_seqlens). tests/test_packed_forward.py checks it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .data import TokenizedSet
+from .packing import PackPlan, microbatch_metadata, plan_microbatches
+
+IGNORE = -100
+
+
+@dataclass
+class PackedBatch:
+    """Sequences `seq_ids` of a TokenizedSet, packed into one row of N tokens."""
+
+    input_ids: torch.Tensor  # [1, N] int64
+    position_ids: torch.Tensor  # [1, N] int64, restarting at 0 for every sequence
+    labels: torch.Tensor  # [1, N] int64: the next token where it is a target, else -100
+    cu_seqlens: torch.Tensor  # [n+1] int32
+    padded_index: torch.Tensor  # [N] int64: row * max_len + offset, to unpack into [n, max_len]
+    seq_ids: np.ndarray  # [n] indices into the TokenizedSet
+    max_len: int
+    num_targets: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+    def to(self, device: torch.device) -> "PackedBatch":
+        move = {k: getattr(self, k).to(device, non_blocking=True)
+                for k in ("input_ids", "position_ids", "labels", "cu_seqlens", "padded_index")}
+        return PackedBatch(**move, seq_ids=self.seq_ids, max_len=self.max_len, num_targets=self.num_targets)
+
+    def unpack(self, packed: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """Per-token values [N] (or [1, N]) -> [n, max_len] in micro-batch sequence order."""
+        n = len(self.seq_ids)
+        out = packed.new_full((n * self.max_len,), fill)
+        out[self.padded_index] = packed.reshape(-1)
+        return out.view(n, self.max_len)
+
+
+def pack_sequences(data: TokenizedSet, seq_ids: np.ndarray) -> PackedBatch:
+    """Gather sequences `seq_ids` into one packed row with shifted labels that never cross sequences."""
+    seq_ids = np.asarray(seq_ids, dtype=np.int64)
+    starts, ends = data.offsets[seq_ids], data.offsets[seq_ids + 1]
+    lengths = ends - starts
+    index = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(seq_ids) else \
+        np.zeros(0, dtype=np.int64)
+    tokens = data.tokens[index].astype(np.int64)
+    targets = data.targets[index]
+    cu_seqlens, position_ids, padded_index = microbatch_metadata(lengths)
+    # label[t] = token[t+1] when token t+1 is a target of the same sequence
+    next_tokens = np.roll(tokens, -1)
+    next_is_target = np.roll(targets, -1)
+    if len(lengths):
+        next_is_target[cu_seqlens[1:].astype(np.int64) - 1] = False
+    labels = np.where(next_is_target, next_tokens, IGNORE)
+    return PackedBatch(
+        input_ids=torch.from_numpy(tokens).unsqueeze(0),
+        position_ids=torch.from_numpy(np.asarray(position_ids, dtype=np.int64)).unsqueeze(0),
+        labels=torch.from_numpy(labels).unsqueeze(0),
+        cu_seqlens=torch.from_numpy(np.asarray(cu_seqlens, dtype=np.int32)),
+        padded_index=torch.from_numpy(np.asarray(padded_index, dtype=np.int64)),
+        seq_ids=seq_ids,
+        max_len=int(lengths.max()) if len(lengths) else 0,
+        num_targets=int(next_is_target.sum()),
+    )
+
+
+def plan_batch(data: TokenizedSet, seq_ids: np.ndarray, token_budget: int, world_size: int = 1) -> PackPlan:
+    """Plan micro-batches for the sequences `seq_ids` (the plan's indices refer to positions in seq_ids)."""
+    return plan_microbatches(data.lengths[seq_ids], token_budget, world_size)
+
+
+def padded_pad_fraction(lengths_per_microbatch: list[np.ndarray]) -> float:
+    """The padding that padding each micro-batch's sequences to its longest would have computed."""
+    real = sum(int(l.sum()) for l in lengths_per_microbatch)
+    padded = sum(int(l.max()) * len(l) for l in lengths_per_microbatch if len(l))
+    return 1.0 - real / padded if padded else 0.0

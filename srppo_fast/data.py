@@ -1,0 +1,283 @@
+"""Data: read JSONL / local Hugging Face datasets / world splits, render chats, tokenize into flat arrays.
+
+Record forms (one JSON object per line):
+
+    {"text": "..."}                                   raw text (pretraining: loss on every token)
+    {"prompt": "...", "response": "..."}              one exchange (optional "system")
+    {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}   chat (TULU-v2 style)
+    {"prompt": "..."} or {"messages": [..., user]}    prompt-only, for the RL stage
+
+Other keys are kept as metadata (the world's "task" and "answer", say). Chats are rendered with the
+tokenizer's chat template, or DEFAULT_CHAT_TEMPLATE when it has none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, Literal
+
+import numpy as np
+
+from .errors import DataError
+
+# The TULU-v2 format the paper's SFT data uses; taken when a tokenizer brings no chat template.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}<|system|>\n{{ m['content'] }}\n"
+    "{% elif m['role'] == 'user' %}<|user|>\n{{ m['content'] }}\n"
+    "{% elif m['role'] == 'assistant' %}<|assistant|>\n{{ m['content'] }}{{ eos_token }}\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+ROLES = ("system", "user", "assistant")
+Kind = Literal["lm", "sft", "prompt"]
+
+
+@dataclass
+class Record:
+    """One normalised example: either raw `text`, or `messages` (a chat), plus metadata."""
+
+    where: str  # "file:line" for error messages
+    text: str | None = None
+    messages: list[dict] | None = None
+    meta: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def resolve_spec(spec: str, world_dir: str | None) -> str:
+    """A data spec ('world:<split>' or a path) -> a path on disk."""
+    if spec.startswith("world:"):
+        if world_dir is None:
+            raise DataError(f"'{spec}' names an embedded world split, but this run has no world directory.")
+        return os.path.join(world_dir, spec.split(":", 1)[1] + ".jsonl")
+    return spec
+
+
+def _iter_jsonl(path: str) -> Iterator[tuple[str, dict]]:
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one "
+                                "JSON object.") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}.")
+            yield where, obj
+
+
+def _iter_hf_dataset(path: str) -> Iterator[tuple[str, dict]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"reading the dataset directory '{path}' needs the `datasets` package: "
+                        "pip install 'srppo-fast[datasets]'.") from None
+    if os.path.exists(os.path.join(path, "dataset_dict.json")) or os.path.exists(os.path.join(path, "state.json")):
+        ds = datasets.load_from_disk(path)
+    else:
+        ds = datasets.load_dataset(path)
+    if isinstance(ds, datasets.DatasetDict):
+        split = "train" if "train" in ds else next(iter(ds))
+        ds = ds[split]
+    for i, row in enumerate(ds):  # a column missing from a row reads as None: treat it as absent
+        yield f"{path}[{i}]", {k: v for k, v in row.items() if v is not None}
+
+
+def iter_raw(path: str) -> Iterator[tuple[str, dict]]:
+    """(where, object) pairs from a JSONL file or a local Hugging Face dataset directory."""
+    if os.path.isdir(path):
+        yield from _iter_hf_dataset(path)
+    elif os.path.isfile(path):
+        yield from _iter_jsonl(path)
+    else:
+        raise DataError(f"data file '{path}' does not exist; fix the path in the config.")
+
+
+def _check_messages(messages: object, where: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects.")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: messages[{i}] must be {{'role': one of {'/'.join(ROLES)}, "
+                            f"'content': a string}}, got {m!r}.")
+    first = next(m["role"] for m in messages if m["role"] != "system") if any(
+        m["role"] != "system" for m in messages) else "system"
+    if first != "user":
+        raise DataError(f"{where}: a conversation must start with a user turn (after an optional system turn).")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def normalise(obj: dict, where: str, kind: Kind) -> Record:
+    """Turn one raw object into a Record for `kind`, or raise DataError naming the line."""
+    def need_str(key: str) -> str:
+        if not isinstance(obj[key], str):
+            raise DataError(f"{where}: '{key}' must be a string, got {type(obj[key]).__name__}.")
+        return obj[key]
+
+    meta = {k: v for k, v in obj.items() if k not in ("text", "prompt", "response", "messages", "system")}
+    if "messages" in obj:
+        messages = _check_messages(obj["messages"], where)
+    elif "prompt" in obj:
+        messages = [{"role": "system", "content": need_str("system")}] if "system" in obj else []
+        messages.append({"role": "user", "content": need_str("prompt")})
+        if "response" in obj:
+            messages.append({"role": "assistant", "content": need_str("response")})
+    elif "text" in obj:
+        if kind != "lm":
+            raise DataError(f"{where}: a 'text' record has no prompt; {kind} data needs 'prompt'/'response' "
+                            "or 'messages'.")
+        return Record(where, text=need_str("text"), meta=meta)
+    else:
+        raise DataError(f"{where}: expected 'prompt' and 'response', 'messages', or 'text' (pretraining); "
+                        f"found keys {sorted(obj)}.")
+
+    if kind == "sft" and not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no response to learn from; SFT records need 'response' or an assistant "
+                        "message.")
+    if kind == "prompt":
+        while messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]  # a demonstration used as a prompt: keep what precedes the answer
+        if not messages or messages[-1]["role"] != "user":
+            raise DataError(f"{where}: a prompt must end with a user turn.")
+    return Record(where, messages=messages, meta=meta)
+
+
+def read_records(spec: str, kind: Kind, world_dir: str | None = None) -> list[Record]:
+    path = resolve_spec(spec, world_dir)
+    records = [normalise(obj, where, kind) for where, obj in iter_raw(path)]
+    if not records:
+        raise DataError(f"'{path}' holds no records.")
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# chat rendering
+
+
+def chat_template_of(tokenizer) -> str:
+    return getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, chat_template=chat_template_of(tokenizer), tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def render_with_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered chat and the character spans of its assistant turns (each ending at its EOS)."""
+    text = render(tokenizer, messages)
+    spans = []
+    eos = tokenizer.eos_token or ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = render(tokenizer, messages[:i + 1])
+        if not text.startswith(upto) or not upto.startswith(before):
+            raise DataError("the chat template does not render conversations as growing prefixes, so response "
+                            "tokens cannot be located; use a prefix-stable template.")
+        end = len(upto)
+        cut = upto.rfind(eos, len(before)) if eos else -1
+        if cut >= 0:
+            end = cut + len(eos)
+        spans.append((len(before), end))
+    return text, spans
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenization
+
+
+@dataclass
+class TokenizedSet:
+    """Sequences stored flat. Sequence i is tokens[offsets[i]:offsets[i+1]]; targets[j] says whether
+    token j is a training target (predicted from token j-1; never true for a sequence's first token)."""
+
+    tokens: np.ndarray  # int32 [total]
+    targets: np.ndarray  # bool [total]
+    offsets: np.ndarray  # int64 [n+1]
+    dropped: int = 0
+    truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def sequence(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        s, e = self.offsets[i], self.offsets[i + 1]
+        return self.tokens[s:e], self.targets[s:e]
+
+    @property
+    def num_targets(self) -> int:
+        return int(self.targets.sum())
+
+
+def _target_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
+    starts = np.array([s for s, _ in offsets], dtype=np.int64)
+    ends = np.array([e for _, e in offsets], dtype=np.int64)
+    mask = np.zeros(len(offsets), dtype=bool)
+    for lo, hi in spans:  # a token is a target when it overlaps an assistant span
+        mask |= (ends > lo) & (starts < hi)
+    return mask
+
+
+def tokenize_records(records: list[Record], tokenizer, *, loss_on: Literal["all", "response"], max_seq_len: int,
+                     overlong: Literal["drop", "truncate", "error"] = "drop") -> TokenizedSet:
+    """Render and tokenize records for language modelling (pretraining or SFT)."""
+    texts, spans = [], []
+    for rec in records:
+        if rec.text is not None:
+            bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
+            texts.append(bos + rec.text + eos)
+            spans.append([(len(bos), len(texts[-1]))])
+        elif loss_on == "all":
+            texts.append(render(tokenizer, rec.messages))
+            spans.append([])
+        else:
+            text, sp = render_with_spans(tokenizer, rec.messages)
+            texts.append(text)
+            spans.append(sp)
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    all_tokens, all_targets, lengths = [], [], []
+    dropped = truncated = 0
+    for rec, ids, offs, sp in zip(records, enc["input_ids"], enc["offset_mapping"], spans):
+        targets = np.ones(len(ids), dtype=bool) if loss_on == "all" else _target_mask(offs, sp)
+        targets[0] = False
+        if len(ids) > max_seq_len:
+            if overlong == "error":
+                raise DataError(f"{rec.where}: {len(ids)} tokens, more than max_seq_len={max_seq_len}; raise "
+                                "max_seq_len or set overlong=drop or truncate.")
+            if overlong == "drop":
+                dropped += 1
+                continue
+            ids, targets = ids[:max_seq_len], targets[:max_seq_len]
+            truncated += 1
+        if not targets.any():
+            dropped += 1  # nothing to learn from (e.g. the response was truncated away)
+            continue
+        all_tokens.append(np.asarray(ids, dtype=np.int32))
+        all_targets.append(targets)
+        lengths.append(len(ids))
+    if not lengths:
+        raise DataError(f"no usable examples in {records[0].where.rsplit(':', 1)[0]} (all dropped as longer "
+                        f"than max_seq_len={max_seq_len} or without targets).")
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return TokenizedSet(np.concatenate(all_tokens), np.concatenate(all_targets), offsets, dropped, truncated)
+
+
+def load_lm_data(spec: str, tokenizer, *, kind: Kind, loss_on: Literal["all", "response"], max_seq_len: int,
+                 overlong: Literal["drop", "truncate", "error"] = "drop",
+                 world_dir: str | None = None) -> TokenizedSet:
+    return tokenize_records(read_records(spec, kind, world_dir), tokenizer, loss_on=loss_on,
+                            max_seq_len=max_seq_len, overlong=overlong)

@@ -1,0 +1,101 @@
+"""The single-process update engine (CPU, or one CUDA device): AdamW, warm-up + decay, clipping,
+gradient accumulation over packed micro-batches, bf16 autocast, gradient checkpointing."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from .config import OptimConfig
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def lr_lambda(optim: OptimConfig, total_steps: int):
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warm-up, then decay."""
+    warmup = int(round(optim.warmup_ratio * total_steps))
+    floor = optim.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if optim.schedule == "constant" or total_steps <= warmup + 1:
+            return 1.0
+        progress = min(1.0, (step - warmup) / (total_steps - warmup - 1))
+        if optim.schedule == "linear":
+            return 1.0 - (1.0 - floor) * progress
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not on norms, biases or 1-D parameters)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class TorchEngine:
+    """Owns a trainable module, its optimizer and schedule. Callers accumulate gradients with
+    `backward(loss)` over micro-batches (each loss already divided by the step's normaliser), then `step()`."""
+
+    def __init__(self, model: torch.nn.Module, optim: OptimConfig, total_steps: int, device: torch.device,
+                 precision: str = "fp32", gradient_checkpointing: bool = False):
+        self.model = model.to(device)
+        self.device = device
+        self.precision = precision
+        self.optim_cfg = optim
+        if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        self.optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
+                                           betas=tuple(optim.betas), eps=optim.eps, **extra)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim, total_steps))
+        self.steps_done = 0
+
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> dict:
+        """Clip, step the optimizer and the schedule, zero the gradients. Returns grad norm and lr used."""
+        lr = self.scheduler.get_last_lr()[0]
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done += 1
+        return {"grad_norm": float(grad_norm), "lr": lr}
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "steps_done": self.steps_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.steps_done = state["steps_done"]

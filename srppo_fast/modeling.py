@@ -1,0 +1,117 @@
+"""Models and tokenizers: load from a directory or the hub, build tiny ones from scratch, save atomically.
+
+Checkpoints are plain Hugging Face directories (config.json, model.safetensors, tokenizer files), so
+transformers and vLLM load them directly; srppo-fast adds `srppo_checkpoint.json` (what wrote it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .attention import register as register_attention
+from .config import ModelConfig
+from .errors import CheckpointError, ConfigError
+from .io import atomic_dir
+
+log = logging.getLogger(__name__)
+CHECKPOINT_MARKER = "srppo_checkpoint.json"
+
+
+def _hf_error(what: str, spec: str, err: Exception) -> ConfigError:
+    local = os.path.isdir(spec)
+    reason = "it is a directory but transformers could not read it" if local else \
+        "it is not a local directory, and loading it from the hub failed"
+    return ConfigError(f"{what} '{spec}' could not be loaded ({reason}: {str(err).splitlines()[0]}); give a "
+                       "directory with a Hugging Face checkpoint, or a hub name reachable from this machine.")
+
+
+def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _hf_error("tokenizer", spec, e) from None
+    if tok.eos_token is None:
+        raise ConfigError(f"tokenizer '{spec}' has no eos_token; responses could not end. Set one in its "
+                          "tokenizer_config.json.")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # padding is masked everywhere; only generate() needs an id
+    return tok
+
+
+def build_scratch_model(cfg: ModelConfig, tokenizer, seed: int):
+    """A randomly initialised model of architecture `cfg.arch`, sized to the tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = dict(cfg.arch)
+    model_type = arch.pop("model_type")
+    try:
+        defaults = AutoConfig.for_model(model_type)
+    except ValueError:
+        raise ConfigError(f"model.arch.model_type '{model_type}' is not a transformers model type; use e.g. "
+                          "llama, mistral or qwen2.") from None
+    legacy = {"rope_theta", "rope_scaling"}  # accepted by the constructor, folded into rope_parameters
+    unknown = [k for k in arch if not hasattr(defaults, k) and k not in legacy]
+    if unknown:
+        raise ConfigError(f"model.arch.{unknown[0]} is not a field of {type(defaults).__name__}; remove it or "
+                          "fix its name.")
+    # all fields at construction, so derived ones (head_dim, rope parameters) follow them
+    hf_config = AutoConfig.for_model(model_type, **arch, vocab_size=len(tokenizer),
+                                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                     pad_token_id=tokenizer.pad_token_id)
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    if head_dim < 32:
+        log.warning("head_dim %d < 32: vLLM's CPU attention cannot serve this model", head_dim)
+    register_attention()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=cfg.attn_implementation,
+                                                 dtype=torch.float32)
+    return model
+
+
+def load_model(path: str, cfg: ModelConfig, *, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    register_attention()
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                                                    trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _hf_error("model", path, e) from None
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_checkpoint(path: str | Path, model, tokenizer, info: dict, extra: dict[str, object] | None = None) -> None:
+    """Write a Hugging Face checkpoint atomically: into a temporary directory, then one rename.
+
+    `extra` maps file names to objects saved with torch.save (optimizer state and the like)."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, obj in (extra or {}).items():
+            torch.save(obj, os.path.join(tmp, name))
+        with open(os.path.join(tmp, CHECKPOINT_MARKER), "w", encoding="utf-8") as fh:
+            json.dump(info, fh, indent=1, default=str)
+
+
+def checkpoint_info(path: str | Path) -> dict | None:
+    """The marker of a complete srppo-fast checkpoint, or None when `path` holds none."""
+    marker = Path(path) / CHECKPOINT_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        with open(marker, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint marker {marker} is corrupt ({e.msg}); delete {path} to redo "
+                              "that stage.") from None

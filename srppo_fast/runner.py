@@ -1,0 +1,179 @@
+"""Runs a config's stages in order: prepares the output directory, the world, the shared context."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from .config import Config, to_dict
+from .engine import resolve_device, resolve_precision
+from .errors import CheckpointError
+from .io import atomic_write_text
+from .metrics import MetricsLog
+from .modeling import build_scratch_model, checkpoint_info, load_model, load_tokenizer, num_parameters
+
+log = logging.getLogger("srppo_fast")
+
+
+@dataclass
+class RunContext:
+    """What every stage shares: the config, the output directory, the device, the metrics log."""
+
+    cfg: Config
+    out: Path
+    device: torch.device
+    precision: str
+    metrics: MetricsLog
+    world_dir: str | None
+    _tokenizer: object = field(default=None, repr=False)
+
+    def checkpoint_dir(self, stage: str) -> Path:
+        return self.out / "checkpoints" / stage
+
+    def tokenizer_spec(self) -> str:
+        spec = self.cfg.model.tokenizer
+        if spec == "auto":
+            spec = "world" if self.cfg.model.base == "scratch" else self.cfg.model.base
+        if spec == "world":
+            return os.path.join(self.world_dir, "tokenizer")
+        return spec
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_spec(), trust_remote_code=self.cfg.model.trust_remote_code)
+        return self._tokenizer
+
+    def model_path(self, init: str) -> str:
+        """Where the weights named `init` ('base' or a stage) live; 'scratch' for a fresh model."""
+        if init == "base":
+            return self.cfg.model.base
+        path = self.checkpoint_dir(init)
+        if checkpoint_info(path) is None:
+            raise CheckpointError(f"stage '{init}' has no complete checkpoint in {path}; run that stage first.")
+        return str(path)
+
+    def init_model(self, init: str):
+        path = self.model_path(init)
+        if path == "scratch":
+            model = build_scratch_model(self.cfg.model, self.tokenizer(), self.cfg.seed)
+        else:
+            model = load_model(path, self.cfg.model)
+        log.info("model from %s: %s, %.2fM parameters", init if path == "scratch" else path,
+                 type(model).__name__, num_parameters(model) / 1e6)
+        return model
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup_logging(out: Path) -> None:
+    root = logging.getLogger("srppo_fast")
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(out / "train.log", encoding="utf-8")):
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    root.propagate = False
+
+
+def uses_world(cfg: Config) -> bool:
+    tokenizer = cfg.model.tokenizer
+    specs = ["world" if tokenizer == "auto" and cfg.model.base == "scratch" else tokenizer]
+    for name in cfg.stages:
+        section = getattr(cfg, name)
+        specs += [section.data, section.eval_data or ""]
+    return any(s == "world" or s.startswith("world:") for s in specs)
+
+
+def stage_fingerprint(cfg: Config, name: str) -> dict:
+    """What a stage's result depends on: its section, the model, the world, the seed, its init's fingerprint."""
+    section = getattr(cfg, name)
+    fp = stage_fingerprint(cfg, section.init) if section.init in cfg.stages else {}
+    fp.update({name: to_dict(section), "model": to_dict(cfg.model), "seed": cfg.seed})
+    if uses_world(cfg):
+        fp["world"] = to_dict(cfg.world)
+    return fp
+
+
+def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            keys += _diff_keys(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            keys.append(prefix + k)
+    return keys
+
+
+def finished(ctx: RunContext, name: str) -> bool:
+    """True when the stage's checkpoint is complete and was made by this same config."""
+    info = checkpoint_info(ctx.checkpoint_dir(name))
+    if info is None or not info.get("complete"):
+        return False
+    want = stage_fingerprint(ctx.cfg, name)
+    if info.get("fingerprint") != want:
+        changed = ", ".join(_diff_keys(info.get("fingerprint") or {}, want)[:4])
+        raise CheckpointError(f"{ctx.checkpoint_dir(name)} was made with a different config (changed: {changed}); "
+                              "use a new output_dir, or delete that checkpoint to redo the stage.")
+    return True
+
+
+def prepare(cfg: Config) -> RunContext:
+    """Steps before the first stage: output dir, resolved config, logging, world, device."""
+    from .world import build_world
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    setup_logging(out)
+    if cfg.runtime.num_threads:
+        torch.set_num_threads(cfg.runtime.num_threads)
+    world_dir = None
+    if uses_world(cfg):
+        world_dir = str(build_world(cfg.world, out / "world"))
+        log.info("embedded world in %s", world_dir)
+    device = resolve_device(cfg.runtime.device)
+    precision = resolve_precision(cfg.runtime.precision, device)
+    log.info("device %s, precision %s, %d CPU threads", device, precision, torch.get_num_threads())
+    return RunContext(cfg, out, device, precision, MetricsLog(out / "metrics.jsonl"), world_dir)
+
+
+def run(cfg: Config) -> RunContext:
+    """Run every stage of `cfg` in order; stages already completed by the same config are skipped."""
+    from .stages import STAGES
+
+    ctx = prepare(cfg)
+    for index, name in enumerate(cfg.stages):
+        if finished(ctx, name):
+            log.info("stage %s: already complete in %s, skipped", name, ctx.checkpoint_dir(name))
+            continue
+        seed_everything(cfg.seed + 1000 * index)
+        log.info("stage %d/%d: %s", index + 1, len(cfg.stages), name)
+        STAGES[name](ctx, name)
+    return ctx
+
+
+def describe_plan(cfg: Config) -> str:
+    """The stages a config will run, one line each (for --dry-run)."""
+    lines = [f"plan (output_dir: {cfg.output_dir}):"]
+    for i, name in enumerate(cfg.stages, 1):
+        s = getattr(cfg, name)
+        init = s.init if s.init != "base" else f"base={cfg.model.base}"
+        length = f"max_steps={s.max_steps}" if s.max_steps else f"epochs={s.epochs:g}"
+        evals = f" eval={s.eval_data}" if s.eval_data else ""
+        lines.append(f"  {i}. {name}: init={init} data={s.data}{evals} loss_on={s.loss_on} {length} "
+                     f"batch={s.batch_size} micro_batch_tokens={s.micro_batch_tokens} lr={s.optim.lr:g}")
+    return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""Language-modelling stages on packed micro-batches: `pretrain` (all tokens) and `sft` (responses)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+
+from ..attention import packed_kwargs
+from ..batching import PackedBatch, pack_sequences, padded_pad_fraction, plan_batch
+from ..config import LMStageConfig
+from ..data import TokenizedSet, load_lm_data
+from ..engine import TorchEngine
+from ..metrics import progress
+from ..modeling import save_checkpoint
+from ..ops import token_logprobs
+
+log = logging.getLogger("srppo_fast")
+
+
+class EpochSampler:
+    """An endless stream of example indices: a seeded permutation per epoch, batches may straddle epochs.
+    `position` (examples consumed) is all that a resume needs."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, position: int = 0):
+        self.n, self.seed, self.shuffle, self.position = n, seed, shuffle, position
+
+    def _epoch(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def take(self, k: int) -> np.ndarray:
+        out = []
+        while k > 0:
+            epoch, offset = divmod(self.position, self.n)
+            chunk = self._epoch(epoch)[offset:offset + k]
+            out.append(chunk)
+            self.position += len(chunk)
+            k -= len(chunk)
+        return np.concatenate(out)
+
+
+def packed_token_logprobs(model, batch: PackedBatch) -> torch.Tensor:
+    """Log-prob of each packed token's label ([N] fp32; 0 where the label is -100)."""
+    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                   **packed_kwargs(batch.cu_seqlens, batch.max_len)).logits
+    return token_logprobs(logits[0], batch.labels[0])  # logits: [N, V]
+
+
+def microbatches(data: TokenizedSet, seq_ids: np.ndarray, budget: int) -> list[PackedBatch]:
+    plan = plan_batch(data, seq_ids, budget)
+    return [pack_sequences(data, seq_ids[idx]) for idx in plan.microbatches(0) if len(idx)]
+
+
+def lm_train_step(engine: TorchEngine, data: TokenizedSet, seq_ids: np.ndarray, budget: int) -> dict:
+    """One optimizer step on the sequences `seq_ids`: mean NLL over all their targets."""
+    t0 = time.perf_counter()
+    batches = microbatches(data, seq_ids, budget)
+    n_targets = sum(b.num_targets for b in batches)
+    loss_sum = 0.0
+    for batch in batches:
+        batch = batch.to(engine.device)
+        with engine.autocast():
+            logp = packed_token_logprobs(engine.model, batch)
+        loss = -logp.sum() / max(n_targets, 1)
+        engine.backward(loss)
+        loss_sum += loss.item()
+    stats = engine.step()
+    n_tokens = sum(b.num_tokens for b in batches)
+    elapsed = time.perf_counter() - t0
+    lengths = [data.lengths[b.seq_ids] for b in batches]
+    return {"loss": loss_sum, **stats, "tokens": n_tokens, "tokens_per_s": n_tokens / elapsed,
+            "microbatches": len(batches), "pad_fraction": 0.0,
+            "padded_pad_fraction": padded_pad_fraction(lengths)}
+
+
+@torch.no_grad()
+def lm_eval_loss(model, data: TokenizedSet, budget: int, device: torch.device, autocast) -> float:
+    """Mean NLL per target token over the whole set."""
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    for batch in microbatches(data, np.arange(len(data)), budget):
+        batch = batch.to(device)
+        with autocast():
+            logp = packed_token_logprobs(model, batch)
+        nll -= float(logp.sum())
+        count += batch.num_targets
+    model.train(was_training)
+    return nll / max(count, 1)
+
+
+def total_steps(section: LMStageConfig, n: int) -> int:
+    if section.max_steps:
+        return section.max_steps
+    return max(1, math.ceil(section.epochs * math.ceil(n / section.batch_size)))
+
+
+def run_lm_stage(ctx, name: str) -> None:
+    """1. data -> 2. model and engine -> 3. evaluate the start -> 4. train -> 5. evaluate, save."""
+    from ..runner import stage_fingerprint
+
+    section: LMStageConfig = getattr(ctx.cfg, name)
+    tok = ctx.tokenizer()
+    # 1. data
+    load = dict(kind="lm" if section.loss_on == "all" else "sft", loss_on=section.loss_on,
+                max_seq_len=section.max_seq_len, overlong=section.overlong, world_dir=ctx.world_dir)
+    train = load_lm_data(section.data, tok, **load)
+    held = load_lm_data(section.eval_data, tok, **load) if section.eval_data else None
+    log.info("%s: %d sequences, %d tokens, %d targets (%d dropped, %d truncated as longer than %d)", name,
+             len(train), train.tokens.size, train.num_targets, train.dropped, train.truncated, section.max_seq_len)
+    # 2. model and engine
+    steps = total_steps(section, len(train))
+    engine = TorchEngine(ctx.init_model(section.init), section.optim, steps, ctx.device, ctx.precision,
+                         ctx.cfg.model.gradient_checkpointing)
+    sampler = EpochSampler(len(train), ctx.cfg.seed, section.shuffle)
+
+    def evaluate(step: int) -> float | None:
+        if held is None:
+            return None
+        loss = lm_eval_loss(engine.model, held, section.micro_batch_tokens, ctx.device, engine.autocast)
+        ctx.metrics.log({"stage": name, "step": step, "eval_loss": loss})
+        log.info("%s step %d: held-out loss %.4f", name, step, loss)
+        return loss
+
+    # 3. the starting point
+    start_eval = evaluate(0)
+    # 4. train
+    bar = progress(steps, name, ctx.cfg.runtime.progress)
+    for step in range(1, steps + 1):
+        stats = lm_train_step(engine, train, sampler.take(section.batch_size), section.micro_batch_tokens)
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{stats['tokens_per_s']:.0f}")
+        if step % section.log_every == 0 or step == steps:
+            ctx.metrics.log({"stage": name, "step": step, "epoch": sampler.position / len(train), **stats})
+        if section.eval_every and step % section.eval_every == 0 and step != steps:
+            evaluate(step)
+    bar.close()
+    # 5. evaluate the end, save
+    end_eval = evaluate(steps)
+    info = {"stage": name, "step": steps, "complete": True, "fingerprint": stage_fingerprint(ctx.cfg, name),
+            "eval_loss_start": start_eval, "eval_loss_end": end_eval}
+    save_checkpoint(ctx.checkpoint_dir(name), engine.model, tok, info)
+    log.info("%s: saved %s", name, ctx.checkpoint_dir(name))

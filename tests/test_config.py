@@ -1,0 +1,128 @@
+"""Config: YAML + overrides into typed sections; every bad input is one clear sentence."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from srppo_fast.cli import main
+from srppo_fast.config import Config, config_reference, load_config
+from srppo_fast.errors import ConfigError
+
+QUICKSTART = "configs/quickstart.yaml"
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(path)
+
+
+def test_quickstart_loads_and_overrides_apply():
+    cfg = load_config(QUICKSTART, ["sft.optim.lr=5e-5", "stages=pretrain,sft", "model.arch.hidden_size=64"])
+    assert cfg.sft.optim.lr == 5e-5
+    assert cfg.stages == ["pretrain", "sft"]
+    assert cfg.model.arch["hidden_size"] == 64
+    assert cfg.pretrain.loss_on == "all" and cfg.sft.loss_on == "response"
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path):
+    # YAML 1.1 reads 1e-4 as a string; a float field must still take it
+    cfg = load_config(write(tmp_path, "sft:\n  optim:\n    lr: 1e-4\n"))
+    assert cfg.sft.optim.lr == pytest.approx(1e-4)
+
+
+def test_partial_section_keeps_the_stage_defaults(tmp_path):
+    # the pretrain section has its own optimiser defaults; overriding lr must not reset the others
+    default = Config().pretrain.optim
+    cfg = load_config(write(tmp_path, {"pretrain": {"optim": {"lr": 1e-3}}}))
+    assert cfg.pretrain.optim.lr == 1e-3
+    assert cfg.pretrain.optim.warmup_ratio == default.warmup_ratio
+    assert cfg.pretrain.optim.weight_decay == default.weight_decay
+    assert default.weight_decay != Config().sft.optim.weight_decay or default.warmup_ratio != \
+        Config().sft.optim.warmup_ratio  # the defaults really differ, so the test means something
+
+
+BAD = [
+    # (raw config or None, overrides, substrings the message must contain)
+    ({"sft": {"optim": {"lrr": 1e-4}}}, [], ["unknown config key 'sft.optim.lrr'", "did you mean 'sft.optim.lr'"]),
+    ({"sft": {"epochs": "two"}}, [], ["sft.epochs", "expected a number", "'two'"]),
+    ({"sft": {"batch_size": 0}}, [], ["sft.batch_size", "out of range", "at least 1"]),
+    ({"stages": ["pretrain", "sfft"]}, [], ["unknown stage 'sfft'", "did you mean 'sft'"]),
+    ({"stages": ["sft", "sft"]}, [], ["'sft' is listed twice"]),
+    ({"sft": {"data": "no/such/file.jsonl"}}, [], ["sft.data", "'no/such/file.jsonl' does not exist"]),
+    ({"stages": ["sft"], "sft": {"init": "pretrain"}}, [], ["sft.init is 'pretrain'", "set sft.init=base"]),
+    ({"sft": {"micro_batch_tokens": 128, "max_seq_len": 512}}, [],
+     ["sft.micro_batch_tokens (128) is smaller than sft.max_seq_len (512)"]),
+    ({"sft": {"data": "world:demo"}}, [], ["unknown world split 'demo'", "world:demos"]),
+    ({"model": {"tokenizer": "world", "base": "meta-llama/Llama-3-8B"}}, [],
+     ["model.tokenizer is 'world' but model.base 'meta-llama/Llama-3-8B'", "set model.tokenizer=auto"]),
+    ({"runtime": {"precision": "fp16"}}, [], ["runtime.precision", "'fp16' is not allowed", "'bf16'"]),
+    ({"sft": {"shuffle": "yes"}}, [], ["sft.shuffle", "expected true or false"]),
+    ({"sft": {"optim": {"betas": [0.9]}}}, [], ["sft.optim.betas must be two numbers"]),
+    ({}, ["sft.optim.lr"], ["override 'sft.optim.lr' must look like key=value"]),
+    ({}, ["seed.x=1"], ["'seed' is a value, not a section"]),
+    ({"sft": 3}, [], ["sft: expected a mapping"]),
+    ([1, 2], [], ["must hold a mapping of sections"]),
+    ("a: [1, 2\n", [], ["is not valid YAML", "line"]),
+]
+
+
+@pytest.mark.parametrize("raw,overrides,needles", BAD, ids=[n[0] for _, _, n in BAD])
+def test_bad_config_is_one_clear_error(tmp_path, raw, overrides, needles):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, raw), overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file 'nope.yaml' does not exist"):
+        load_config("nope.yaml")
+
+
+def test_cli_prints_one_line_without_traceback(tmp_path, capsys):
+    code = main(["train", "--config", write(tmp_path, {"sft": {"optim": {"lrr": 1}}}), "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("srppo-fast: error: unknown config key 'sft.optim.lrr'")
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_dry_run_prints_resolved_config_and_plan(capsys):
+    assert main(["train", "--config", QUICKSTART, "--dry-run", "sft.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    resolved = yaml.safe_load(out.split("plan (")[0])
+    assert resolved["sft"]["epochs"] == 3.0
+    assert "1. pretrain:" in out and "2. sft: init=pretrain" in out
+
+
+def test_console_script_entry_point(tmp_path):
+    # the installed `srppo-fast` is the same entry point; `python -m` avoids depending on PATH
+    proc = subprocess.run([sys.executable, "-m", "srppo_fast", "train", "--config", "missing.yaml"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("srppo-fast: error: config file 'missing.yaml' does not exist; pass an existing "
+                                   "YAML file to --config (e.g. configs/quickstart.yaml).")
+
+
+def test_every_field_is_documented():
+    rows = config_reference()
+    assert len(rows) > 40
+    undocumented = [key for key, _, _, help_ in rows if not help_.strip()]
+    assert undocumented == []
+
+
+def test_readme_config_reference_is_current():
+    from srppo_fast.cli import README_MARKERS, reference_markdown
+
+    text = open("README.md", encoding="utf-8").read()
+    start, end = README_MARKERS
+    table = text.split(start, 1)[1].split(end, 1)[0].strip()
+    assert table == reference_markdown(), "README config reference is stale: run " \
+        "`srppo-fast config --update-readme README.md`"

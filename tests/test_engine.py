@@ -1,0 +1,65 @@
+"""Update engine: schedule shape, decay groups, accumulation over micro-batches = one big batch."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from srppo_fast.config import OptimConfig
+from srppo_fast.data import load_lm_data
+from srppo_fast.engine import TorchEngine, lr_lambda, param_groups
+from srppo_fast.stages.lm import EpochSampler, lm_train_step
+
+from .conftest import make_model
+
+
+def test_warmup_then_cosine_to_floor():
+    f = lr_lambda(OptimConfig(schedule="cosine", warmup_ratio=0.1, min_lr_ratio=0.1), total_steps=100)
+    values = [f(s) for s in range(100)]
+    assert values[0] == pytest.approx(1 / 11) and values[9] == pytest.approx(10 / 11)
+    assert values[10] == pytest.approx(1.0)
+    assert values[99] == pytest.approx(0.1)
+    assert values[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 89)))
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+    linear = lr_lambda(OptimConfig(schedule="linear", warmup_ratio=0.0, min_lr_ratio=0.0), total_steps=11)
+    assert [round(linear(s), 6) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
+    assert lr_lambda(OptimConfig(schedule="constant", warmup_ratio=0.0), 10)(9) == 1.0
+
+
+def test_no_weight_decay_on_norms(tiny_model):
+    decay, no_decay = param_groups(tiny_model, 0.1)
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) > 0
+
+
+@pytest.mark.parametrize("budget", [64, 100000])
+def test_micro_batch_split_does_not_change_the_step(world_dir, tokenizer, budget):
+    """A step over 8 sequences gives the same update whether packed in one micro-batch or many."""
+    data = load_lm_data("world:demos", tokenizer, kind="sft", loss_on="response", max_seq_len=128,
+                        world_dir=world_dir)
+    results = []
+    for b in (budget, 10**6):
+        torch.manual_seed(0)
+        engine = TorchEngine(make_model(tokenizer), OptimConfig(lr=1e-2, warmup_ratio=0.0), 4,
+                             torch.device("cpu"))
+        stats = lm_train_step(engine, data, np.arange(8), b)
+        results.append((stats, [p.detach().clone() for p in engine.model.parameters()]))
+    (s1, p1), (s2, p2) = results
+    if budget == 64:
+        assert s1["microbatches"] > 1 and s2["microbatches"] == 1
+    assert s1["loss"] == pytest.approx(s2["loss"], rel=1e-5)
+    for a, b in zip(p1, p2):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_sampler_epochs_and_resume_position():
+    s = EpochSampler(10, seed=3)
+    first = np.concatenate([s.take(4) for _ in range(5)])  # 20 = two epochs, batches straddle
+    assert sorted(first[:10]) == list(range(10)) and sorted(first[10:]) == list(range(10))
+    assert not np.array_equal(first[:10], first[10:])  # a new permutation per epoch
+    resumed = EpochSampler(10, seed=3, position=8)
+    assert np.array_equal(resumed.take(12), first[8:20])
+    assert np.array_equal(EpochSampler(5, 0, shuffle=False).take(7), [0, 1, 2, 3, 4, 0, 1])
