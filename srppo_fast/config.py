@@ -147,7 +147,7 @@ class Config:
     model: ModelConfig = sub(ModelConfig, "Base model and tokenizer.")
     runtime: RuntimeConfig = sub(RuntimeConfig, "Device, precision, threads.")
     pretrain: LMStageConfig = sub(LMStageConfig, "Pretraining the base (causal LM on all tokens).",
-                                  data="world:corpus", loss_on="all", epochs=1.0, batch_size=32,
+                                  data="world:corpus", loss_on="all", epochs=4.0, batch_size=64,
                                   micro_batch_tokens=2048, max_seq_len=256,
                                   optim=OptimConfig(lr=3e-3, warmup_ratio=0.05, weight_decay=0.01))
     sft: LMStageConfig = sub(LMStageConfig, "Supervised fine-tuning on demonstrations (loss on responses).",
@@ -282,7 +282,14 @@ def to_dict(obj: Any) -> Any:
 # loading, overrides, validation
 
 
-def apply_override(raw: dict, item: str) -> None:
+def _section_type(cls: Any, name: str) -> Any:
+    """The type of field `name` of dataclass `cls` (None when unknown: `build` reports it)."""
+    if not dataclasses.is_dataclass(cls):
+        return None
+    return typing.get_type_hints(cls).get(name)
+
+
+def apply_override(raw: dict, item: str, schema: type = None) -> None:
     """Apply one `dotted.key=value` override (the value is parsed as YAML) to the raw config dict."""
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like key=value, e.g. sft.optim.lr=5e-5.")
@@ -294,14 +301,16 @@ def apply_override(raw: dict, item: str) -> None:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
-    node = raw
+    node, tp = raw, schema or Config
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
+        tp = _section_type(tp, part) if tp is not dict else dict
         child = node.get(part)
+        is_value = tp is not None and tp is not dict and not dataclasses.is_dataclass(tp)
+        if is_value or (child is not None and not isinstance(child, dict)):
+            raise ConfigError(f"override '{item}': '{'.'.join(parts[:i + 1])}' is a value, not a section.")
         if child is None:
             child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"override '{item}': '{'.'.join(parts[:i + 1])}' is a value, not a section.")
         node = child
     node[parts[-1]] = value
 

@@ -163,7 +163,19 @@ def run(cfg: Config) -> RunContext:
         seed_everything(cfg.seed + 1000 * index)
         log.info("stage %d/%d: %s", index + 1, len(cfg.stages), name)
         STAGES[name](ctx, name)
+    log.info("done: %s", summary(ctx))
     return ctx
+
+
+def summary(ctx: RunContext) -> str:
+    """One line per stage: where its checkpoint is and what its held-out loss did."""
+    parts = []
+    for name in ctx.cfg.stages:
+        info = checkpoint_info(ctx.checkpoint_dir(name)) or {}
+        start, end = info.get("eval_loss_start"), info.get("eval_loss_end")
+        loss = f", held-out loss {start:.4f} -> {end:.4f}" if start is not None and end is not None else ""
+        parts.append(f"{name} ({info.get('step', '?')} steps{loss})")
+    return "; ".join(parts) + f"; checkpoints in {ctx.out / 'checkpoints'}"
 
 
 def describe_plan(cfg: Config) -> str:

@@ -54,8 +54,8 @@ def test_prompt_kind_drops_the_final_answer_and_keeps_metadata(tmp_path):
     assert recs[0].messages == [{"role": "user", "content": "12+30"}]
     assert recs[0].meta == {"task": "add"}
     with pytest.raises(DataError, match="must end with a user turn"):
-        read_records(jsonl(tmp_path, [{"messages": [{"role": "system", "content": "s"},
-                                                    {"role": "assistant", "content": "a"}]}], "p.jsonl"), "prompt")
+        read_records(jsonl(tmp_path, [{"messages": [{"role": "user", "content": "u"},
+                                                    {"role": "system", "content": "s"}]}], "p.jsonl"), "prompt")
 
 
 def test_response_targets_are_exactly_the_assistant_tokens(tokenizer):

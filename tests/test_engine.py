@@ -36,23 +36,32 @@ def test_no_weight_decay_on_norms(tiny_model):
 
 
 @pytest.mark.parametrize("budget", [64, 100000])
-def test_micro_batch_split_does_not_change_the_step(world_dir, tokenizer, budget):
-    """A step over 8 sequences gives the same update whether packed in one micro-batch or many."""
+def test_micro_batch_split_does_not_change_the_gradient(world_dir, tokenizer, budget):
+    """A step over 8 sequences accumulates the same gradient whether they are packed in one micro-batch
+    or many (the loss is normalised by the step's target count, not per micro-batch)."""
     data = load_lm_data("world:demos", tokenizer, kind="sft", loss_on="response", max_seq_len=128,
                         world_dir=world_dir)
     results = []
     for b in (budget, 10**6):
         torch.manual_seed(0)
-        engine = TorchEngine(make_model(tokenizer), OptimConfig(lr=1e-2, warmup_ratio=0.0), 4,
+        engine = TorchEngine(make_model(tokenizer), OptimConfig(lr=1e-2, warmup_ratio=0.0, grad_clip=0.0), 4,
                              torch.device("cpu"))
-        stats = lm_train_step(engine, data, np.arange(8), b)
-        results.append((stats, [p.detach().clone() for p in engine.model.parameters()]))
-    (s1, p1), (s2, p2) = results
+        grads = []
+        step = engine.optimizer.step
+
+        def capture(*args, **kwargs):
+            grads.extend(p.grad.clone() for p in engine.model.parameters())
+            return step(*args, **kwargs)
+
+        engine.optimizer.step = capture
+        results.append((lm_train_step(engine, data, np.arange(8), b), grads))
+    (s1, g1), (s2, g2) = results
     if budget == 64:
         assert s1["microbatches"] > 1 and s2["microbatches"] == 1
     assert s1["loss"] == pytest.approx(s2["loss"], rel=1e-5)
-    for a, b in zip(p1, p2):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert len(g1) == len(g2) > 0
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
 
 
 def test_sampler_epochs_and_resume_position():
@@ -63,3 +72,40 @@ def test_sampler_epochs_and_resume_position():
     resumed = EpochSampler(10, seed=3, position=8)
     assert np.array_equal(resumed.take(12), first[8:20])
     assert np.array_equal(EpochSampler(5, 0, shuffle=False).take(7), [0, 1, 2, 3, 4, 0, 1])
+
+
+def _packed_grads(model, batch, engine_kwargs) -> tuple[float, list[torch.Tensor]]:
+    from srppo_fast.stages.lm import packed_token_logprobs
+
+    engine = TorchEngine(model, OptimConfig(), 1, torch.device("cpu"), **engine_kwargs)
+    with engine.autocast():
+        loss = -packed_token_logprobs(engine.model, batch).sum() / batch.num_targets
+    engine.backward(loss)
+    return float(loss), [p.grad.clone() for p in engine.model.parameters()]
+
+
+def test_gradient_checkpointing_and_bf16_on_packed_batches(world_dir, tokenizer):
+    from srppo_fast.batching import pack_sequences
+
+    data = load_lm_data("world:demos", tokenizer, kind="sft", loss_on="response", max_seq_len=128,
+                        world_dir=world_dir)
+    batch = pack_sequences(data, np.array([0, 3, 5]))
+    torch.manual_seed(0)
+    state = make_model(tokenizer).state_dict()
+
+    def fresh():
+        model = make_model(tokenizer)
+        model.load_state_dict(state)
+        return model
+
+    loss, grads = _packed_grads(fresh(), batch, {})
+    ckpt_model = fresh()
+    ckpt_loss, ckpt_grads = _packed_grads(ckpt_model, batch, {"gradient_checkpointing": True})
+    assert ckpt_model.is_gradient_checkpointing
+    assert ckpt_loss == pytest.approx(loss, rel=1e-6)
+    for a, b in zip(grads, ckpt_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    bf16_loss, bf16_grads = _packed_grads(fresh(), batch, {"precision": "bf16"})
+    assert bf16_loss != loss  # autocast really ran in bf16
+    assert bf16_loss == pytest.approx(loss, rel=2e-2)
+    assert all(g.dtype == torch.float32 for g in bf16_grads)  # weights and grads stay fp32

@@ -1,7 +1,7 @@
 """Packed-sequence batcher: C++ fast path == Python reference, the plan's guarantees, hand-worked cases, errors.
 
 The C++ cases need the extension (`pip install -e .` or `python setup.py build_ext --inplace`); without it they
-are skipped with that reason. The reference-only cases run either way.
+are skipped with that reason and `test_extension_is_built` fails, so a missing build never passes silently.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ needs_ext = pytest.mark.skipif(pk._ext is None, reason="srppo_fast._packing not 
 FIELDS = ("order", "mb_offsets", "rank_offsets", "mb_tokens")
 PROPERTY_SETTINGS = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CHECK_SETTINGS = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_extension_is_built():
+    assert pk._ext is not None, "srppo_fast._packing is not built: pip install -e . (the C++ tests were skipped)"
 
 
 def assert_same_plan(a: PackPlan, b: PackPlan) -> None:
