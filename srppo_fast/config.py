@@ -148,7 +148,7 @@ class Config:
     runtime: RuntimeConfig = sub(RuntimeConfig, "Device, precision, threads.")
     pretrain: LMStageConfig = sub(LMStageConfig, "Pretraining the base (causal LM on all tokens).",
                                   data="world:corpus", loss_on="all", epochs=4.0, batch_size=64,
-                                  micro_batch_tokens=2048, max_seq_len=256,
+                                  micro_batch_tokens=4096, max_seq_len=256,
                                   optim=OptimConfig(lr=3e-3, warmup_ratio=0.05, weight_decay=0.01))
     sft: LMStageConfig = sub(LMStageConfig, "Supervised fine-tuning on demonstrations (loss on responses).",
                              data="world:demos", eval_data="world:demos_heldout", init="pretrain",
