@@ -147,7 +147,7 @@ class Config:
     model: ModelConfig = sub(ModelConfig, "Base model and tokenizer.")
     runtime: RuntimeConfig = sub(RuntimeConfig, "Device, precision, threads.")
     pretrain: LMStageConfig = sub(LMStageConfig, "Pretraining the base (causal LM on all tokens).",
-                                  data="world:corpus", loss_on="all", epochs=4.0, batch_size=64,
+                                  data="world:corpus", loss_on="all", epochs=3.0, batch_size=64,
                                   micro_batch_tokens=4096, max_seq_len=256,
                                   optim=OptimConfig(lr=3e-3, warmup_ratio=0.05, weight_decay=0.01))
     sft: LMStageConfig = sub(LMStageConfig, "Supervised fine-tuning on demonstrations (loss on responses).",
