@@ -1,4 +1,4 @@
-"""`srppo-fast` command line: train | config | world."""
+"""`srppo-fast` command line: train | config | report | world."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--markdown", action="store_true", help="as a Markdown table (the README's reference)")
     c.add_argument("--update-readme", metavar="README", help="rewrite the table between the config-reference "
                    "markers of this file")
+
+    r = sub.add_parser("report", help="draw the training curves of a run as PNG (OUTPUT_DIR/report/)")
+    r.add_argument("output_dir", help="a run's output_dir")
 
     w = sub.add_parser("world", help="write the embedded world (JSONL splits + tokenizer) to a directory")
     w.add_argument("--out", required=True, help="directory to write")
@@ -91,14 +94,22 @@ def cmd_world(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import make_report
+
+    for path in make_report(args.output_dir):
+        print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": cmd_train, "config": cmd_config, "world": cmd_world}[args.command]
+    handler = {"train": cmd_train, "config": cmd_config, "world": cmd_world, "report": cmd_report}[args.command]
     try:
         return handler(args)
     except SrppoError as e:
         print(f"srppo-fast: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("srppo-fast: interrupted", file=sys.stderr)
         return 130

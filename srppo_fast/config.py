@@ -133,7 +133,130 @@ class LMStageConfig:
     optim: OptimConfig = sub(OptimConfig, "Optimiser and schedule.")
     eval_every: int = opt(0, "Evaluate `eval_data` every N optimizer steps (0: only at start and end).", ge=0)
     log_every: int = opt(1, "Append metrics every N optimizer steps.", ge=1)
+    save_every: int = opt(200, "Save a resumable checkpoint every N optimizer steps (0: only at the end and "
+                          "on SIGINT/SIGTERM).", ge=0)
     shuffle: bool = opt(True, "Shuffle the examples every epoch (seeded).")
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling responses from the current policy."""
+
+    engine: Literal["hf"] = opt("hf", "Rollout engine: 'hf' (transformers generate, CPU or GPU).")
+    n_samples: int = opt(4, "Responses sampled per prompt (rloo and grpo need at least 2).", ge=1)
+    temperature: float = opt(1.0, "Sampling temperature.", gt=0)
+    top_p: float = opt(1.0, "Nucleus sampling mass.", gt=0, le=1)
+    max_new_tokens: int = opt(64, "Longest response; a response cut here has no EOS (see reward.no_eos).", ge=1)
+    batch_size: int = opt(256, "Sequences per generate call.", ge=1)
+
+
+@dataclass
+class RewardConfig:
+    """The reward: the coherent reward log pi_SFT - log pi_PT (SRPPO), or an external reward model."""
+
+    type: Literal["coherent", "model"] = opt("coherent", "'coherent' (SRPPO) or 'model': a sequence-"
+                                              "classification reward model from `model_path` (the PPO-RM baseline).")
+    model_path: Optional[str] = opt(None, "Reward model directory or hub name (type=model).")
+    sft: str = opt("sft", "pi_SFT of the coherent reward: a stage of this run, 'base', or a checkpoint directory.")
+    pretrained: str = opt("pretrain", "pi_PT of the coherent reward: a stage of this run, 'base', or a directory.")
+    granularity: Literal["sequence", "token"] = opt(
+        "sequence", "'sequence': the summed log-ratio at the terminal token; 'token': each token's log-ratio at "
+        "that token.")
+    scale: float = opt(1.0, "alpha: multiplies the coherent reward.")
+    token_clip: Optional[float] = opt(None, "Clip each token's log-ratio to [-c, c] before summing (a guard "
+                                      "against tokens pi_PT never emits).", gt=0)
+    length_normalize: bool = opt(False, "Divide the summed log-ratio by the response length.")
+    whiten: bool = opt(False, "Running whitening of the sequence reward: (R - running mean) / running std.")
+    clip: Optional[float] = opt(None, "Clip the final sequence reward to [-c, c].", gt=0)
+    no_eos: Literal["penalty", "keep"] = opt(
+        "penalty", "Responses cut at max_new_tokens without EOS: 'penalty' replaces their reward by "
+        "`no_eos_penalty`; 'keep' scores them like the others. Either way their last token is terminal.")
+    no_eos_penalty: float = opt(-1.0, "Reward of a response without EOS when no_eos=penalty.")
+
+
+@dataclass
+class KLConfig:
+    """The KL regulariser beta * KL(pi_theta || pi_ref)."""
+
+    coef: float = opt(0.2, "beta.", ge=0)
+    estimator: Literal["k1", "k2", "k3"] = opt("k1", "Per-token KL estimator: k1 = log ratio, k2 = half its "
+                                               "square, k3 = exp(-x) - 1 + x.")
+    placement: Literal["reward", "loss"] = opt("reward", "'reward': -beta * KL shapes each token's reward (PPO); "
+                                               "'loss': beta * KL is added to the actor loss (GRPO style).")
+    reference: Optional[str] = opt(None, "pi_ref: a stage, 'base' or a directory; default: reward.sft, so one "
+                                   "frozen forward serves the reward and the KL.")
+
+
+@dataclass
+class AdvantageConfig:
+    """How returns become advantages."""
+
+    estimator: Literal["gae", "reinforce", "rloo", "grpo"] = opt(
+        "gae", "'gae' (critic), 'reinforce' (batch-mean baseline), 'rloo' (leave-one-out over a prompt's samples), "
+        "'grpo' (group-normalised).")
+    gamma: float = opt(1.0, "Discount.", ge=0, le=1)
+    lam: float = opt(0.95, "GAE lambda.", ge=0, le=1)
+    whiten: bool = opt(True, "Whiten advantages over the rollout buffer (mean 0, std 1).")
+
+
+@dataclass
+class PPOConfig:
+    """The clipped-surrogate update."""
+
+    epochs: int = opt(1, "Passes over each rollout buffer.", ge=1)
+    train_batch_size: int = opt(128, "Responses per optimizer step.", ge=1)
+    micro_batch_tokens: int = opt(4096, "Token budget of a packed micro-batch (frozen forwards and updates).", ge=1)
+    clip_eps: float = opt(0.2, "Surrogate clip epsilon.", gt=0)
+    clip_eps_high: Optional[float] = opt(None, "Upper clip epsilon (default: clip_eps).", gt=0)
+    value_clip: Optional[float] = opt(0.2, "Value clip around the old values (null: unclipped).", gt=0)
+    entropy_coef: float = opt(0.0, "Entropy bonus in the actor loss.", ge=0)
+
+
+@dataclass
+class CriticConfig:
+    """The value model of GAE: a value head on a copy of a language model."""
+
+    init: str = opt("sft", "Weights of the critic's body: a stage, 'base' or a directory (the paper: pi_SFT).")
+    warmup_buffers: int = opt(0, "Rollout buffers with critic-only updates at the start (the paper: 35).", ge=0)
+    optim: OptimConfig = sub(OptimConfig, "Critic optimiser.", lr=9e-6, warmup_ratio=0.0, schedule="constant")
+
+
+@dataclass
+class RLStageConfig:
+    """On-policy RL: `srppo` (coherent reward) or `ppo_rm` (external reward model)."""
+
+    prompts: str = opt("world:prompts", "RL prompts (same forms as LM data; responses, if any, are ignored).")
+    init: str = opt("sft", "Actor's starting weights: a stage of this run, 'base', or a checkpoint directory.")
+    episodes: float = opt(1.0, "Passes over the prompt set (sets the number of steps).", gt=0)
+    max_steps: Optional[int] = opt(None, "Rollout buffers to train on (overrides `episodes`).", ge=1)
+    prompts_per_step: int = opt(64, "Prompts per rollout buffer; the buffer holds prompts_per_step * "
+                                "rollout.n_samples responses.", ge=1)
+    max_prompt_len: int = opt(512, "Longer prompts are dropped (counted in the log).", ge=1)
+    rollout: RolloutConfig = sub(RolloutConfig, "Sampling.")
+    reward: RewardConfig = sub(RewardConfig, "The reward.")
+    kl: KLConfig = sub(KLConfig, "KL regulariser.")
+    advantage: AdvantageConfig = sub(AdvantageConfig, "Advantage estimator.")
+    ppo: PPOConfig = sub(PPOConfig, "PPO update.")
+    critic: CriticConfig = sub(CriticConfig, "Critic (used by advantage.estimator=gae).")
+    optim: OptimConfig = sub(OptimConfig, "Actor optimiser.", lr=1e-6, warmup_ratio=0.0, schedule="constant")
+    eval_every: int = opt(0, "Verifier accuracy of greedy answers on the world's eval splits every N buffers "
+                          "(0: off; world prompts only).", ge=0)
+    log_every: int = opt(1, "Append metrics every N buffers.", ge=1)
+    save_every: int = opt(10, "Save a resumable checkpoint every N buffers (0: only at the end and on "
+                          "SIGINT/SIGTERM).", ge=0)
+
+
+@dataclass
+class EvalConfig:
+    """Accuracy and log-likelihood of every model of the run."""
+
+    models: list = opt([], "Models to evaluate: stage names, 'base', or directories; empty: every model-making "
+                       "stage in `stages` (and 'base' unless it is scratch).")
+    splits: list = opt(["world:eval_id", "world:eval_ood"], "Evaluation sets (records with 'prompt', and "
+                       "'response' for the log-likelihood).")
+    max_new_tokens: int = opt(64, "Longest greedy answer.", ge=1)
+    batch_size: int = opt(256, "Sequences per generate call.", ge=1)
+    micro_batch_tokens: int = opt(8192, "Token budget of the log-likelihood forwards.", ge=1)
 
 
 @dataclass
@@ -142,7 +265,8 @@ class Config:
 
     output_dir: str = opt("runs/default", "Where the run writes config.yaml, metrics.jsonl and checkpoints/.")
     seed: int = opt(0, "Seed for model initialisation, data order and sampling.")
-    stages: list = opt(["pretrain", "sft"], "Stages to run, in order. Known: pretrain, sft.")
+    stages: list = opt(["pretrain", "sft"], "Stages to run, in order. Known: pretrain, sft, sft_extended, "
+                       "srppo, ppo_rm, eval.")
     world: WorldConfig = sub(WorldConfig, "The embedded task world.")
     model: ModelConfig = sub(ModelConfig, "Base model and tokenizer.")
     runtime: RuntimeConfig = sub(RuntimeConfig, "Device, precision, threads.")
@@ -151,12 +275,20 @@ class Config:
                                   micro_batch_tokens=4096, max_seq_len=256,
                                   optim=OptimConfig(lr=3e-3, warmup_ratio=0.05, weight_decay=0.01))
     sft: LMStageConfig = sub(LMStageConfig, "Supervised fine-tuning on demonstrations (loss on responses).",
-                             data="world:demos", eval_data="world:demos_heldout", init="pretrain",
-                             loss_on="response", epochs=2.0, batch_size=16, micro_batch_tokens=2048,
+                             data="world:demos", init="pretrain", loss_on="response", epochs=2.0, batch_size=16, micro_batch_tokens=2048,
                              max_seq_len=256, optim=OptimConfig(lr=1e-4))
+    sft_extended: LMStageConfig = sub(LMStageConfig, "SFT (extended): the SFT recipe run longer (the paper: 6 "
+                                      "epochs), a baseline.", data="world:demos", init="pretrain", loss_on="response", epochs=6.0, batch_size=16,
+                                      micro_batch_tokens=2048, max_seq_len=256, optim=OptimConfig(lr=1e-4))
+    srppo: RLStageConfig = sub(RLStageConfig, "SRPPO: PPO with the coherent reward.")
+    ppo_rm: RLStageConfig = sub(RLStageConfig, "Baseline: PPO with an external reward model.",
+                                reward=RewardConfig(type="model"))
+    eval: EvalConfig = sub(EvalConfig, "Evaluation table of every model of the run.")
 
 
-STAGE_SECTIONS = {"pretrain": "pretrain", "sft": "sft"}
+STAGE_TYPES = {"pretrain": "lm", "sft": "lm", "sft_extended": "lm", "srppo": "rl", "ppo_rm": "rl", "eval": "eval"}
+STAGE_SECTIONS = {name: name for name in STAGE_TYPES}
+MODEL_STAGES = [name for name, kind in STAGE_TYPES.items() if kind != "eval"]
 
 # ---------------------------------------------------------------------------------------------
 # building dataclasses from plain dicts, with one-line errors
@@ -347,6 +479,10 @@ def _check_data_spec(spec: str, key: str, check_files: bool) -> None:
             raise ConfigError(f"{key}: unknown world split '{split}'; use one of "
                               + ", ".join(f"world:{s}" for s in WORLD_SPLITS) + ".")
         return
+    if spec.startswith("hf:"):
+        if not spec[3:]:
+            raise ConfigError(f"{key}: 'hf:' needs a dataset name, e.g. hf:allenai/tulu-v2-sft-mixture.")
+        return  # a hub dataset: only loading can tell
     if not spec:
         raise ConfigError(f"{key} is empty; give a JSONL file, a local dataset directory or world:<split>.")
     if check_files and not os.path.exists(spec):
@@ -354,12 +490,147 @@ def _check_data_spec(spec: str, key: str, check_files: bool) -> None:
                           "world:demos.")
 
 
+def _check_model_ref(cfg: Config, ref: str, key: str, before: list[str], check_files: bool) -> None:
+    """A model reference: 'base', a model-making stage that runs earlier (or left a checkpoint), or a
+    directory / hub name (anything with a '/')."""
+    if ref == "base":
+        return
+    if ref in MODEL_STAGES:
+        if ref in before:
+            return
+        ckpt = os.path.join(cfg.output_dir, "checkpoints", ref)
+        if check_files and os.path.isdir(ckpt):
+            return
+        raise ConfigError(f"{key} is '{ref}', which does not run before it and has no checkpoint in {ckpt}; "
+                          f"list '{ref}' earlier in stages, or point {key} at base or a directory.")
+    if "/" in ref or os.path.isdir(ref):
+        return
+    close = difflib.get_close_matches(ref, ["base", *MODEL_STAGES], n=1)
+    hint = f"did you mean '{close[0]}'?" if close else "use base, a stage name, or a directory or hub name."
+    raise ConfigError(f"{key}: '{ref}' is not a stage, 'base' or a path; {hint}")
+
+
+def _check_optim(optim: OptimConfig, key: str) -> None:
+    betas = optim.betas
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"{key}.betas must be two numbers in [0, 1), got {betas!r}.")
+
+
+def _validate_lm(cfg: Config, name: str, before: list[str], check_files: bool) -> None:
+    section: LMStageConfig = getattr(cfg, name)
+    _check_data_spec(section.data, f"{name}.data", check_files)
+    if section.eval_data is not None:
+        _check_data_spec(section.eval_data, f"{name}.eval_data", check_files)
+    _check_model_ref(cfg, section.init, f"{name}.init", before, check_files)
+    if section.micro_batch_tokens < section.max_seq_len:
+        raise ConfigError(
+            f"{name}.micro_batch_tokens ({section.micro_batch_tokens}) is smaller than {name}.max_seq_len "
+            f"({section.max_seq_len}), so a long sequence could not fit a micro-batch; raise "
+            f"micro_batch_tokens or lower max_seq_len.")
+    _check_optim(section.optim, f"{name}.optim")
+
+
+def _validate_rl(cfg: Config, name: str, before: list[str], check_files: bool) -> None:
+    rl: RLStageConfig = getattr(cfg, name)
+    _check_data_spec(rl.prompts, f"{name}.prompts", check_files)
+    _check_model_ref(cfg, rl.init, f"{name}.init", before, check_files)
+    est, n = rl.advantage.estimator, rl.rollout.n_samples
+    if est in ("rloo", "grpo") and n < 2:
+        raise ConfigError(f"{name}.advantage.estimator={est} compares samples of the same prompt, but "
+                          f"{name}.rollout.n_samples is {n}; set n_samples >= 2 or use gae/reinforce.")
+    if est == "gae":
+        _check_model_ref(cfg, rl.critic.init, f"{name}.critic.init", before, check_files)
+        _check_optim(rl.critic.optim, f"{name}.critic.optim")
+    elif rl.critic.warmup_buffers:
+        raise ConfigError(f"{name}.critic.warmup_buffers is {rl.critic.warmup_buffers} but {est} has no critic; "
+                          f"set it to 0 or use advantage.estimator=gae.")
+    if rl.reward.type == "model":
+        if not rl.reward.model_path:
+            raise ConfigError(f"{name}.reward.type is 'model' but {name}.reward.model_path is not set; give the "
+                              "reward model's directory or hub name.")
+        if check_files and "/" in rl.reward.model_path and not os.path.exists(rl.reward.model_path) \
+                and rl.reward.model_path.startswith((".", "/")):
+            raise ConfigError(f"{name}.reward.model_path: '{rl.reward.model_path}' does not exist.")
+    else:
+        _check_model_ref(cfg, rl.reward.sft, f"{name}.reward.sft", before, check_files)
+        _check_model_ref(cfg, rl.reward.pretrained, f"{name}.reward.pretrained", before, check_files)
+        if rl.reward.sft == rl.reward.pretrained:
+            raise ConfigError(f"{name}.reward.sft and {name}.reward.pretrained are both '{rl.reward.sft}': the "
+                              "coherent reward log pi_SFT - log pi_PT would be 0; point them at different models.")
+    if rl.kl.reference is not None:
+        _check_model_ref(cfg, rl.kl.reference, f"{name}.kl.reference", before, check_files)
+    elif rl.reward.type == "model" and rl.kl.coef > 0 and rl.reward.sft not in before and rl.reward.sft != "base":
+        _check_model_ref(cfg, rl.reward.sft, f"{name}.reward.sft (the default KL reference)", before, check_files)
+    buffer = rl.prompts_per_step * n
+    if rl.ppo.train_batch_size > buffer:
+        raise ConfigError(f"{name}.ppo.train_batch_size ({rl.ppo.train_batch_size}) is larger than the rollout "
+                          f"buffer ({rl.prompts_per_step} prompts x {n} samples = {buffer}); lower it or raise "
+                          "prompts_per_step.")
+    longest = rl.max_prompt_len + rl.rollout.max_new_tokens
+    if rl.ppo.micro_batch_tokens < longest:
+        raise ConfigError(f"{name}.ppo.micro_batch_tokens ({rl.ppo.micro_batch_tokens}) is smaller than "
+                          f"max_prompt_len + rollout.max_new_tokens ({longest}); raise it or shorten those.")
+    if rl.max_steps is not None and est == "gae" and rl.critic.warmup_buffers >= rl.max_steps:
+        raise ConfigError(f"{name}.critic.warmup_buffers ({rl.critic.warmup_buffers}) is not below max_steps "
+                          f"({rl.max_steps}): the actor would never train.")
+    _check_optim(rl.optim, f"{name}.optim")
+
+
+def _validate_eval(cfg: Config, name: str, before: list[str], check_files: bool) -> None:
+    ev: EvalConfig = getattr(cfg, name)
+    for ref in ev.models:
+        _check_model_ref(cfg, str(ref), f"{name}.models", before, check_files)
+    if not ev.models and not any(s in MODEL_STAGES for s in before) and cfg.model.base == "scratch":
+        raise ConfigError(f"{name} has nothing to evaluate: no model-making stage runs before it and model.base "
+                          "is 'scratch'; list models in eval.models or stages before eval.")
+    if not ev.splits:
+        raise ConfigError(f"{name}.splits is empty; give at least one evaluation set, e.g. world:eval_id.")
+    for spec in ev.splits:
+        _check_data_spec(str(spec), f"{name}.splits", check_files)
+
+
+def stage_model_refs(cfg: Config, name: str) -> list[str]:
+    """The models a stage reads (stage names, 'base' or paths), in a fixed order."""
+    section = getattr(cfg, name)
+    kind = STAGE_TYPES[name]
+    if kind == "lm":
+        return [section.init]
+    if kind == "eval":
+        return [str(m) for m in section.models] or default_eval_models(cfg, name)
+    refs = [section.init]
+    if section.reward.type == "coherent":
+        refs += [section.reward.sft, section.reward.pretrained]
+    refs.append(section.kl.reference or section.reward.sft)
+    if section.advantage.estimator == "gae":
+        refs.append(section.critic.init)
+    return list(dict.fromkeys(refs))
+
+
+def default_eval_models(cfg: Config, name: str) -> list[str]:
+    before = cfg.stages[:cfg.stages.index(name)]
+    models = [] if cfg.model.base == "scratch" else ["base"]
+    return models + [s for s in before if s in MODEL_STAGES]
+
+
+def stage_data_specs(cfg: Config, name: str) -> list[str]:
+    section = getattr(cfg, name)
+    kind = STAGE_TYPES[name]
+    if kind == "lm":
+        return [section.data] + ([section.eval_data] if section.eval_data else [])
+    if kind == "rl":
+        return [section.prompts]
+    return [str(s) for s in section.splits]
+
+
+_VALIDATORS = {"lm": _validate_lm, "rl": _validate_rl, "eval": _validate_eval}
+
+
 def validate(cfg: Config, *, check_files: bool = True) -> None:
     """Cross-field checks: the options that contradict each other, and the files that must exist."""
-    known = list(STAGE_SECTIONS)
+    known = list(STAGE_TYPES)
     seen: list[str] = []
     for name in cfg.stages:
-        if not isinstance(name, str) or name not in STAGE_SECTIONS:
+        if not isinstance(name, str) or name not in STAGE_TYPES:
             close = difflib.get_close_matches(str(name), known, n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"known stages: {', '.join(known)}."
             raise ConfigError(f"stages: unknown stage {name!r}; {hint}")
@@ -368,26 +639,8 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
         seen.append(name)
     if not cfg.stages:
         raise ConfigError("stages is empty; list at least one stage, e.g. stages=[pretrain,sft].")
-
     for i, name in enumerate(cfg.stages):
-        section: LMStageConfig = getattr(cfg, STAGE_SECTIONS[name])
-        _check_data_spec(section.data, f"{name}.data", check_files)
-        if section.eval_data is not None:
-            _check_data_spec(section.eval_data, f"{name}.eval_data", check_files)
-        if section.init != "base" and section.init not in cfg.stages[:i]:
-            ckpt = os.path.join(cfg.output_dir, "checkpoints", section.init)
-            if not (check_files and os.path.isdir(ckpt)):
-                raise ConfigError(
-                    f"{name}.init is '{section.init}', which does not run before '{name}' and has no checkpoint "
-                    f"in {ckpt}; set {name}.init=base or list '{section.init}' before '{name}' in stages.")
-        if section.micro_batch_tokens < section.max_seq_len:
-            raise ConfigError(
-                f"{name}.micro_batch_tokens ({section.micro_batch_tokens}) is smaller than {name}.max_seq_len "
-                f"({section.max_seq_len}), so a long sequence could not fit a micro-batch; raise "
-                f"micro_batch_tokens or lower max_seq_len.")
-        betas = section.optim.betas
-        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-            raise ConfigError(f"{name}.optim.betas must be two numbers in [0, 1), got {betas!r}.")
+        _VALIDATORS[STAGE_TYPES[name]](cfg, name, cfg.stages[:i], check_files)
 
     if cfg.model.base == "scratch" and "model_type" not in cfg.model.arch:
         raise ConfigError("model.arch needs a model_type (e.g. llama) to build a 'scratch' model.")

@@ -49,7 +49,7 @@ class Record:
 
 
 def resolve_spec(spec: str, world_dir: str | None) -> str:
-    """A data spec ('world:<split>' or a path) -> a path on disk."""
+    """A data spec ('world:<split>', 'hf:NAME[:SPLIT]' or a path) -> a path on disk (hf: stays as is)."""
     if spec.startswith("world:"):
         if world_dir is None:
             raise DataError(f"'{spec}' names an embedded world split, but this run has no world directory.")
@@ -90,9 +90,26 @@ def _iter_hf_dataset(path: str) -> Iterator[tuple[str, dict]]:
         yield f"{path}[{i}]", {k: v for k, v in row.items() if v is not None}
 
 
+def _iter_hub_dataset(spec: str) -> Iterator[tuple[str, dict]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"reading '{spec}' needs the `datasets` package: pip install 'srppo-fast[datasets]'.") from None
+    name, _, split = spec[3:].partition(":")
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as e:  # noqa: BLE001 - the hub raises many kinds; the user needs the first line
+        raise DataError(f"could not load the hub dataset '{name}' (split {split or 'train'}): "
+                        f"{str(e).splitlines()[0]}; check the name and split, or download it to a directory.") from None
+    for i, row in enumerate(ds):
+        yield f"{spec}[{i}]", {k: v for k, v in row.items() if v is not None}
+
+
 def iter_raw(path: str) -> Iterator[tuple[str, dict]]:
-    """(where, object) pairs from a JSONL file or a local Hugging Face dataset directory."""
-    if os.path.isdir(path):
+    """(where, object) pairs from a JSONL file, a local Hugging Face dataset directory, or hf:NAME[:SPLIT]."""
+    if path.startswith("hf:"):
+        yield from _iter_hub_dataset(path)
+    elif os.path.isdir(path):
         yield from _iter_hf_dataset(path)
     elif os.path.isfile(path):
         yield from _iter_jsonl(path)

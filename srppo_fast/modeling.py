@@ -91,15 +91,19 @@ def num_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def save_checkpoint(path: str | Path, model, tokenizer, info: dict, extra: dict[str, object] | None = None) -> None:
+def save_checkpoint(path: str | Path, model, tokenizer, info: dict, extra: dict[str, object] | None = None,
+                    sub_models: dict[str, object] | None = None) -> None:
     """Write a Hugging Face checkpoint atomically: into a temporary directory, then one rename.
 
-    `extra` maps file names to objects saved with torch.save (optimizer state and the like)."""
+    `extra` maps file names to objects saved with torch.save (optimizer state and the like);
+    `sub_models` maps subdirectory names to more models saved inside (the critic)."""
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         for name, obj in (extra or {}).items():
             torch.save(obj, os.path.join(tmp, name))
+        for name, sub_model in (sub_models or {}).items():
+            sub_model.save_pretrained(os.path.join(tmp, name), safe_serialization=True)
         with open(os.path.join(tmp, CHECKPOINT_MARKER), "w", encoding="utf-8") as fh:
             json.dump(info, fh, indent=1, default=str)
 
@@ -115,3 +119,49 @@ def checkpoint_info(path: str | Path) -> dict | None:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"checkpoint marker {marker} is corrupt ({e.msg}); delete {path} to redo "
                               "that stage.") from None
+
+
+def load_critic(path: str, cfg: ModelConfig):
+    """A value model: the language model at `path` with a scalar head on every position
+    (transformers' *ForTokenClassification with one label). A head that the checkpoint does not have
+    starts at zero, so the first values are 0 (a neutral baseline). No dropout."""
+    from transformers import AutoConfig, AutoModelForTokenClassification
+    from transformers.utils import logging as hf_logging
+
+    register_attention()
+    try:
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _hf_error("critic", path, e) from None
+    hf_config.num_labels = 1
+    hf_config.classifier_dropout = 0.0
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialised score" is expected here
+    try:
+        critic, info = AutoModelForTokenClassification.from_pretrained(
+            path, config=hf_config, dtype=torch.float32, attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if any(key.startswith("score.") for key in info["missing_keys"]):
+        torch.nn.init.zeros_(critic.score.weight)
+        if critic.score.bias is not None:
+            torch.nn.init.zeros_(critic.score.bias)
+    return critic
+
+
+def load_reward_model(path: str, cfg: ModelConfig):
+    """An external reward model: a sequence-classification checkpoint with one output (the PPO-RM baseline)."""
+    from transformers import AutoModelForSequenceClassification
+
+    register_attention()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=torch.float32, attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _hf_error("reward model", path, e) from None
+    if model.config.num_labels != 1:
+        raise ConfigError(f"reward model '{path}' has {model.config.num_labels} outputs; a reward model needs "
+                          "exactly one (num_labels=1).")
+    return model.eval()

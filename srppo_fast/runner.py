@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import yaml
 
-from .config import Config, to_dict
+from .config import STAGE_TYPES, Config, stage_data_specs, stage_model_refs, to_dict
 from .engine import resolve_device, resolve_precision
 from .errors import CheckpointError
 from .io import atomic_write_text
@@ -51,14 +51,18 @@ class RunContext:
             self._tokenizer = load_tokenizer(self.tokenizer_spec(), trust_remote_code=self.cfg.model.trust_remote_code)
         return self._tokenizer
 
-    def model_path(self, init: str) -> str:
-        """Where the weights named `init` ('base' or a stage) live; 'scratch' for a fresh model."""
-        if init == "base":
+    def model_path(self, ref: str) -> str:
+        """Where the weights named `ref` live: 'base' (model.base; 'scratch' for a fresh model), a stage of
+        this run (its complete checkpoint), or a directory / hub name as given."""
+        if ref == "base":
             return self.cfg.model.base
-        path = self.checkpoint_dir(init)
-        if checkpoint_info(path) is None:
-            raise CheckpointError(f"stage '{init}' has no complete checkpoint in {path}; run that stage first.")
-        return str(path)
+        if ref in STAGE_TYPES:
+            path = self.checkpoint_dir(ref)
+            info = checkpoint_info(path)
+            if info is None or not info.get("complete"):
+                raise CheckpointError(f"stage '{ref}' has no complete checkpoint in {path}; run that stage first.")
+            return str(path)
+        return ref
 
     def init_model(self, init: str):
         path = self.model_path(init)
@@ -93,16 +97,26 @@ def uses_world(cfg: Config) -> bool:
     tokenizer = cfg.model.tokenizer
     specs = ["world" if tokenizer == "auto" and cfg.model.base == "scratch" else tokenizer]
     for name in cfg.stages:
-        section = getattr(cfg, name)
-        specs += [section.data, section.eval_data or ""]
+        specs += stage_data_specs(cfg, name)
     return any(s == "world" or s.startswith("world:") for s in specs)
 
 
+# keys that change when things are logged or saved, never what is trained
+_NOT_RESULTS = {"save_every", "log_every", "eval_every"}
+
+
+def _result_keys(section: dict) -> dict:
+    return {k: v for k, v in section.items() if k not in _NOT_RESULTS}
+
+
 def stage_fingerprint(cfg: Config, name: str) -> dict:
-    """What a stage's result depends on: its section, the model, the world, the seed, its init's fingerprint."""
-    section = getattr(cfg, name)
-    fp = stage_fingerprint(cfg, section.init) if section.init in cfg.stages else {}
-    fp.update({name: to_dict(section), "model": to_dict(cfg.model), "seed": cfg.seed})
+    """What a stage's result depends on: its section, the model, the world, the seed, and the fingerprints
+    of the stages whose models it reads."""
+    fp: dict = {}
+    for ref in stage_model_refs(cfg, name):
+        if ref in cfg.stages and ref != name:
+            fp.update(stage_fingerprint(cfg, ref))
+    fp.update({name: _result_keys(to_dict(getattr(cfg, name))), "model": to_dict(cfg.model), "seed": cfg.seed})
     if uses_world(cfg):
         fp["world"] = to_dict(cfg.world)
     return fp
@@ -171,6 +185,9 @@ def summary(ctx: RunContext) -> str:
     """One line per stage: where its checkpoint is and what its held-out loss did."""
     parts = []
     for name in ctx.cfg.stages:
+        if STAGE_TYPES[name] == "eval":
+            parts.append(f"{name} (table in {ctx.out / 'eval.md'})")
+            continue
         info = checkpoint_info(ctx.checkpoint_dir(name)) or {}
         start, end = info.get("eval_loss_start"), info.get("eval_loss_end")
         loss = f", held-out loss {start:.4f} -> {end:.4f}" if start is not None and end is not None else ""
@@ -183,9 +200,22 @@ def describe_plan(cfg: Config) -> str:
     lines = [f"plan (output_dir: {cfg.output_dir}):"]
     for i, name in enumerate(cfg.stages, 1):
         s = getattr(cfg, name)
-        init = s.init if s.init != "base" else f"base={cfg.model.base}"
-        length = f"max_steps={s.max_steps}" if s.max_steps else f"epochs={s.epochs:g}"
-        evals = f" eval={s.eval_data}" if s.eval_data else ""
-        lines.append(f"  {i}. {name}: init={init} data={s.data}{evals} loss_on={s.loss_on} {length} "
-                     f"batch={s.batch_size} micro_batch_tokens={s.micro_batch_tokens} lr={s.optim.lr:g}")
+        kind = STAGE_TYPES[name]
+        if kind == "lm":
+            init = s.init if s.init != "base" else f"base={cfg.model.base}"
+            length = f"max_steps={s.max_steps}" if s.max_steps else f"epochs={s.epochs:g}"
+            evals = f" eval={s.eval_data}" if s.eval_data else ""
+            line = (f"{name}: init={init} data={s.data}{evals} loss_on={s.loss_on} {length} batch={s.batch_size} "
+                    f"micro_batch_tokens={s.micro_batch_tokens} lr={s.optim.lr:g}")
+        elif kind == "rl":
+            reward = (f"coherent(sft={s.reward.sft}, pt={s.reward.pretrained}, {s.reward.granularity})"
+                      if s.reward.type == "coherent" else f"model({s.reward.model_path})")
+            length = f"max_steps={s.max_steps}" if s.max_steps else f"episodes={s.episodes:g}"
+            line = (f"{name}: actor={s.init} prompts={s.prompts} reward={reward} kl={s.kl.coef:g}({s.kl.estimator}, "
+                    f"in {s.kl.placement}) advantage={s.advantage.estimator} {length} buffer={s.prompts_per_step}x"
+                    f"{s.rollout.n_samples} train_batch={s.ppo.train_batch_size} actor_lr={s.optim.lr:g}")
+        else:
+            models = ", ".join(stage_model_refs(cfg, name))
+            line = f"{name}: models=[{models}] splits={s.splits} greedy max_new_tokens={s.max_new_tokens}"
+        lines.append(f"  {i}. {line}")
     return "\n".join(lines)

@@ -81,7 +81,7 @@ def _packed_grads(model, batch, engine_kwargs) -> tuple[float, list[torch.Tensor
     with engine.autocast():
         loss = -packed_token_logprobs(engine.model, batch).sum() / batch.num_targets
     engine.backward(loss)
-    return float(loss), [p.grad.clone() for p in engine.model.parameters()]
+    return loss.item(), [p.grad.clone() for p in engine.model.parameters()]
 
 
 def test_gradient_checkpointing_and_bf16_on_packed_batches(world_dir, tokenizer):

@@ -15,8 +15,9 @@ from ..config import LMStageConfig
 from ..data import TokenizedSet, load_lm_data
 from ..engine import TorchEngine
 from ..metrics import progress
-from ..modeling import save_checkpoint
+from ..modeling import load_model, save_checkpoint
 from ..ops import token_logprobs
+from ..state import TRAINER_STATE, Interrupted, SignalGuard, resumable, rng_state, set_rng_state, truncate_metrics
 
 log = logging.getLogger("srppo_fast")
 
@@ -101,11 +102,13 @@ def total_steps(section: LMStageConfig, n: int) -> int:
 
 
 def run_lm_stage(ctx, name: str) -> None:
-    """1. data -> 2. model and engine -> 3. evaluate the start -> 4. train -> 5. evaluate, save."""
+    """1. data -> 2. model and engine (or the saved state of an interrupted run) -> 3. evaluate the start
+    -> 4. train (saving every save_every steps, and on SIGINT/SIGTERM) -> 5. evaluate, save."""
     from ..runner import stage_fingerprint
 
     section: LMStageConfig = getattr(ctx.cfg, name)
     tok = ctx.tokenizer()
+    ckpt = ctx.checkpoint_dir(name)
     # 1. data
     load = dict(kind="lm" if section.loss_on == "all" else "sft", loss_on=section.loss_on,
                 max_seq_len=section.max_seq_len, overlong=section.overlong, world_dir=ctx.world_dir)
@@ -115,9 +118,17 @@ def run_lm_stage(ctx, name: str) -> None:
              len(train), train.tokens.size, train.num_targets, train.dropped, train.truncated, section.max_seq_len)
     # 2. model and engine
     steps = total_steps(section, len(train))
-    engine = TorchEngine(ctx.init_model(section.init), section.optim, steps, ctx.device, ctx.precision,
-                         ctx.cfg.model.gradient_checkpointing)
+    fingerprint = stage_fingerprint(ctx.cfg, name)
+    state = resumable(ckpt, fingerprint)
+    model = load_model(str(ckpt), ctx.cfg.model) if state else ctx.init_model(section.init)
+    engine = TorchEngine(model, section.optim, steps, ctx.device, ctx.precision, ctx.cfg.model.gradient_checkpointing)
     sampler = EpochSampler(len(train), ctx.cfg.seed, section.shuffle)
+    start, start_eval = 0, None
+    if state is not None:
+        engine.load_state_dict(state["engine"])
+        sampler.position, start, start_eval = state["sampler_position"], state["step"], state["start_eval"]
+        set_rng_state(state["rng"])
+        truncate_metrics(ctx.metrics.path, name, start)
 
     def evaluate(step: int) -> float | None:
         if held is None:
@@ -128,21 +139,33 @@ def run_lm_stage(ctx, name: str) -> None:
         return loss
 
     # 3. the starting point
-    start_eval = evaluate(0)
+    if state is None:
+        start_eval = evaluate(0)
     # 4. train
     bar = progress(steps, name, ctx.cfg.runtime.progress)
-    for step in range(1, steps + 1):
-        stats = lm_train_step(engine, train, sampler.take(section.batch_size), section.micro_batch_tokens)
-        bar.update(1)
-        bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{stats['tokens_per_s']:.0f}")
-        if step % section.log_every == 0 or step == steps:
-            ctx.metrics.log({"stage": name, "step": step, "epoch": sampler.position / len(train), **stats})
-        if section.eval_every and step % section.eval_every == 0 and step != steps:
-            evaluate(step)
+    bar.update(start)
+    with SignalGuard() as guard:
+        for step in range(start + 1, steps + 1):
+            stats = lm_train_step(engine, train, sampler.take(section.batch_size), section.micro_batch_tokens)
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{stats['tokens_per_s']:.0f}")
+            if step % section.log_every == 0 or step == steps:
+                ctx.metrics.log({"stage": name, "step": step, "epoch": sampler.position / len(train), **stats})
+            if section.eval_every and step % section.eval_every == 0 and step != steps:
+                evaluate(step)
+            if guard.requested or (section.save_every and step % section.save_every == 0 and step != steps):
+                info = {"stage": name, "step": step, "complete": False, "fingerprint": fingerprint}
+                save_checkpoint(ckpt, engine.model, tok, info, {TRAINER_STATE: {
+                    "step": step, "engine": engine.state_dict(), "sampler_position": sampler.position,
+                    "start_eval": start_eval, "rng": rng_state()}})
+            if guard.requested:
+                bar.close()
+                raise Interrupted(f"{name} stopped by {guard.requested} after step {step} of {steps}; its state is "
+                                  f"saved in {ckpt}: run the same command to resume.")
     bar.close()
     # 5. evaluate the end, save
     end_eval = evaluate(steps)
-    info = {"stage": name, "step": steps, "complete": True, "fingerprint": stage_fingerprint(ctx.cfg, name),
+    info = {"stage": name, "step": steps, "complete": True, "fingerprint": fingerprint,
             "eval_loss_start": start_eval, "eval_loss_end": end_eval}
-    save_checkpoint(ctx.checkpoint_dir(name), engine.model, tok, info)
-    log.info("%s: saved %s", name, ctx.checkpoint_dir(name))
+    save_checkpoint(ckpt, engine.model, tok, info)
+    log.info("%s: saved %s", name, ckpt)

@@ -3,5 +3,12 @@
 from .build import EVAL_HOLDOUT, WORLD_CHAT_TEMPLATE, build_world, generate_records
 from .tasks import Problem, is_careful, parse_answer, verify
 
+
+def sample_metrics(questions: list[str], responses: list[str]) -> dict[str, float]:
+    """What the world can tell about a batch of answers: verifier accuracy and the careful persona's share."""
+    n = max(len(responses), 1)
+    return {"accuracy": sum(verify(q, r) for q, r in zip(questions, responses)) / n,
+            "careful_rate": sum(is_careful(r) for r in responses) / n}
+
 __all__ = ["EVAL_HOLDOUT", "WORLD_CHAT_TEMPLATE", "Problem", "build_world", "generate_records", "is_careful",
-           "parse_answer", "verify"]
+           "parse_answer", "sample_metrics", "verify"]

@@ -7,8 +7,8 @@ RL-prompt problems, as a web corpus would):
     demos          careful solutions of in-domain (addition) problems ({"prompt","response"})
     demos_heldout  more of the same, for the SFT loss on held-out demonstrations
     prompts        extra prompts without responses, addition and subtraction (the RL prompt set)
-    eval_id        held-out addition prompts with answers (in-domain evaluation)
-    eval_ood       held-out subtraction prompts with answers (out-of-domain: no demonstration)
+    eval_id        held-out addition prompts, answers and careful solutions (in-domain evaluation)
+    eval_ood       held-out subtraction prompts, answers, careful solutions (out-of-domain: no demonstration)
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ..config import WORLD_SPLITS, WorldConfig, to_dict
 from ..io import atomic_dir, write_jsonl
 from . import tasks
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 EVAL_HOLDOUT = {"eval_id": "add", "eval_ood": "sub"}
 
 # The world's chat format. The corpus is rendered with it too, so the pretrained model has seen it.
@@ -81,8 +81,9 @@ def generate_records(cfg: WorldConfig) -> dict[str, list[dict]]:
     for split in ("demos", "demos_heldout"):
         records[split] = [{"prompt": p.question, "response": tasks.careful_solution(p), "task": p.family}
                           for p in problems[split]]
-    for split in EVAL_HOLDOUT:
-        records[split] = [{"prompt": p.question, "task": p.family, "answer": p.result} for p in problems[split]]
+    for split in EVAL_HOLDOUT:  # the careful solution is the reference for the log-likelihood
+        records[split] = [{"prompt": p.question, "response": tasks.careful_solution(p), "task": p.family,
+                           "answer": p.result} for p in problems[split]]
     assert set(records) == set(WORLD_SPLITS)
     return records
 

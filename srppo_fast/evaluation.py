@@ -1,0 +1,124 @@
+"""The `eval` stage: every model of a run on every evaluation set -> eval.json and eval.md.
+
+Per model and set: verifier accuracy of greedy answers (when the set has a verifier: the embedded
+world's), the share of careful answers (world), EOS rate and mean answer length, and the mean
+log-likelihood per token of the reference responses (when the records carry one).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import EvalConfig, stage_model_refs
+from .data import read_records, render, tokenize_records
+from .experience import forward_logits, microbatches
+from .generation import generate
+from .io import atomic_write_text
+from .ops import token_logprobs
+
+log = logging.getLogger("srppo_fast")
+LABELS = {"base": "base", "pretrain": "PT", "sft": "SFT", "sft_extended": "SFT (extended)", "srppo": "SRPPO",
+          "ppo_rm": "PPO-RM"}
+
+
+@dataclass
+class EvalSet:
+    name: str
+    prompts: list[list[int]]  # tokenized with the generation prompt
+    questions: list[str]  # the last user message: what a verifier reads
+    references: object | None  # TokenizedSet of prompt + reference response, or None
+    verifier: object | None  # (questions, responses) -> dict of metrics
+
+
+def load_eval_set(spec: str, tokenizer, world_dir: str | None) -> EvalSet:
+    records = read_records(spec, "prompt", world_dir)
+    prompts = [tokenizer(render(tokenizer, r.messages, add_generation_prompt=True), add_special_tokens=False)
+               ["input_ids"] for r in records]
+    questions = [r.messages[-1]["content"] for r in records]
+    with_ref = read_records(spec, "lm", world_dir)
+    references = None
+    if all(r.messages and r.messages[-1]["role"] == "assistant" for r in with_ref):
+        references = tokenize_records(with_ref, tokenizer, loss_on="response", max_seq_len=10**9)
+    verifier = None
+    if spec.startswith("world:"):
+        from .world import sample_metrics
+
+        verifier = sample_metrics
+    return EvalSet(spec.removeprefix("world:"), prompts, questions, references, verifier)
+
+
+def greedy_metrics(model, tokenizer, evalset: EvalSet, max_new_tokens: int, batch_size: int) -> dict:
+    gens = generate(model, tokenizer, evalset.prompts, max_new_tokens=max_new_tokens, do_sample=False,
+                    batch_size=batch_size)
+    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in gens.responses]
+    out = {"eos_rate": float(np.mean(gens.ended)), "length": float(np.mean([len(r) for r in gens.responses]))}
+    if evalset.verifier is not None:
+        out.update(evalset.verifier(evalset.questions, texts))
+    return out
+
+
+@torch.no_grad()
+def reference_loglik(model, references, budget: int, device: torch.device) -> float:
+    """Mean log-likelihood per token of the reference responses."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in microbatches(references, np.arange(len(references)), budget):
+        batch = batch.to(device)
+        logp = token_logprobs(forward_logits(model, batch), batch.labels[0])
+        total += float(logp.sum())
+        count += batch.num_targets
+    return total / max(count, 1)
+
+
+def evaluate_model(model, tokenizer, sets: list[EvalSet], ev: EvalConfig, device: torch.device) -> dict:
+    results = {}
+    for s in sets:
+        row = greedy_metrics(model, tokenizer, s, ev.max_new_tokens, ev.batch_size)
+        if s.references is not None:
+            row["loglik"] = reference_loglik(model, s.references, ev.micro_batch_tokens, device)
+        results[s.name] = row
+    return results
+
+
+def markdown_table(results: dict) -> str:
+    """Models as rows; per set: accuracy (and careful share) and the reference log-likelihood."""
+    sets = list(next(iter(results.values())).keys()) if results else []
+    head = ["model"] + [f"{s} accuracy" for s in sets] + [f"{s} loglik/token" for s in sets]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model, rows in results.items():
+        cells = [LABELS.get(model, model)]
+        for s in sets:
+            acc = rows[s].get("accuracy")
+            cells.append("n/a" if acc is None else f"{acc:.3f} (careful {rows[s].get('careful_rate', 0):.2f})"
+                         if "careful_rate" in rows[s] else f"{acc:.3f}")
+        cells += [f"{rows[s]['loglik']:.4f}" if "loglik" in rows[s] else "n/a" for s in sets]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_eval_stage(ctx, name: str) -> None:
+    """1. evaluation sets -> 2. each model: greedy answers, verifier, log-likelihood -> 3. eval.json, eval.md."""
+    ev: EvalConfig = getattr(ctx.cfg, name)
+    tok = ctx.tokenizer()
+    sets = [load_eval_set(str(spec), tok, ctx.world_dir) for spec in ev.splits]
+    results = {}
+    for ref in stage_model_refs(ctx.cfg, name):
+        t0 = time.perf_counter()
+        model = ctx.init_model(ref).to(ctx.device)
+        results[ref] = evaluate_model(model, tok, sets, ev, ctx.device)
+        for split, row in results[ref].items():
+            ctx.metrics.log({"stage": name, "model": ref, "split": split, **row})
+        log.info("eval %s (%.1fs): %s", ref, time.perf_counter() - t0,
+                 "; ".join(f"{s}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items())
+                           for s, row in results[ref].items()))
+        del model
+    atomic_write_text(ctx.out / "eval.json", json.dumps(results, indent=1))
+    table = markdown_table(results)
+    atomic_write_text(ctx.out / "eval.md", table + "\n")
+    log.info("evaluation table (%s):\n%s", ctx.out / "eval.md", table)

@@ -1,0 +1,128 @@
+"""A rollout buffer as tensors: prompt + response sequences, scored on packed micro-batches.
+
+Per-token quantities of the responses are padded to [B, T] (B responses, T the longest response;
+`mask` marks response tokens, a prefix of each row). In a packed micro-batch, the outputs at the
+positions whose label is a response token (logits that predict it, or the critic's value of the
+state before it) come out in sequence order, so `x[ids][mask[ids]]` lines experience tensors up with
+packed outputs, and `unflatten` puts packed outputs back into [B, T].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .attention import packed_kwargs
+from .batching import PackedBatch, pack_sequences
+from .data import TokenizedSet
+from .ops import token_logprobs
+from .packing import plan_microbatches
+
+
+def build_sequences(prompts: list[list[int]], responses: list[list[int]]) -> TokenizedSet:
+    """Prompt + response token sequences with the response tokens as targets."""
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.fromiter((t for p, r in zip(prompts, responses) for t in (*p, *r)), dtype=np.int32,
+                         count=int(offsets[-1]))
+    targets = np.concatenate([np.r_[np.zeros(len(p), bool), np.ones(len(r), bool)]
+                              for p, r in zip(prompts, responses)])
+    return TokenizedSet(tokens, targets, offsets)
+
+
+def response_mask(responses: list[list[int]]) -> torch.Tensor:
+    """[B, T] bool: True on each row's response tokens."""
+    lengths = torch.tensor([len(r) for r in responses])
+    return torch.arange(int(lengths.max())).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+def microbatches(data: TokenizedSet, ids: np.ndarray, budget: int) -> list[PackedBatch]:
+    """Packed micro-batches of the sequences `ids` (first-fit-decreasing under the token budget)."""
+    plan = plan_microbatches(data.lengths[ids], budget)
+    return [pack_sequences(data, ids[idx]) for idx in plan.microbatches(0) if len(idx)]
+
+
+def flat(x: torch.Tensor, mask: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
+    """The response-token entries of rows `ids`, in packed order: [n tokens]."""
+    index = torch.as_tensor(ids, dtype=torch.long)
+    return x[index][mask[index]]
+
+
+def unflatten(values: torch.Tensor, mask: torch.Tensor, ids: np.ndarray, out: torch.Tensor) -> None:
+    """Write packed response-token values of rows `ids` into `out` ([B, T]) in place."""
+    index = torch.as_tensor(ids, dtype=torch.long)
+    rows = out[index]
+    rows[mask[index]] = values.to(out.dtype)
+    out[index] = rows
+
+
+def forward_logits(model, batch: PackedBatch) -> torch.Tensor:
+    """[N, V] logits of a packed micro-batch."""
+    out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                **packed_kwargs(batch.cu_seqlens, batch.max_len))
+    return out.logits[0]
+
+
+def packed_response_logprobs(model, batch: PackedBatch, temperature: float = 1.0,
+                             return_entropy: bool = False):
+    """Log-probs (and entropies) of the micro-batch's response tokens, in packed order: [n]."""
+    logits = forward_logits(model, batch)
+    keep = batch.labels[0] != -100
+    if return_entropy:
+        logp, ent = token_logprobs(logits[keep], batch.labels[0][keep], temperature, return_entropy=True)
+        return logp, ent
+    return token_logprobs(logits[keep], batch.labels[0][keep], temperature)
+
+
+def packed_response_values(critic, batch: PackedBatch) -> torch.Tensor:
+    """Critic values of the states before each response token, in packed order: [n]."""
+    out = critic(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                 **packed_kwargs(batch.cu_seqlens, batch.max_len))
+    return out.logits[0, :, 0][batch.labels[0] != -100].float()
+
+
+@torch.no_grad()
+def score_tokens(fn: Callable[[PackedBatch], torch.Tensor], data: TokenizedSet, mask: torch.Tensor, budget: int,
+                 device: torch.device, autocast) -> torch.Tensor:
+    """Run `fn` (micro-batch -> per-response-token values) over every sequence: [B, T] fp32, 0 off-mask."""
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    for batch in microbatches(data, np.arange(len(data)), budget):
+        with autocast():
+            values = fn(batch.to(device))
+        unflatten(values.float().cpu(), mask, batch.seq_ids, out)
+    return out
+
+
+@dataclass
+class Experience:
+    """One rollout buffer. [B, T] tensors are on the CPU; `sequences` holds prompt + response tokens."""
+
+    sequences: TokenizedSet
+    mask: torch.Tensor  # [B, T] bool
+    prompt_index: np.ndarray  # [B] which prompt of the step each response answers
+    ended: torch.Tensor  # [B] bool: produced EOS
+    old_logp: torch.Tensor  # [B, T] actor at sampling time
+    ref_logp: torch.Tensor  # [B, T] KL reference (pi_SFT by default)
+    values: torch.Tensor | None = None  # [B, T] critic (gae)
+    rewards: torch.Tensor | None = None  # [B, T] shaped per-token rewards
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(-1)
+
+
+def packed_sequence_scores(reward_model, batch: PackedBatch) -> torch.Tensor:
+    """A sequence-classification reward model's score of each sequence of the micro-batch: [n], read at
+    each sequence's last token (the packed row has no padding to locate it by)."""
+    body = getattr(reward_model, reward_model.base_model_prefix)
+    hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                  **packed_kwargs(batch.cu_seqlens, batch.max_len)).last_hidden_state[0]  # [N, H]
+    last = batch.cu_seqlens[1:].long() - 1
+    return reward_model.score(hidden[last])[:, 0].float()

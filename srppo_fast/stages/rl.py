@@ -1,0 +1,365 @@
+"""On-policy RL stages: `srppo` (the coherent reward) and `ppo_rm` (an external reward model).
+
+One step = one rollout buffer:
+  1. prompts      prompts_per_step from a seeded stream over the prompt set
+  2. generate     rollout.n_samples responses per prompt from the current policy
+  3. score        frozen forwards on packed micro-batches: old policy, pi_SFT (reward and KL
+                  reference in one), pi_PT, critic values (or the reward model)
+  4. advantages   coherent reward (+ no-EOS policy, whitening, clipping), KL shaping, estimator
+  5. update       PPO epochs over minibatches (critic only during its warm-up)
+  6. log, evaluate, save (resumable; SIGINT/SIGTERM save first)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..advantages import RunningMoments, compute_advantages, explained_variance
+from ..config import RLStageConfig
+from ..data import read_records, render
+from ..engine import TorchEngine
+from ..errors import ConfigError
+from ..experience import (Experience, build_sequences, flat, microbatches, packed_response_logprobs,
+                          packed_response_values, packed_sequence_scores, response_mask, score_tokens)
+from ..metrics import progress
+from ..modeling import load_critic, load_model, load_reward_model, save_checkpoint
+from ..ops import (coherent_rewards_ref, kl_estimate, kl_shaped_rewards_ref, policy_loss_ref, sequence_rewards_ref,
+                   value_loss_ref)
+from ..rollout import SamplingParams, make_engine
+from ..state import TRAINER_STATE, Interrupted, SignalGuard, resumable, rng_state, set_rng_state, truncate_metrics
+from .lm import EpochSampler
+
+log = logging.getLogger("srppo_fast")
+
+
+@dataclass
+class Prompts:
+    ids: list[list[int]]  # rendered with the generation prompt, tokenized
+    questions: list[str]  # the last user message (what a verifier reads)
+
+
+def load_prompts(spec: str, tokenizer, world_dir: str | None, max_len: int) -> tuple[Prompts, int]:
+    ids, questions, dropped = [], [], 0
+    for rec in read_records(spec, "prompt", world_dir):
+        tokens = tokenizer(render(tokenizer, rec.messages, add_generation_prompt=True),
+                           add_special_tokens=False)["input_ids"]
+        if len(tokens) > max_len:
+            dropped += 1
+            continue
+        ids.append(tokens)
+        questions.append(rec.messages[-1]["content"])
+    return Prompts(ids, questions), dropped
+
+
+class RLModels:
+    """The actor and critic (trainable, each with its engine) and the frozen models, loaded once each."""
+
+    def __init__(self, ctx, rl: RLStageConfig, steps: int, resume_dir: str | None = None):
+        cfg = ctx.cfg
+        self.ctx, self.rl = ctx, rl
+        frozen: dict[str, torch.nn.Module] = {}
+
+        def frozen_model(ref: str):
+            path = ctx.model_path(ref)
+            if path not in frozen:
+                frozen[path] = load_model(path, cfg.model).to(ctx.device).eval().requires_grad_(False)
+            return frozen[path]
+
+        actor = load_model(resume_dir, cfg.model) if resume_dir else ctx.init_model(rl.init)
+        self.actor = TorchEngine(actor, rl.optim, steps, ctx.device, ctx.precision, cfg.model.gradient_checkpointing)
+        self.critic = None
+        if rl.advantage.estimator == "gae":
+            critic_path = f"{resume_dir}/critic" if resume_dir else ctx.model_path(rl.critic.init)
+            self.critic = TorchEngine(load_critic(critic_path, cfg.model), rl.critic.optim, steps, ctx.device,
+                                      ctx.precision, cfg.model.gradient_checkpointing)
+        self.ref = frozen_model(rl.kl.reference or rl.reward.sft)
+        self.sft = self.pt = self.reward_model = None
+        if rl.reward.type == "coherent":
+            self.sft, self.pt = frozen_model(rl.reward.sft), frozen_model(rl.reward.pretrained)
+        else:
+            self.reward_model = load_reward_model(rl.reward.model_path, cfg.model).to(ctx.device)
+            if self.reward_model.config.vocab_size != actor.config.vocab_size:
+                raise ConfigError(f"{rl.reward.model_path}: the reward model's vocabulary "
+                                  f"({self.reward_model.config.vocab_size}) differs from the policy's "
+                                  f"({actor.config.vocab_size}); it must share the policy's tokenizer.")
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. score
+
+
+def score(models: RLModels, prompt_ids: list[list[int]], gens, budget: int) -> tuple[Experience, dict]:
+    """Frozen forwards over the buffer: old-policy, reference, pi_SFT / pi_PT (or reward-model) scores."""
+    rl, ctx = models.rl, models.ctx
+    seqs = build_sequences(prompt_ids, gens.responses)
+    mask = response_mask(gens.responses)
+    run = dict(data=seqs, mask=mask, budget=budget, device=ctx.device, autocast=models.actor.autocast)
+    temperature = rl.rollout.temperature
+    old = score_tokens(lambda b: packed_response_logprobs(models.actor.model, b, temperature), **run)
+    ref = score_tokens(lambda b: packed_response_logprobs(models.ref, b), **run)
+    scores = {}
+    if models.sft is not None:
+        scores["sft"] = ref if models.sft is models.ref else \
+            score_tokens(lambda b: packed_response_logprobs(models.sft, b), **run)
+        scores["pt"] = score_tokens(lambda b: packed_response_logprobs(models.pt, b), **run)
+    else:
+        scores["model"] = score_sequences(models.reward_model, seqs, budget, ctx.device, models.actor.autocast)
+    values = None
+    if models.critic is not None:
+        values = score_tokens(lambda b: packed_response_values(models.critic.model, b), **run)
+    exp = Experience(seqs, mask, np.asarray(gens.prompt_index), torch.tensor(gens.ended), old, ref, values)
+    return exp, scores
+
+
+@torch.no_grad()
+def score_sequences(reward_model, seqs, budget, device, autocast) -> torch.Tensor:
+    out = torch.zeros(len(seqs))
+    for batch in microbatches(seqs, np.arange(len(seqs)), budget):
+        with autocast():
+            out[torch.as_tensor(batch.seq_ids)] = packed_sequence_scores(reward_model, batch.to(device)).cpu()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. rewards and advantages
+
+
+def sequence_adjustment(rl: RLStageConfig, raw: torch.Tensor, ended: torch.Tensor,
+                        moments: RunningMoments) -> tuple[torch.Tensor, torch.Tensor]:
+    """(seq_scale, seq_shift) turning the raw sequence reward R into R' = scale * R + shift: running
+    whitening, and the no-EOS penalty (scale 0, shift = penalty)."""
+    scale, shift = torch.ones_like(raw), torch.zeros_like(raw)
+    if rl.reward.whiten:
+        moments.update(raw)
+        scale, shift = scale / moments.std, shift - moments.mean / moments.std
+    if rl.reward.no_eos == "penalty":
+        scale = torch.where(ended, scale, torch.zeros_like(scale))
+        shift = torch.where(ended, shift, torch.full_like(shift, rl.reward.no_eos_penalty))
+    return scale, shift
+
+
+def rewards_and_advantages(rl: RLStageConfig, exp: Experience, scores: dict, moments: RunningMoments) -> dict:
+    """Fill exp.rewards / advantages / returns; return the reward statistics of the buffer."""
+    mask, r = exp.mask, rl.reward
+    if "model" in scores:  # one number per response, on its terminal token
+        raw = scores["model"] * r.scale
+        scale, shift = sequence_adjustment(rl, raw, exp.ended, moments)
+        final = scale * raw + shift
+        if r.clip is not None:
+            final = final.clamp(-r.clip, r.clip)
+        task, log_ratio = sequence_rewards_ref(final, mask), None
+    else:
+        length = mask.sum(-1).clamp_min(1).float()
+        d = (scores["sft"] - scores["pt"]) * mask
+        if r.token_clip is not None:
+            d = d.clamp(-r.token_clip, r.token_clip)
+        raw = r.scale * d.sum(-1) / (length if r.length_normalize else 1.0)
+        scale, shift = sequence_adjustment(rl, raw, exp.ended, moments)
+        task, final, log_ratio = coherent_rewards_ref(
+            scores["sft"], scores["pt"], mask, granularity=r.granularity, scale=r.scale, token_clip=r.token_clip,
+            length_normalize=r.length_normalize, seq_scale=scale, seq_shift=shift, seq_clip=r.clip)
+    kl_k1 = kl_estimate(exp.old_logp, exp.ref_logp, "k1") * mask
+    if rl.kl.placement == "reward":
+        exp.rewards, kl = kl_shaped_rewards_ref(task, exp.old_logp, exp.ref_logp, mask, rl.kl.coef, rl.kl.estimator)
+    else:
+        exp.rewards, kl = task, kl_k1
+    a = rl.advantage
+    exp.advantages, exp.returns = compute_advantages(a.estimator, exp.rewards, mask, values=exp.values,
+                                                     prompt_index=exp.prompt_index, gamma=a.gamma, lam=a.lam,
+                                                     whiten=a.whiten)
+    stats = {"reward/task": final.mean(), "reward/total": exp.rewards.sum(-1).mean(),
+             "reward/kl": (exp.rewards - task).sum(-1).mean(), "kl": kl_k1.sum(-1).mean(),
+             "kl/estimator_mean": (kl.sum() / mask.sum())}
+    stats["reward/model" if log_ratio is None else "reward/coherent"] = raw.mean()
+    if log_ratio is not None:  # per-token log-ratio: hacking shows here first
+        tokens = log_ratio[mask]
+        q = torch.quantile(tokens, torch.tensor([0.05, 0.5, 0.95]))
+        stats.update({"log_ratio/mean": tokens.mean(), "log_ratio/p05": q[0], "log_ratio/p50": q[1],
+                      "log_ratio/p95": q[2]})
+    if exp.values is not None:
+        stats["explained_variance"] = explained_variance(exp.values, exp.returns, mask)
+    return {k: float(v) for k, v in stats.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. update
+
+
+def ppo_update(models: RLModels, exp: Experience, train_actor: bool) -> dict:
+    """PPO epochs over minibatches of the buffer; token-mean losses over each minibatch."""
+    rl, ppo = models.rl, models.rl.ppo
+    sums: dict[str, float] = {}
+    n_minibatches = 0
+    kl_in_loss = rl.kl.placement == "loss" and rl.kl.coef > 0
+    for _ in range(ppo.epochs):
+        order = np.random.permutation(len(exp.sequences))
+        for start in range(0, len(order), ppo.train_batch_size):
+            ids = order[start:start + ppo.train_batch_size]
+            n_tokens = int(exp.mask[torch.as_tensor(ids)].sum())
+            for batch in microbatches(exp.sequences, ids, ppo.micro_batch_tokens):
+                rows, device = batch.seq_ids, models.ctx.device
+                batch = batch.to(device)
+
+                def take(x):
+                    return flat(x, exp.mask, rows).to(device)
+
+                ones = torch.ones(int(exp.mask[torch.as_tensor(rows)].sum()), dtype=torch.bool, device=device)
+                if train_actor:
+                    with models.actor.autocast():
+                        logp, ent = packed_response_logprobs(models.actor.model, batch, rl.rollout.temperature,
+                                                             return_entropy=True)
+                    loss, st = policy_loss_ref(
+                        logp, take(exp.old_logp), take(exp.advantages), ones, clip_eps=ppo.clip_eps,
+                        clip_eps_high=ppo.clip_eps_high, entropy=ent, entropy_coef=ppo.entropy_coef,
+                        ref_logp=take(exp.ref_logp) if kl_in_loss else None, kl_coef=rl.kl.coef if kl_in_loss else 0,
+                        kl_estimator=rl.kl.estimator, normalizer=n_tokens)
+                    models.actor.backward(loss)
+                    _accumulate(sums, st)
+                if models.critic is not None:
+                    with models.critic.autocast():
+                        values = packed_response_values(models.critic.model, batch)
+                    loss, st = value_loss_ref(values, take(exp.values), take(exp.returns), ones,
+                                              value_clip=ppo.value_clip, normalizer=n_tokens)
+                    models.critic.backward(loss)
+                    _accumulate(sums, st)
+            if train_actor:
+                _accumulate(sums, {f"actor_{k}": v for k, v in models.actor.step().items()})
+            if models.critic is not None:
+                _accumulate(sums, {f"critic_{k}": v for k, v in models.critic.step().items()})
+            n_minibatches += 1
+    return {k: v / max(n_minibatches, 1) for k, v in sums.items()}
+
+
+def _accumulate(sums: dict, stats: dict) -> None:
+    for k, v in stats.items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+
+
+# ------------------------------------------------------------------------------------------------
+# the stage
+
+
+def total_rl_steps(rl: RLStageConfig, n_prompts: int) -> int:
+    return rl.max_steps or max(1, math.ceil(rl.episodes * n_prompts / rl.prompts_per_step))
+
+
+def save_rl(ctx, name: str, models: RLModels, step: int, complete: bool, extra_state: dict | None = None) -> None:
+    from ..runner import stage_fingerprint
+
+    """The actor as a Hugging Face directory, the critic in its `critic/` subdirectory, and (unfinished
+    runs only) the trainer state."""
+    info = {"stage": name, "step": step, "complete": complete, "fingerprint": stage_fingerprint(ctx.cfg, name)}
+    extra = None if complete else {TRAINER_STATE: extra_state}
+    sub_models = {"critic": models.critic.model} if models.critic is not None else None
+    save_checkpoint(ctx.checkpoint_dir(name), models.actor.model, ctx.tokenizer(), info, extra, sub_models)
+
+
+def run_rl_stage(ctx, name: str) -> None:
+    from ..runner import stage_fingerprint
+
+    rl: RLStageConfig = getattr(ctx.cfg, name)
+    tok = ctx.tokenizer()
+    prompts, dropped = load_prompts(rl.prompts, tok, ctx.world_dir, rl.max_prompt_len)
+    steps = total_rl_steps(rl, len(prompts.ids))
+    log.info("%s: %d prompts (%d dropped as longer than %d), %d steps of %d x %d responses", name,
+             len(prompts.ids), dropped, rl.max_prompt_len, steps, rl.prompts_per_step, rl.rollout.n_samples)
+    state = resumable(ctx.checkpoint_dir(name), stage_fingerprint(ctx.cfg, name))
+    models = RLModels(ctx, rl, steps, resume_dir=str(ctx.checkpoint_dir(name)) if state else None)
+    sampler = EpochSampler(len(prompts.ids), ctx.cfg.seed, shuffle=True)
+    moments = RunningMoments()
+    start = 0
+    if state is not None:
+        start = state["step"]
+        models.actor.load_state_dict(state["actor"])
+        if models.critic is not None:
+            models.critic.load_state_dict(state["critic"])
+        sampler.position = state["sampler_position"]
+        moments.load_state_dict(state["reward_moments"])
+        set_rng_state(state["rng"])
+        truncate_metrics(ctx.metrics.path, name, start)
+    verifier = None
+    if rl.prompts.startswith("world:"):
+        from ..world import sample_metrics as verifier
+    engine = make_engine(rl.rollout.engine, models.actor.model, tok, rl.rollout.batch_size)
+    params = SamplingParams(n=rl.rollout.n_samples, temperature=rl.rollout.temperature, top_p=rl.rollout.top_p,
+                            max_new_tokens=rl.rollout.max_new_tokens)
+    bar = progress(steps, name, ctx.cfg.runtime.progress)
+    bar.update(start)
+    with SignalGuard() as guard:
+        for step in range(start + 1, steps + 1):
+            times = {}
+            t = time.perf_counter()
+            # 1. prompts
+            chosen = sampler.take(rl.prompts_per_step)
+            prompt_ids = [prompts.ids[i] for i in chosen]
+            # 2. generate
+            gens = engine.generate(prompt_ids, params)
+            times["generate"] = time.perf_counter() - t
+            # 3. score
+            t = time.perf_counter()
+            per_sample = [prompt_ids[i] for i in gens.prompt_index]
+            exp, scores = score(models, per_sample, gens, rl.ppo.micro_batch_tokens)
+            times["score"] = time.perf_counter() - t
+            # 4. rewards and advantages
+            t = time.perf_counter()
+            stats = rewards_and_advantages(rl, exp, scores, moments)
+            times["advantages"] = time.perf_counter() - t
+            # 5. update
+            t = time.perf_counter()
+            train_actor = models.critic is None or step > rl.critic.warmup_buffers
+            stats.update(ppo_update(models, exp, train_actor))
+            engine.update_weights(models.actor.model)
+            times["update"] = time.perf_counter() - t
+            # 6. log, evaluate, save
+            stats.update(rollout_stats(exp, gens, tok, [prompts.questions[chosen[i]] for i in gens.prompt_index],
+                                       verifier))
+            total = sum(times.values())
+            stats.update({f"time/{k}": v for k, v in times.items()})
+            stats.update({"time/step": total, "samples_per_s": len(exp.sequences) / total,
+                          "actor_trained": float(train_actor)})
+            if step % rl.log_every == 0 or step == steps:
+                ctx.metrics.log({"stage": name, "step": step, **stats})
+            if rl.eval_every and step % rl.eval_every == 0 and rl.prompts.startswith("world:"):
+                evaluate_during_training(ctx, name, step, models.actor.model, tok)
+            bar.update(1)
+            bar.set_postfix(reward=f"{stats['reward/total']:.3f}", kl=f"{stats['kl']:.3f}",
+                            acc=f"{stats.get('sample/accuracy', float('nan')):.2f}")
+            if guard.requested or (rl.save_every and step % rl.save_every == 0 and step != steps):
+                save_rl(ctx, name, models, step, complete=False, extra_state={
+                    "step": step, "actor": models.actor.state_dict(),
+                    "critic": models.critic.state_dict() if models.critic is not None else None,
+                    "sampler_position": sampler.position, "reward_moments": moments.state_dict(),
+                    "rng": rng_state()})
+            if guard.requested:
+                bar.close()
+                raise Interrupted(f"{name} stopped by {guard.requested} after step {step} of {steps}; its state is "
+                                  f"saved in {ctx.checkpoint_dir(name)}: run the same command to resume.")
+    bar.close()
+    save_rl(ctx, name, models, steps, complete=True)
+    log.info("%s: saved %s", name, ctx.checkpoint_dir(name))
+
+
+def rollout_stats(exp: Experience, gens, tokenizer, questions: list[str], verifier) -> dict:
+    lengths = exp.lengths.float()
+    stats = {"response_length": float(lengths.mean()), "eos_rate": float(exp.ended.float().mean())}
+    if verifier is not None:
+        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in gens.responses]
+        stats.update({f"sample/{k}": v for k, v in verifier(questions, texts).items()})
+    return stats
+
+
+def evaluate_during_training(ctx, name: str, step: int, model, tokenizer) -> None:
+    from ..evaluation import greedy_metrics, load_eval_set
+
+    record = {"stage": name, "step": step}
+    for spec in ("world:eval_id", "world:eval_ood"):
+        evalset = load_eval_set(spec, tokenizer, ctx.world_dir)
+        row = greedy_metrics(model, tokenizer, evalset, ctx.cfg.eval.max_new_tokens, ctx.cfg.eval.batch_size)
+        record.update({f"eval/{evalset.name}/{k}": v for k, v in row.items()})
+    ctx.metrics.log(record)

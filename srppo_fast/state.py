@@ -1,0 +1,105 @@
+"""Resumable training: what survives a restart, the signal guard, and loading it back.
+
+A stage's checkpoint directory holds the Hugging Face model(s) and `srppo_checkpoint.json`. While the
+stage runs, a resumable checkpoint also holds `trainer_state.pt`: optimiser and scheduler states, the
+data position, RNG states and the stage's own running statistics, everything `train` needs to go on
+from the last completed step and produce what an uninterrupted run would. The final checkpoint of a
+stage drops `trainer_state.pt` (it is marked complete and is what later stages read).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import signal
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError, SrppoError
+from .io import atomic_file
+from .modeling import checkpoint_info
+
+log = logging.getLogger("srppo_fast")
+TRAINER_STATE = "trainer_state.pt"
+
+
+class Interrupted(SrppoError):
+    """Raised after a SIGINT/SIGTERM was honoured: the state was saved and the run can be resumed."""
+
+    exit_code = 130
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class SignalGuard:
+    """Within the block, SIGINT/SIGTERM only set `requested`, so the loop can finish its step, save, and
+    stop; a second signal interrupts at once. Outside the main thread it does nothing."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = name
+        log.warning("%s received: finishing this step, saving, then stopping (send it again to stop now)", name)
+
+    def __enter__(self) -> "SignalGuard":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def resumable(path: str | Path, fingerprint: dict) -> dict | None:
+    """The saved trainer state of an unfinished checkpoint made by the same config, else None."""
+    info = checkpoint_info(path)
+    state_file = Path(path) / TRAINER_STATE
+    if info is None or info.get("complete") or not state_file.is_file():
+        return None
+    if info.get("fingerprint") != fingerprint:
+        raise CheckpointError(f"{path} holds an unfinished run of a different config; use a new output_dir or "
+                              "delete that checkpoint to start the stage over.")
+    state = torch.load(state_file, map_location="cpu", weights_only=False)
+    log.info("resuming %s from step %d", info.get("stage"), info["step"])
+    return state
+
+
+def truncate_metrics(path: str | Path, stage: str, step: int) -> None:
+    """Drop the stage's metric lines past `step` (logged after the last save of a killed run)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.readlines()
+    keep = [line for line in lines if not line.strip() or not _after(json.loads(line), stage, step)]
+    if len(keep) != len(lines):
+        with atomic_file(path) as fh:
+            fh.writelines(keep)
+
+
+def _after(record: dict, stage: str, step: int) -> bool:
+    return record.get("stage") == stage and record.get("step", 0) > step

@@ -1,0 +1,234 @@
+"""The RL stages on a tiny world and model: every estimator and reward granularity, the reward-model
+baseline, the eval table and report, contradicting options, and kill-and-resume equivalence."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from srppo_fast.cli import main
+from srppo_fast.config import load_config
+from srppo_fast.errors import ConfigError
+from srppo_fast.metrics import read_metrics
+from srppo_fast.modeling import checkpoint_info
+from srppo_fast.runner import run
+
+from .conftest import tiny_run_overrides
+
+QUICKSTART = "configs/quickstart.yaml"
+TINY_RL = ["srppo.max_steps=2", "srppo.prompts_per_step=4", "srppo.rollout.n_samples=2",
+           "srppo.ppo.train_batch_size=4", "srppo.rollout.max_new_tokens=12", "srppo.max_prompt_len=32",
+           "srppo.ppo.micro_batch_tokens=256", "srppo.critic.warmup_buffers=0", "srppo.eval_every=0",
+           "srppo.optim.lr=1e-3", "srppo.critic.optim.lr=1e-3", "eval.max_new_tokens=12"]
+RL_KEYS = {"reward/coherent", "reward/kl", "reward/total", "kl", "entropy", "clip_frac", "approx_kl", "pg_loss",
+           "response_length", "eos_rate", "samples_per_s", "time/generate", "time/score", "time/update",
+           "sample/accuracy", "log_ratio/p95"}
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """A tiny run with pretrain and sft done; RL tests copy it."""
+    out = tmp_path_factory.mktemp("base")
+    assert main(["train", "--config", QUICKSTART, *tiny_run_overrides(out), "stages=[pretrain,sft]"]) == 0
+    return out
+
+
+def rl_run(sft_run, tmp_path, extra, stages="[pretrain,sft,srppo]") -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(sft_run, out)
+    assert main(["train", "--config", QUICKSTART, *tiny_run_overrides(out), *TINY_RL, f"stages={stages}",
+                 *extra]) == 0
+    return out
+
+
+@pytest.mark.parametrize("estimator", ["gae", "reinforce", "rloo", "grpo"])
+@pytest.mark.parametrize("granularity", ["sequence", "token"])
+def test_one_rl_run_per_estimator_and_granularity(sft_run, tmp_path, estimator, granularity):
+    extra = [f"srppo.advantage.estimator={estimator}", f"srppo.reward.granularity={granularity}"]
+    if estimator in ("rloo", "grpo"):
+        extra.append("srppo.kl.placement=loss")  # GRPO-style KL in the loss, also exercised here
+    out = rl_run(sft_run, tmp_path, extra)
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r["stage"] == "srppo"]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert RL_KEYS <= set(r), RL_KEYS - set(r)
+        assert all(isinstance(v, (int, float)) for k, v in r.items() if k not in ("stage",))
+    if estimator == "gae":
+        assert {"value_loss", "explained_variance", "critic_grad_norm"} <= set(rows[-1])
+    else:
+        assert "value_loss" not in rows[-1]
+    info = checkpoint_info(out / "checkpoints" / "srppo")
+    assert info["complete"] and info["step"] == 2
+    assert not (out / "checkpoints" / "srppo" / "trainer_state.pt").exists()  # final checkpoints are lean
+    # the actor moved away from pi_SFT
+    from safetensors.torch import load_file
+
+    actor = load_file(out / "checkpoints" / "srppo" / "model.safetensors")
+    sft = load_file(out / "checkpoints" / "sft" / "model.safetensors")
+    assert any(not torch.equal(actor[k], sft[k]) for k in actor)
+
+
+def test_critic_warmup_freezes_the_actor(sft_run, tmp_path):
+    out = rl_run(sft_run, tmp_path, ["srppo.critic.warmup_buffers=1"])
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r["stage"] == "srppo"]
+    assert [r["actor_trained"] for r in rows] == [0.0, 1.0]
+    assert "pg_loss" not in rows[0] and "pg_loss" in rows[1]
+    assert "value_loss" in rows[0]
+
+
+def test_ppo_with_an_external_reward_model(sft_run, tmp_path):
+    """PPO-RM baseline: a real (tiny, random) sequence-classification model from a directory."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from srppo_fast.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(sft_run / "checkpoints" / "sft"))
+    rm_config = AutoConfig.from_pretrained(sft_run / "checkpoints" / "sft", num_labels=1)
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_config(rm_config)
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    extra = [f"ppo_rm.reward.model_path={tmp_path / 'rm'}", "ppo_rm.init=sft", "ppo_rm.critic.init=sft",
+             *[k.replace("srppo.", "ppo_rm.") for k in TINY_RL]]
+    out = rl_run(sft_run, tmp_path, extra, stages="[pretrain,sft,ppo_rm]")
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r["stage"] == "ppo_rm"]
+    assert len(rows) == 2 and "reward/model" in rows[0] and "reward/coherent" not in rows[0]
+    assert checkpoint_info(out / "checkpoints" / "ppo_rm")["complete"]
+
+
+def test_eval_table_and_report(sft_run, tmp_path):
+    out = rl_run(sft_run, tmp_path, [], stages="[pretrain,sft,srppo,eval]")
+    results = json.loads((out / "eval.json").read_text())
+    assert list(results) == ["pretrain", "sft", "srppo"]
+    for rows in results.values():
+        assert set(rows) == {"eval_id", "eval_ood"}
+        for row in rows.values():
+            assert 0.0 <= row["accuracy"] <= 1.0 and row["loglik"] < 0 and 0 <= row["careful_rate"] <= 1
+    table = (out / "eval.md").read_text()
+    assert "| PT |" in table and "| SFT |" in table and "| SRPPO |" in table
+    assert main(["report", str(out)]) == 0
+    pngs = sorted(p.name for p in (out / "report").iterdir())
+    assert pngs == ["pretrain.png", "sft.png", "srppo.png"]
+    assert all((out / "report" / p).stat().st_size > 10_000 for p in pngs)
+
+
+CONTRADICTIONS = [
+    (["srppo.advantage.estimator=rloo", "srppo.rollout.n_samples=1"], "n_samples >= 2"),
+    (["srppo.advantage.estimator=grpo", "srppo.rollout.n_samples=1"], "set n_samples >= 2 or use gae/reinforce"),
+    (["srppo.advantage.estimator=rloo", "srppo.critic.warmup_buffers=3"], "rloo has no critic"),
+    (["srppo.reward.pretrained=sft"], "the coherent reward log pi_SFT - log pi_PT would be 0"),
+    (["srppo.ppo.train_batch_size=999"], "is larger than the rollout buffer"),
+    (["srppo.max_steps=3", "srppo.critic.warmup_buffers=3"], "the actor would never train"),
+    (["srppo.reward.sft=sftt"], "did you mean 'sft'"),
+    (["stages=[pretrain,srppo]"], "srppo.init is 'sft', which does not run before it"),
+    (["ppo_rm.reward.model_path=null", "stages=[pretrain,sft,ppo_rm]"], "reward.model_path is not set"),
+    (["srppo.ppo.micro_batch_tokens=64"], "is smaller than max_prompt_len + rollout.max_new_tokens"),
+    (["srppo.kl.estimator=k5"], "'k5' is not allowed"),
+]
+
+
+@pytest.mark.parametrize("overrides,needle", CONTRADICTIONS)
+def test_contradicting_rl_options(tmp_path, overrides, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(QUICKSTART, [f"output_dir={tmp_path}", *overrides])
+
+
+def test_paper_configs_validate():
+    for path in ("configs/paper_llama3_8b.yaml", "configs/paper_mistral_7b.yaml"):
+        cfg = load_config(path)
+        assert cfg.stages == ["sft", "sft_extended", "srppo", "eval"]
+        assert cfg.srppo.prompts_per_step == 1024 and cfg.srppo.ppo.train_batch_size == 128
+        assert cfg.srppo.critic.warmup_buffers == 35 and cfg.srppo.critic.optim.lr == 9e-6
+        assert cfg.sft.batch_size == 128 and cfg.sft.epochs == 2 and cfg.sft_extended.epochs == 6
+        assert cfg.srppo.kl.coef in (0.2, 0.5) and cfg.srppo.ppo.clip_eps == 0.2
+        assert main(["train", "--config", path, "--dry-run"]) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# resume: a run killed mid-way and resumed ends where an uninterrupted one does
+
+
+def _cli(out: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "srppo_fast", "train", "--config", QUICKSTART, *tiny_run_overrides(out), *extra]
+
+
+def _kill_when(proc: subprocess.Popen, metrics: Path, stage: str, step: int, sig: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and any(r.get("stage") == stage and r.get("step", 0) >= step and "eval_loss" not in r
+                                     for r in read_metrics(metrics)):
+            proc.send_signal(sig)
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{stage} never reached step {step} (exit code {proc.poll()})")
+
+
+def _final(metrics: Path, stage: str) -> dict:
+    rows = [r for r in read_metrics(metrics) if r["stage"] == stage and "eval_loss" not in r]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)), f"steps logged twice or out of order: {steps}"
+    return {k: v for k, v in rows[-1].items() if not (k.startswith("time") or k in ("samples_per_s", "tokens_per_s"))}
+
+
+def _weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+@pytest.mark.parametrize("stage,sig", [("srppo", signal.SIGTERM), ("pretrain", signal.SIGINT)])
+def test_killed_run_resumes_to_the_same_result(sft_run, tmp_path, stage, sig):
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    steps = ["srppo.max_steps=6", "srppo.save_every=0"]
+    if stage == "pretrain":  # (the srppo case starts from the fixture's finished 6-step pretraining)
+        steps += ["pretrain.max_steps=12", "pretrain.save_every=0"]
+    stages = "stages=[pretrain,sft,srppo]"
+    runs = {}
+    for kind in ("straight", "killed"):
+        out = tmp_path / kind
+        if stage == "srppo":
+            shutil.copytree(sft_run, out)
+        args = _cli(out, [*TINY_RL, *steps, stages])
+        if kind == "straight":
+            done = subprocess.run(args, env=env, capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr[-2000:]
+        else:
+            proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            _kill_when(proc, out / "metrics.jsonl", stage, 2, sig)
+            err = proc.communicate(timeout=300)[1]
+            assert proc.returncode == 130, err
+            assert f"{stage} stopped by {signal.Signals(sig).name} after step" in err
+            info = checkpoint_info(out / "checkpoints" / stage)
+            assert info["complete"] is False and 2 <= info["step"] < (6 if stage == "srppo" else 12)
+            done = subprocess.run(args, env=env, capture_output=True, text=True)  # the same command resumes
+            assert done.returncode == 0, done.stderr[-2000:]
+            assert f"resuming {stage} from step {info['step']}" in done.stderr
+        runs[kind] = out
+    assert _final(runs["killed"] / "metrics.jsonl", stage) == _final(runs["straight"] / "metrics.jsonl", stage)
+    a, b = _weights(runs["killed"] / "checkpoints" / "srppo"), _weights(runs["straight"] / "checkpoints" / "srppo")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_changed_config(sft_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(sft_run, out)
+    proc = subprocess.Popen(_cli(out, [*TINY_RL, "srppo.max_steps=6", "stages=[pretrain,sft,srppo]"]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _kill_when(proc, out / "metrics.jsonl", "srppo", 1, signal.SIGTERM)
+    assert proc.wait(timeout=300) == 130
+    cfg = load_config(QUICKSTART, [*tiny_run_overrides(out), *TINY_RL, "srppo.max_steps=6",
+                                   "stages=[pretrain,sft,srppo]", "srppo.kl.coef=0.7"])
+    from srppo_fast.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="unfinished run of a different config"):
+        run(cfg)

@@ -1,0 +1,196 @@
+"""RL maths against hand-computed values and against textbook per-time-step loops."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from srppo_fast.advantages import RunningMoments, compute_advantages, explained_variance
+from srppo_fast.ops import (coherent_rewards_ref, gae, kl_estimate, kl_shaped_rewards_ref, ppo_loss, returns_to_go,
+                            sequence_rewards_ref)
+
+T = torch.tensor
+
+
+def test_gae_hand_case():
+    # r = [0, 0, 1], V = [0.5, 0.6, 0.7], gamma 1, lambda 0.95:
+    # d2 = 1 - 0.7 = 0.3; d1 = 0.7 - 0.6 = 0.1; d0 = 0.6 - 0.5 = 0.1
+    # A2 = 0.3; A1 = 0.1 + 0.95 * 0.3 = 0.385; A0 = 0.1 + 0.95 * 0.385 = 0.46575
+    adv, ret = gae(T([[0.0, 0.0, 1.0]]), T([[0.5, 0.6, 0.7]]), T([[True, True, True]]), 1.0, 0.95)
+    torch.testing.assert_close(adv, T([[0.46575, 0.385, 0.3]]))
+    torch.testing.assert_close(ret, T([[0.96575, 0.985, 1.0]]))
+
+
+def test_gae_padding_is_terminal_and_ignored():
+    # gamma 0.9, lambda 0.8, row [1, 2 | pad 99], V [1, 1 | 99]:
+    # d1 = 2 - 1 = 1 (terminal after it); A1 = 1; d0 = 1 + 0.9 * 1 - 1 = 0.9; A0 = 0.9 + 0.72 * 1 = 1.62
+    adv, ret = gae(T([[1.0, 2.0, 99.0]]), T([[1.0, 1.0, 99.0]]), T([[True, True, False]]), 0.9, 0.8)
+    torch.testing.assert_close(adv, T([[1.62, 1.0, 0.0]]))
+    torch.testing.assert_close(ret, T([[2.62, 2.0, 0.0]]))
+
+
+def test_returns_to_go():
+    g = returns_to_go(T([[1.0, 0.0, 2.0], [3.0, 0.0, 0.0]]), T([[1, 1, 1], [1, 0, 0]]).bool(), gamma=0.5)
+    torch.testing.assert_close(g, T([[1.5, 1.0, 2.0], [3.0, 0.0, 0.0]]))
+
+
+def test_ppo_loss_hand_case():
+    # ratio = [1.5, 0.5, 1.0], A = [1, 1, -1], eps 0.2:
+    # t0: max(-1.5, -1.2) = -1.2 (clipped); t1: max(-0.5, -0.8) = -0.5; t2: max(1, 1) = 1
+    old = T([0.0, 0.0, 0.0])
+    logp = torch.log(T([1.5, 0.5, 1.0]))
+    # value: v = [1, 2, 0], old_v = [0.5, 2, 0.5], R = [2, 1, 0], clip 0.2:
+    # t0: (1-2)^2 = 1 vs (0.7-2)^2 = 1.69 -> 1.69; t1: 1 vs 1 -> 1; t2: 0 vs 0.3^2 = 0.09 -> 0.09
+    actor, critic, stats = ppo_loss(logp, old, T([1.0, 1.0, -1.0]), T([True, True, True]), clip_eps=0.2,
+                                    values=T([1.0, 2.0, 0.0]), old_values=T([0.5, 2.0, 0.5]),
+                                    returns=T([2.0, 1.0, 0.0]), value_clip=0.2)
+    assert float(actor) == pytest.approx((-1.2 - 0.5 + 1.0) / 3)
+    assert float(stats["clip_frac"]) == pytest.approx(1 / 3)
+    assert float(critic) == pytest.approx(0.5 * (1.69 + 1.0 + 0.09) / 3)
+    assert float(stats["value_clip_frac"]) == pytest.approx(2 / 3)
+    # approx_kl = mean of exp(-x) - 1 + x, x = log ratio
+    expect = np.mean([math.exp(-x) - 1 + x for x in np.log([1.5, 0.5, 1.0])])
+    assert float(stats["approx_kl"]) == pytest.approx(expect)
+
+
+def test_ppo_loss_gradient_is_zero_where_clipped():
+    logp = torch.log(T([1.5, 0.5])).requires_grad_()
+    actor, _, _ = ppo_loss(logp, T([0.0, 0.0]), T([1.0, 1.0]), T([True, True]), clip_eps=0.2)
+    actor.backward()
+    # d/dlogp of -A * ratio / n = -ratio / 2 where unclipped; 0 where the clip is active
+    torch.testing.assert_close(logp.grad, T([0.0, -0.25]))
+
+
+def test_kl_estimators_hand_values():
+    logp, ref = T([-1.0]), T([-2.0])  # log ratio 1
+    assert float(kl_estimate(logp, ref, "k1")) == pytest.approx(1.0)
+    assert float(kl_estimate(logp, ref, "k2")) == pytest.approx(0.5)
+    assert float(kl_estimate(logp, ref, "k3")) == pytest.approx(math.exp(-1) - 1 + 1)
+    with pytest.raises(ValueError, match="unknown KL estimator"):
+        kl_estimate(logp, ref, "k4")
+
+
+def test_coherent_reward_hand_cases():
+    sft, pt = T([[-1.0, -2.0, -0.5, 0.0]]), T([[-3.0, -1.0, -0.5, 0.0]])
+    mask = T([[True, True, True, False]])
+    # d = [2, -1, 0]; clipped at 1.5 -> [1.5, -1, 0]; sum 0.5, length 3
+    seq, final, d = coherent_rewards_ref(sft, pt, mask, granularity="sequence", token_clip=1.5)
+    torch.testing.assert_close(d, T([[1.5, -1.0, 0.0, 0.0]]))
+    torch.testing.assert_close(seq, T([[0.0, 0.0, 0.5, 0.0]]))
+    tok, final, _ = coherent_rewards_ref(sft, pt, mask, granularity="token", token_clip=1.5)
+    torch.testing.assert_close(tok, T([[1.5, -1.0, 0.0, 0.0]]))
+    norm, final, _ = coherent_rewards_ref(sft, pt, mask, granularity="sequence", token_clip=1.5,
+                                          length_normalize=True, scale=3.0)
+    torch.testing.assert_close(norm, T([[0.0, 0.0, 0.5, 0.0]]))  # 3 * 0.5 / 3
+    # no-EOS penalty as (scale 0, shift -1): the whole reward becomes -1, on the last token
+    pen, final, _ = coherent_rewards_ref(sft, pt, mask, granularity="token", seq_scale=T([0.0]),
+                                         seq_shift=T([-1.0]))
+    torch.testing.assert_close(pen, T([[0.0, 0.0, -1.0, 0.0]]))
+    # whitening-like affine and a final clip: token rewards still sum to the final sequence reward
+    aff, final, _ = coherent_rewards_ref(sft, pt, mask, granularity="token", seq_scale=T([2.0]),
+                                         seq_shift=T([0.5]), seq_clip=1.0)
+    assert float(final) == 1.0  # 2 * 1 + 0.5 = 2.5 -> clipped to 1
+    assert float(aff.sum()) == pytest.approx(1.0)
+    torch.testing.assert_close(aff[0, :2], T([4.0, -2.0]))
+
+
+def test_kl_shaping_and_sequence_rewards():
+    task = sequence_rewards_ref(T([2.0]), T([[True, True, False]]))
+    torch.testing.assert_close(task, T([[0.0, 2.0, 0.0]]))
+    shaped, kl = kl_shaped_rewards_ref(task, T([[-1.0, -1.0, 0.0]]), T([[-2.0, -1.5, 0.0]]),
+                                       T([[True, True, False]]), kl_coef=0.5, kl_estimator="k1")
+    torch.testing.assert_close(kl, T([[1.0, 0.5, 0.0]]))
+    torch.testing.assert_close(shaped, T([[-0.5, 1.75, 0.0]]))
+
+
+def test_rloo_grpo_reinforce_hand_cases():
+    # two prompts x 2 samples, sequence rewards [1, 3 | 0, 2] on the last token of 1-token responses
+    rewards = T([[1.0], [3.0], [0.0], [2.0]])
+    mask = torch.ones_like(rewards, dtype=torch.bool)
+    groups = np.array([0, 0, 1, 1])
+    rloo, _ = compute_advantages("rloo", rewards, mask, prompt_index=groups, whiten=False)
+    torch.testing.assert_close(rloo[:, 0], T([1 - 3, 3 - 1, 0 - 2, 2 - 0.0]))
+    grpo, _ = compute_advantages("grpo", rewards, mask, prompt_index=groups, whiten=False, eps=0.0)
+    s = math.sqrt(2.0)  # unbiased std of {1, 3} and of {0, 2}
+    torch.testing.assert_close(grpo[:, 0], T([-1 / s, 1 / s, -1 / s, 1 / s]))
+    reinforce, _ = compute_advantages("reinforce", rewards, mask, whiten=False)
+    torch.testing.assert_close(reinforce[:, 0], T([1 - 1.5, 3 - 1.5, 0 - 1.5, 2 - 1.5]))
+    # three samples: leave-one-out baseline of sample 0 is the mean of the other two
+    r3 = T([[1.0], [2.0], [6.0]])
+    loo, _ = compute_advantages("rloo", r3, torch.ones_like(r3, dtype=torch.bool), prompt_index=np.zeros(3, int),
+                                whiten=False)
+    torch.testing.assert_close(loo[:, 0], T([1 - 4.0, 2 - 3.5, 6 - 1.5]))
+
+
+def test_advantage_whitening_and_explained_variance():
+    adv, _ = compute_advantages("reinforce", T([[1.0, 2.0], [4.0, 0.0]]), T([[1, 1], [1, 0]]).bool())
+    m = T([[1, 1], [1, 0]]).bool()
+    assert float(adv[m].mean()) == pytest.approx(0.0, abs=1e-6)
+    assert float(adv[m].std(unbiased=False)) == pytest.approx(1.0, rel=1e-4)
+    assert adv[1, 1] == 0
+    ret = T([[1.0, 2.0, 3.0]])
+    assert explained_variance(ret, ret, torch.ones(1, 3, dtype=torch.bool)) == pytest.approx(1.0)
+    assert explained_variance(torch.zeros(1, 3) + 2.0, ret, torch.ones(1, 3, dtype=torch.bool)) == pytest.approx(0.0)
+
+
+def test_running_moments_match_numpy():
+    rm, seen = RunningMoments(), []
+    rng = np.random.default_rng(0)
+    for n in (5, 1, 17, 3):
+        x = rng.normal(2.0, 3.0, n)
+        rm.update(torch.as_tensor(x))
+        seen.extend(x)
+    assert rm.mean == pytest.approx(np.mean(seen))
+    assert rm.std == pytest.approx(np.std(seen, ddof=1))
+    again = RunningMoments()
+    again.load_state_dict(rm.state_dict())
+    assert again.std == rm.std
+
+
+# ------------------------------------------------------------------------------------------------
+# independent formulations, written from the textbook definitions one time step at a time
+
+
+def textbook_gae(r, v, length, gamma, lam):
+    adv = [0.0] * len(r)
+    for t in range(length):
+        total, weight = 0.0, 1.0
+        for k in range(t, length):  # A_t = sum_k (gamma lam)^(k-t) delta_k
+            next_v = v[k + 1] if k + 1 < length else 0.0
+            total += weight * (r[k] + gamma * next_v - v[k])
+            weight *= gamma * lam
+        adv[t] = total
+    return adv
+
+
+def textbook_ppo(logp, old, adv, eps):
+    terms = []
+    for lp, o, a in zip(logp, old, adv):
+        ratio = math.exp(lp - o)
+        terms.append(-min(ratio * a, max(min(ratio, 1 + eps), 1 - eps) * a))
+    return sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_gae_and_ppo_against_textbook_loops(seed):
+    rng = random.Random(seed)
+    B, Tn = 4, 7
+    lengths = [rng.randint(1, Tn) for _ in range(B)]
+    r = [[rng.uniform(-2, 2) for _ in range(Tn)] for _ in range(B)]
+    v = [[rng.uniform(-2, 2) for _ in range(Tn)] for _ in range(B)]
+    mask = torch.tensor([[t < lengths[b] for t in range(Tn)] for b in range(B)])
+    gamma, lam = rng.uniform(0.8, 1.0), rng.uniform(0.5, 1.0)
+    adv, _ = gae(torch.tensor(r), torch.tensor(v), mask, gamma, lam)
+    for b in range(B):
+        expect = textbook_gae(r[b], v[b], lengths[b], gamma, lam)
+        torch.testing.assert_close(adv[b, :lengths[b]], torch.tensor(expect[:lengths[b]]), atol=1e-5, rtol=1e-5)
+    logp = [rng.uniform(-3, 0) for _ in range(20)]
+    old = [x + rng.uniform(-0.5, 0.5) for x in logp]
+    a = [rng.uniform(-2, 2) for _ in range(20)]
+    loss, _, _ = ppo_loss(torch.tensor(logp), torch.tensor(old), torch.tensor(a), torch.ones(20, dtype=torch.bool),
+                          clip_eps=0.2)
+    assert float(loss) == pytest.approx(textbook_ppo(logp, old, a, 0.2), rel=1e-5)
