@@ -260,7 +260,72 @@ def save_rl(ctx, name: str, models: RLModels, step: int, complete: bool, extra_s
     save_checkpoint(ctx.checkpoint_dir(name), models.actor.model, ctx.tokenizer(), info, extra, sub_models)
 
 
+class RLRun:
+    """What an RL stage carries from step to step; `state_dict` is everything a resume needs."""
+
+    def __init__(self, ctx, rl: RLStageConfig, prompts: Prompts, steps: int, state: dict | None, resume_dir: str):
+        self.ctx, self.rl, self.prompts = ctx, rl, prompts
+        self.models = RLModels(ctx, rl, steps, resume_dir=resume_dir if state else None)
+        self.sampler = EpochSampler(len(prompts.ids), ctx.cfg.seed, shuffle=True)
+        self.moments = RunningMoments()
+        self.engine = make_engine(rl.rollout.engine, self.models.actor.model, ctx.tokenizer(), rl.rollout.batch_size)
+        self.params = SamplingParams(n=rl.rollout.n_samples, temperature=rl.rollout.temperature,
+                                     top_p=rl.rollout.top_p, max_new_tokens=rl.rollout.max_new_tokens)
+        self.verifier = None
+        if rl.prompts.startswith("world:"):
+            from ..world import sample_metrics
+
+            self.verifier = sample_metrics
+        if state is not None:
+            self.load_state_dict(state)
+
+    def state_dict(self, step: int) -> dict:
+        critic = self.models.critic
+        return {"step": step, "actor": self.models.actor.state_dict(),
+                "critic": critic.state_dict() if critic is not None else None,
+                "sampler_position": self.sampler.position, "reward_moments": self.moments.state_dict(),
+                "rng": rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.models.actor.load_state_dict(state["actor"])
+        if self.models.critic is not None:
+            self.models.critic.load_state_dict(state["critic"])
+        self.sampler.position = state["sampler_position"]
+        self.moments.load_state_dict(state["reward_moments"])
+        set_rng_state(state["rng"])
+
+    def step(self, step: int) -> dict:
+        """Steps 1-5 on one rollout buffer; returns its statistics."""
+        rl, models, times = self.rl, self.models, {}
+        t = time.perf_counter()
+        # 1. prompts
+        chosen = self.sampler.take(rl.prompts_per_step)
+        prompt_ids = [self.prompts.ids[i] for i in chosen]
+        # 2. generate
+        gens = self.engine.generate(prompt_ids, self.params)
+        times["generate"], t = time.perf_counter() - t, time.perf_counter()
+        # 3. score
+        exp, scores = score(models, [prompt_ids[i] for i in gens.prompt_index], gens, rl.ppo.micro_batch_tokens)
+        times["score"], t = time.perf_counter() - t, time.perf_counter()
+        # 4. rewards and advantages
+        stats = rewards_and_advantages(rl, exp, scores, self.moments)
+        times["advantages"], t = time.perf_counter() - t, time.perf_counter()
+        # 5. update
+        train_actor = models.critic is None or step > rl.critic.warmup_buffers
+        stats.update(ppo_update(models, exp, train_actor))
+        self.engine.update_weights(models.actor.model)
+        times["update"] = time.perf_counter() - t
+        questions = [self.prompts.questions[chosen[i]] for i in gens.prompt_index]
+        stats.update(rollout_stats(exp, gens, self.ctx.tokenizer(), questions, self.verifier))
+        total = sum(times.values())
+        stats.update({f"time/{k}": v for k, v in times.items()})
+        stats.update({"time/step": total, "samples_per_s": len(exp.sequences) / total,
+                      "actor_trained": float(train_actor)})
+        return stats
+
+
 def run_rl_stage(ctx, name: str) -> None:
+    """Prompts -> models (or an interrupted run's state) -> steps 1-6 -> the final checkpoint."""
     from ..runner import stage_fingerprint
 
     rl: RLStageConfig = getattr(ctx.cfg, name)
@@ -270,78 +335,31 @@ def run_rl_stage(ctx, name: str) -> None:
     log.info("%s: %d prompts (%d dropped as longer than %d), %d steps of %d x %d responses", name,
              len(prompts.ids), dropped, rl.max_prompt_len, steps, rl.prompts_per_step, rl.rollout.n_samples)
     state = resumable(ctx.checkpoint_dir(name), stage_fingerprint(ctx.cfg, name))
-    models = RLModels(ctx, rl, steps, resume_dir=str(ctx.checkpoint_dir(name)) if state else None)
-    sampler = EpochSampler(len(prompts.ids), ctx.cfg.seed, shuffle=True)
-    moments = RunningMoments()
-    start = 0
+    run = RLRun(ctx, rl, prompts, steps, state, str(ctx.checkpoint_dir(name)))
+    start = state["step"] if state is not None else 0
     if state is not None:
-        start = state["step"]
-        models.actor.load_state_dict(state["actor"])
-        if models.critic is not None:
-            models.critic.load_state_dict(state["critic"])
-        sampler.position = state["sampler_position"]
-        moments.load_state_dict(state["reward_moments"])
-        set_rng_state(state["rng"])
         truncate_metrics(ctx.metrics.path, name, start)
-    verifier = None
-    if rl.prompts.startswith("world:"):
-        from ..world import sample_metrics as verifier
-    engine = make_engine(rl.rollout.engine, models.actor.model, tok, rl.rollout.batch_size)
-    params = SamplingParams(n=rl.rollout.n_samples, temperature=rl.rollout.temperature, top_p=rl.rollout.top_p,
-                            max_new_tokens=rl.rollout.max_new_tokens)
     bar = progress(steps, name, ctx.cfg.runtime.progress)
     bar.update(start)
     with SignalGuard() as guard:
         for step in range(start + 1, steps + 1):
-            times = {}
-            t = time.perf_counter()
-            # 1. prompts
-            chosen = sampler.take(rl.prompts_per_step)
-            prompt_ids = [prompts.ids[i] for i in chosen]
-            # 2. generate
-            gens = engine.generate(prompt_ids, params)
-            times["generate"] = time.perf_counter() - t
-            # 3. score
-            t = time.perf_counter()
-            per_sample = [prompt_ids[i] for i in gens.prompt_index]
-            exp, scores = score(models, per_sample, gens, rl.ppo.micro_batch_tokens)
-            times["score"] = time.perf_counter() - t
-            # 4. rewards and advantages
-            t = time.perf_counter()
-            stats = rewards_and_advantages(rl, exp, scores, moments)
-            times["advantages"] = time.perf_counter() - t
-            # 5. update
-            t = time.perf_counter()
-            train_actor = models.critic is None or step > rl.critic.warmup_buffers
-            stats.update(ppo_update(models, exp, train_actor))
-            engine.update_weights(models.actor.model)
-            times["update"] = time.perf_counter() - t
+            stats = run.step(step)
             # 6. log, evaluate, save
-            stats.update(rollout_stats(exp, gens, tok, [prompts.questions[chosen[i]] for i in gens.prompt_index],
-                                       verifier))
-            total = sum(times.values())
-            stats.update({f"time/{k}": v for k, v in times.items()})
-            stats.update({"time/step": total, "samples_per_s": len(exp.sequences) / total,
-                          "actor_trained": float(train_actor)})
             if step % rl.log_every == 0 or step == steps:
                 ctx.metrics.log({"stage": name, "step": step, **stats})
             if rl.eval_every and step % rl.eval_every == 0 and rl.prompts.startswith("world:"):
-                evaluate_during_training(ctx, name, step, models.actor.model, tok)
+                evaluate_during_training(ctx, name, step, run.models.actor.model, tok)
             bar.update(1)
             bar.set_postfix(reward=f"{stats['reward/total']:.3f}", kl=f"{stats['kl']:.3f}",
                             acc=f"{stats.get('sample/accuracy', float('nan')):.2f}")
             if guard.requested or (rl.save_every and step % rl.save_every == 0 and step != steps):
-                save_rl(ctx, name, models, step, complete=False, extra_state={
-                    "step": step, "actor": models.actor.state_dict(),
-                    "critic": models.critic.state_dict() if models.critic is not None else None,
-                    "sampler_position": sampler.position, "reward_moments": moments.state_dict(),
-                    "rng": rng_state()})
+                save_rl(ctx, name, run.models, step, complete=False, extra_state=run.state_dict(step))
             if guard.requested:
                 bar.close()
                 raise Interrupted(f"{name} stopped by {guard.requested} after step {step} of {steps}; its state is "
                                   f"saved in {ctx.checkpoint_dir(name)}: run the same command to resume.")
     bar.close()
-    save_rl(ctx, name, models, steps, complete=True)
+    save_rl(ctx, name, run.models, steps, complete=True)
     log.info("%s: saved %s", name, ctx.checkpoint_dir(name))
 
 
