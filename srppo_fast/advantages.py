@@ -29,29 +29,31 @@ def _group_stats(totals: torch.Tensor, prompt_index: np.ndarray) -> tuple[torch.
     return sums[groups], counts[groups], std[groups]
 
 
+def baseline_advantages(estimator: str, returns: torch.Tensor, mask: torch.Tensor,
+                        prompt_index: np.ndarray | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """REINFORCE / RLOO / GRPO advantages from returns-to-go G [B, T] (see the module doc)."""
+    totals = returns[:, 0]  # G_0: the whole response's return
+    if estimator == "reinforce":
+        baseline, scale = totals.mean().expand_as(totals), torch.ones_like(totals)
+    else:
+        sums, counts, std = _group_stats(totals, prompt_index)
+        if estimator == "rloo":
+            baseline, scale = (sums - totals) / (counts - 1).clamp_min(1.0), torch.ones_like(totals)
+        elif estimator == "grpo":
+            baseline, scale = sums / counts, 1.0 / (std + eps)
+        else:
+            raise ValueError(f"unknown advantage estimator {estimator!r}")
+    return (returns - baseline.unsqueeze(-1)) * scale.unsqueeze(-1) * mask.to(torch.float32)
+
+
 def compute_advantages(estimator: str, rewards: torch.Tensor, mask: torch.Tensor, *, values: torch.Tensor | None = None,
                        prompt_index: np.ndarray | None = None, gamma: float = 1.0, lam: float = 0.95,
                        whiten: bool = True, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    m = mask.to(torch.float32)
     if estimator == "gae":
         advantages, returns = gae(rewards, values, mask, gamma, lam)
     else:
         returns = returns_to_go(rewards, mask, gamma)  # G_t
-        totals = returns[:, 0]  # G_0: the whole response's return
-        if estimator == "reinforce":
-            baseline = totals.mean().expand_as(totals)
-            scale = torch.ones_like(totals)
-        else:
-            sums, counts, std = _group_stats(totals, prompt_index)
-            if estimator == "rloo":
-                baseline = (sums - totals) / (counts - 1).clamp_min(1.0)
-                scale = torch.ones_like(totals)
-            elif estimator == "grpo":
-                baseline = sums / counts
-                scale = 1.0 / (std + eps)
-            else:
-                raise ValueError(f"unknown advantage estimator {estimator!r}")
-        advantages = (returns - baseline.unsqueeze(-1)) * scale.unsqueeze(-1) * m
+        advantages = baseline_advantages(estimator, returns, mask, prompt_index, eps)
     if whiten:
         advantages = masked_whiten(advantages, mask)
     return advantages, returns

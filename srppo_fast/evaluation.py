@@ -17,10 +17,9 @@ import torch
 
 from .config import EvalConfig, stage_model_refs
 from .data import read_records, render, tokenize_records
-from .experience import forward_logits, microbatches
+from .experience import microbatches, packed_label_logprobs
 from .generation import generate
 from .io import atomic_write_text
-from .ops import token_logprobs
 
 log = logging.getLogger("srppo_fast")
 LABELS = {"base": "base", "pretrain": "PT", "sft": "SFT", "sft_extended": "SFT (extended)", "srppo": "SRPPO",
@@ -70,8 +69,7 @@ def reference_loglik(model, references, budget: int, device: torch.device) -> fl
     total, count = 0.0, 0
     for batch in microbatches(references, np.arange(len(references)), budget):
         batch = batch.to(device)
-        logp = token_logprobs(forward_logits(model, batch), batch.labels[0])
-        total += float(logp.sum())
+        total += float(packed_label_logprobs(model, batch).sum())
         count += batch.num_targets
     return total / max(count, 1)
 

@@ -18,7 +18,7 @@ import torch
 from .attention import packed_kwargs
 from .batching import PackedBatch, pack_sequences
 from .data import TokenizedSet
-from .ops import token_logprobs
+from .ops import linear_token_logprobs, token_logprobs
 from .packing import plan_microbatches
 
 
@@ -67,15 +67,35 @@ def forward_logits(model, batch: PackedBatch) -> torch.Tensor:
     return out.logits[0]
 
 
+def lm_head_weight(model) -> torch.Tensor | None:
+    """The output projection W when logits are exactly hidden @ W.T (no bias, scale or soft-capping)."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None or not hasattr(head, "weight"):
+        return None
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+        if getattr(model.config, attr, None) not in (None, 1, 1.0):
+            return None
+    return head.weight
+
+
+def packed_label_logprobs(model, batch: PackedBatch, temperature: float = 1.0, return_entropy: bool = False):
+    """Log-probs (and entropies) of the micro-batch's labels (positions whose label is not -100), in packed
+    order: [n]. Where the model allows, the body's hidden states at those positions go through the fused
+    lm_head + log-probs op (ops.linear_token_logprobs): no [N, V] logits, none at prompt positions."""
+    keep = batch.labels[0] != -100
+    labels = batch.labels[0][keep]
+    weight = lm_head_weight(model)
+    if weight is None:
+        return token_logprobs(forward_logits(model, batch)[keep], labels, temperature, return_entropy)
+    hidden = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                              **packed_kwargs(batch.cu_seqlens, batch.max_len)).last_hidden_state[0]
+    return linear_token_logprobs(hidden[keep], weight, labels, temperature, return_entropy)
+
+
 def packed_response_logprobs(model, batch: PackedBatch, temperature: float = 1.0,
                              return_entropy: bool = False):
     """Log-probs (and entropies) of the micro-batch's response tokens, in packed order: [n]."""
-    logits = forward_logits(model, batch)
-    keep = batch.labels[0] != -100
-    if return_entropy:
-        logp, ent = token_logprobs(logits[keep], batch.labels[0][keep], temperature, return_entropy=True)
-        return logp, ent
-    return token_logprobs(logits[keep], batch.labels[0][keep], temperature)
+    return packed_label_logprobs(model, batch, temperature, return_entropy)
 
 
 def packed_response_values(critic, batch: PackedBatch) -> torch.Tensor:

@@ -18,6 +18,8 @@ from typing import Literal
 
 import torch
 
+from ._triton import resolve_impl, tl, triton
+
 KLEstimator = Literal["k1", "k2", "k3"]
 
 
@@ -99,15 +101,204 @@ def ppo_loss_ref(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.T
     return actor, critic, stats
 
 
+# ------------------------------------------------------------------------------------------------
+# kernels: one launch forward (losses and stats), one launch backward (every gradient)
+
+STATS = ("pg_loss", "clip_frac", "approx_kl", "entropy", "kl_loss", "value_loss", "value_clip_frac")
+
+
+@triton.jit
+def _kl_and_grad(x, CODE: tl.constexpr):
+    """(KL estimate, its derivative in x) for log ratio x: k1 x; k2 x^2 / 2; k3 exp(-x) - 1 + x."""
+    if CODE == 1:
+        return x, tl.full(x.shape, 1.0, tl.float32)
+    elif CODE == 2:
+        return 0.5 * x * x, x
+    else:
+        e = tl.exp(-x)
+        return e - 1.0 + x, 1.0 - e
+
+
+@triton.jit
+def _ppo_fwd_kernel(
+    # data ptrs: policy
+    logp_ptr, old_ptr, adv_ptr, mask_ptr, entropy_ptr, ref_ptr,
+    # data ptrs: value
+    values_ptr, old_values_ptr, returns_ptr,
+    # output: token sums / normalizer, one slot per entry of STATS
+    stats_ptr,
+    # shapes and scalars
+    N, clip_low, clip_high, value_clip, inv_norm,
+    # meta
+    BLOCK: tl.constexpr, HAS_POLICY: tl.constexpr, HAS_ENTROPY: tl.constexpr, HAS_KL: tl.constexpr,
+    KL_CODE: tl.constexpr, HAS_VALUES: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    m = tl.load(mask_ptr + offs, mask=ok, other=0).to(tl.float32) * inv_norm
+    if HAS_POLICY:
+        log_ratio = (tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+                     - tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32)) * (m > 0)
+        ratio = tl.exp(log_ratio)
+        adv = tl.load(adv_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        unclipped = -adv * ratio
+        clipped = -adv * tl.minimum(tl.maximum(ratio, clip_low), clip_high)
+        tl.atomic_add(stats_ptr + 0, tl.sum(tl.maximum(unclipped, clipped) * m, 0))
+        tl.atomic_add(stats_ptr + 1, tl.sum(tl.where(clipped > unclipped, m, 0.0), 0))
+        tl.atomic_add(stats_ptr + 2, tl.sum((tl.exp(-log_ratio) - 1.0 + log_ratio) * m, 0))
+        if HAS_ENTROPY:
+            tl.atomic_add(stats_ptr + 3, tl.sum(tl.load(entropy_ptr + offs, mask=ok, other=0.0).to(tl.float32) * m, 0))
+        if HAS_KL:
+            x = tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32) - \
+                tl.load(ref_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            kl, _ = _kl_and_grad(x, KL_CODE)
+            tl.atomic_add(stats_ptr + 4, tl.sum(kl * m, 0))
+    if HAS_VALUES:
+        v = tl.load(values_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        old_v = tl.load(old_values_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        ret = tl.load(returns_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        err = (v - ret) * (v - ret)
+        v_clip = old_v + tl.minimum(tl.maximum(v - old_v, -value_clip), value_clip)
+        err_clip = (v_clip - ret) * (v_clip - ret)
+        tl.atomic_add(stats_ptr + 5, tl.sum(0.5 * tl.maximum(err, err_clip) * m, 0))
+        tl.atomic_add(stats_ptr + 6, tl.sum(tl.where(err_clip > err, m, 0.0), 0))
+
+
+@triton.jit
+def _ppo_bwd_kernel(
+    # data ptrs: inputs
+    logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, values_ptr, old_values_ptr, returns_ptr,
+    # data ptrs: upstream gradients of the two losses (scalars on the device)
+    grad_actor_ptr, grad_critic_ptr,
+    # data ptrs: outputs
+    grad_logp_ptr, grad_entropy_ptr, grad_values_ptr,
+    # shapes and scalars
+    N, clip_low, clip_high, value_clip, inv_norm, entropy_coef, kl_coef,
+    # meta
+    BLOCK: tl.constexpr, HAS_POLICY: tl.constexpr, HAS_ENTROPY: tl.constexpr, HAS_KL: tl.constexpr,
+    KL_CODE: tl.constexpr, HAS_VALUES: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    m = tl.load(mask_ptr + offs, mask=ok, other=0).to(tl.float32) * inv_norm
+    if HAS_POLICY:
+        g = tl.load(grad_actor_ptr)
+        logp = tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        log_ratio = (logp - tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32)) * (m > 0)
+        ratio = tl.exp(log_ratio)
+        adv = tl.load(adv_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        unclipped = -adv * ratio
+        clipped = -adv * tl.minimum(tl.maximum(ratio, clip_low), clip_high)
+        grad = tl.where(clipped > unclipped, 0.0, -adv * ratio)  # the clipped branch has no slope there
+        if HAS_KL:
+            _, dkl = _kl_and_grad(logp - tl.load(ref_ptr + offs, mask=ok, other=0.0).to(tl.float32), KL_CODE)
+            grad += kl_coef * dkl
+        tl.store(grad_logp_ptr + offs, g * grad * m, mask=ok)
+        if HAS_ENTROPY:
+            tl.store(grad_entropy_ptr + offs, -g * entropy_coef * m, mask=ok)
+    if HAS_VALUES:
+        gc = tl.load(grad_critic_ptr)
+        v = tl.load(values_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        old_v = tl.load(old_values_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        ret = tl.load(returns_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        delta = v - old_v
+        v_clip = old_v + tl.minimum(tl.maximum(delta, -value_clip), value_clip)
+        err, err_clip = (v - ret) * (v - ret), (v_clip - ret) * (v_clip - ret)
+        inside = (delta > -value_clip) & (delta < value_clip)
+        grad_v = tl.where(err_clip > err, tl.where(inside, v_clip - ret, 0.0), v - ret)
+        tl.store(grad_values_ptr + offs, gc * grad_v * m, mask=ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# launcher and autograd
+
+
+PPO_BLOCK = 1024
+_KL = {"k1": 1, "k2": 2, "k3": 3}
+
+
+class PPOLossFunction(torch.autograd.Function):
+    """Inputs flat [N]; returns (actor loss, critic loss, stats [7]) — stats in the order of STATS."""
+
+    @staticmethod
+    def forward(ctx, logp, entropy, values, old_logp, advantages, mask, ref_logp, old_values, returns, cfg):
+        N = mask.numel()
+        stats = torch.zeros(len(STATS), dtype=torch.float32, device=mask.device)
+        flags = dict(HAS_POLICY=logp is not None, HAS_ENTROPY=entropy is not None, HAS_KL=cfg["kl_coef"] != 0
+                     and ref_logp is not None, KL_CODE=_KL[cfg["kl_estimator"]], HAS_VALUES=values is not None)
+        any_ = next(t for t in (logp, values) if t is not None)
+        args = [t if t is not None else any_ for t in (logp, old_logp, advantages, mask, entropy, ref_logp, values,
+                                                       old_values, returns)]
+        grid = (triton.cdiv(N, PPO_BLOCK),)
+        if N:
+            _ppo_fwd_kernel[grid](*args, stats, N, cfg["clip_low"], cfg["clip_high"], cfg["value_clip"],
+                                  cfg["inv_norm"], BLOCK=PPO_BLOCK, **flags)
+        actor = stats[0] + cfg["kl_coef"] * stats[4] - cfg["entropy_coef"] * stats[3]
+        critic = stats[5].clone()
+        ctx.save_for_backward(*args[:4], args[5], *args[6:])
+        ctx.cfg, ctx.flags, ctx.N = cfg, flags, N
+        ctx.mark_non_differentiable(stats)
+        return actor, critic, stats
+
+    @staticmethod
+    def backward(ctx, grad_actor, grad_critic, _grad_stats):
+        logp, old, adv, mask, ref, values, old_values, returns = ctx.saved_tensors
+        cfg, flags, N = ctx.cfg, ctx.flags, ctx.N
+        grad_logp = torch.empty_like(logp, dtype=torch.float32) if flags["HAS_POLICY"] else None
+        grad_entropy = torch.empty_like(grad_logp) if flags["HAS_ENTROPY"] else None
+        grad_values = torch.empty_like(values, dtype=torch.float32) if flags["HAS_VALUES"] else None
+        zero = torch.zeros((), device=mask.device)
+        g_actor = (grad_actor if grad_actor is not None else zero).float().reshape(())
+        g_critic = (grad_critic if grad_critic is not None else zero).float().reshape(())
+        fill = grad_logp if grad_logp is not None else grad_values
+        if N:
+            _ppo_bwd_kernel[(triton.cdiv(N, PPO_BLOCK),)](
+                logp, old, adv, mask, ref, values, old_values, returns, g_actor, g_critic,
+                fill if grad_logp is None else grad_logp, fill if grad_entropy is None else grad_entropy,
+                fill if grad_values is None else grad_values, N, cfg["clip_low"], cfg["clip_high"], cfg["value_clip"],
+                cfg["inv_norm"], cfg["entropy_coef"], cfg["kl_coef"], BLOCK=PPO_BLOCK, **flags)
+        return grad_logp, grad_entropy, grad_values, None, None, None, None, None, None, None
+
+
+def _ppo_triton(logp, old_logp, advantages, mask, *, clip_eps=0.2, clip_eps_high=None, values=None,
+                old_values=None, returns=None, value_clip=0.2, entropy=None, entropy_coef=0.0, ref_logp=None,
+                kl_coef=0.0, kl_estimator="k3", normalizer=None):
+    flat = lambda t: t.reshape(-1).contiguous() if t is not None else None  # noqa: E731
+    m = mask.reshape(-1)
+    m = m.view(torch.uint8) if m.dtype == torch.bool else m
+    norm = float(normalizer) if normalizer is not None else max(float(mask.sum()), 1.0)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    cfg = {"clip_low": 1.0 - clip_eps, "clip_high": 1.0 + high, "inv_norm": 1.0 / norm,
+           "value_clip": float(value_clip) if value_clip is not None else float("inf"),
+           "entropy_coef": float(entropy_coef) if entropy is not None else 0.0,
+           "kl_coef": float(kl_coef) if ref_logp is not None else 0.0, "kl_estimator": kl_estimator}
+    actor, critic, stats = PPOLossFunction.apply(flat(logp), flat(entropy), flat(values), flat(old_logp),
+                                                 flat(advantages), m.contiguous(), flat(ref_logp), flat(old_values),
+                                                 flat(returns), cfg)
+    names = ["pg_loss", "clip_frac", "approx_kl"] if logp is not None else []
+    if logp is not None and entropy is not None:
+        names.append("entropy")
+    if logp is not None and ref_logp is not None and kl_coef:
+        names.append("kl_loss")
+    if values is not None:
+        names += ["value_loss"] + (["value_clip_frac"] if value_clip is not None else [])
+    out = {name: stats[STATS.index(name)].detach() for name in names}
+    return (actor if logp is not None else None), (critic if values is not None else None), out
+
+
 def ppo_loss(logp, old_logp, advantages, mask, impl: str = "auto", **kwargs):
-    """Clipped PPO losses (see module doc). impl: "auto" | "torch"."""
-    if impl not in ("auto", "torch"):
-        raise ValueError(f"ppo_loss: unknown impl {impl!r}")
-    return ppo_loss_ref(logp, old_logp, advantages, mask, **kwargs)
+    """Clipped PPO losses (see module doc): (actor loss, critic loss or None, stats). With impl "triton",
+    one kernel launch computes both losses and every stat, and one computes every gradient.
+    impl: "auto" | "torch" | "triton"."""
+    if resolve_impl(impl, "ppo_loss", logp) == "torch":
+        return ppo_loss_ref(logp, old_logp, advantages, mask, **kwargs)
+    return _ppo_triton(logp, old_logp, advantages, mask, **kwargs)
 
 
 def value_loss(values, old_values, returns, mask, impl: str = "auto", **kwargs):
-    """The critic's clipped value loss alone (critic-only warm-up). impl: "auto" | "torch"."""
-    if impl not in ("auto", "torch"):
-        raise ValueError(f"value_loss: unknown impl {impl!r}")
-    return value_loss_ref(values, old_values, returns, mask, **kwargs)
+    """The critic's clipped value loss alone (critic-only warm-up): (loss, stats)."""
+    if resolve_impl(impl, "value_loss", values) == "torch":
+        return value_loss_ref(values, old_values, returns, mask, **kwargs)
+    _, critic, stats = _ppo_triton(None, None, None, mask, values=values, old_values=old_values, returns=returns,
+                                   **kwargs)
+    return critic, stats

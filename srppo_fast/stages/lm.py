@@ -9,14 +9,13 @@ import time
 import numpy as np
 import torch
 
-from ..attention import packed_kwargs
 from ..batching import PackedBatch, pack_sequences, padded_pad_fraction, plan_batch
 from ..config import LMStageConfig
 from ..data import TokenizedSet, load_lm_data
 from ..engine import TorchEngine
 from ..metrics import progress
 from ..modeling import load_model, save_checkpoint
-from ..ops import token_logprobs
+from ..experience import packed_label_logprobs
 from ..state import TRAINER_STATE, Interrupted, SignalGuard, resumable, rng_state, set_rng_state, truncate_metrics
 
 log = logging.getLogger("srppo_fast")
@@ -47,9 +46,9 @@ class EpochSampler:
 
 def packed_token_logprobs(model, batch: PackedBatch) -> torch.Tensor:
     """Log-prob of each packed token's label ([N] fp32; 0 where the label is -100)."""
-    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                   **packed_kwargs(batch.cu_seqlens, batch.max_len)).logits
-    return token_logprobs(logits[0], batch.labels[0])  # logits: [N, V]
+    out = torch.zeros(batch.num_tokens, dtype=torch.float32, device=batch.input_ids.device)
+    out[batch.labels[0] != -100] = packed_label_logprobs(model, batch)
+    return out
 
 
 def microbatches(data: TokenizedSet, seq_ids: np.ndarray, budget: int) -> list[PackedBatch]:

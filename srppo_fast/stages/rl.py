@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..advantages import RunningMoments, compute_advantages, explained_variance
+from ..advantages import RunningMoments, baseline_advantages, compute_advantages, explained_variance
 from ..config import RLStageConfig
 from ..data import read_records, render
 from ..engine import TorchEngine
@@ -29,8 +29,8 @@ from ..experience import (Experience, build_sequences, flat, microbatches, packe
                           packed_response_values, packed_sequence_scores, response_mask, score_tokens)
 from ..metrics import progress
 from ..modeling import load_critic, load_model, load_reward_model, save_checkpoint
-from ..ops import (coherent_rewards_ref, kl_estimate, kl_shaped_rewards_ref, policy_loss_ref, sequence_rewards_ref,
-                   value_loss_ref)
+from ..ops import (coherent_gae, kl_estimate, kl_shaped_rewards_ref, masked_whiten, ppo_loss, sequence_rewards_ref,
+                   value_loss)
 from ..rollout import SamplingParams, make_engine
 from ..state import TRAINER_STATE, Interrupted, SignalGuard, resumable, rng_state, set_rng_state, truncate_metrics
 from .lm import EpochSampler
@@ -145,37 +145,44 @@ def sequence_adjustment(rl: RLStageConfig, raw: torch.Tensor, ended: torch.Tenso
 
 
 def rewards_and_advantages(rl: RLStageConfig, exp: Experience, scores: dict, moments: RunningMoments) -> dict:
-    """Fill exp.rewards / advantages / returns; return the reward statistics of the buffer."""
-    mask, r = exp.mask, rl.reward
+    """Fill exp.rewards / advantages / returns; return the reward statistics of the buffer. The coherent
+    reward, its KL shaping and GAE (or the returns-to-go) are one op (ops.coherent_gae)."""
+    mask, r, a = exp.mask, rl.reward, rl.advantage
+    kl_k1 = kl_estimate(exp.old_logp, exp.ref_logp, "k1") * mask
+    kl_coef = rl.kl.coef if rl.kl.placement == "reward" else 0.0
+    kl = kl_estimate(exp.old_logp, exp.ref_logp, rl.kl.estimator) * mask
     if "model" in scores:  # one number per response, on its terminal token
         raw = scores["model"] * r.scale
         scale, shift = sequence_adjustment(rl, raw, exp.ended, moments)
         final = scale * raw + shift
         if r.clip is not None:
             final = final.clamp(-r.clip, r.clip)
-        task, log_ratio = sequence_rewards_ref(final, mask), None
+        exp.rewards, _ = kl_shaped_rewards_ref(sequence_rewards_ref(final, mask), exp.old_logp, exp.ref_logp, mask,
+                                               kl_coef, rl.kl.estimator)
+        exp.advantages, exp.returns = compute_advantages(a.estimator, exp.rewards, mask, values=exp.values,
+                                                         prompt_index=exp.prompt_index, gamma=a.gamma, lam=a.lam,
+                                                         whiten=a.whiten)
+        log_ratio = None
     else:
-        length = mask.sum(-1).clamp_min(1).float()
         d = (scores["sft"] - scores["pt"]) * mask
         if r.token_clip is not None:
             d = d.clamp(-r.token_clip, r.token_clip)
+        length = mask.sum(-1).clamp_min(1).float()
         raw = r.scale * d.sum(-1) / (length if r.length_normalize else 1.0)
         scale, shift = sequence_adjustment(rl, raw, exp.ended, moments)
-        task, final, log_ratio = coherent_rewards_ref(
-            scores["sft"], scores["pt"], mask, granularity=r.granularity, scale=r.scale, token_clip=r.token_clip,
-            length_normalize=r.length_normalize, seq_scale=scale, seq_shift=shift, seq_clip=r.clip)
-    kl_k1 = kl_estimate(exp.old_logp, exp.ref_logp, "k1") * mask
-    if rl.kl.placement == "reward":
-        exp.rewards, kl = kl_shaped_rewards_ref(task, exp.old_logp, exp.ref_logp, mask, rl.kl.coef, rl.kl.estimator)
-    else:
-        exp.rewards, kl = task, kl_k1
-    a = rl.advantage
-    exp.advantages, exp.returns = compute_advantages(a.estimator, exp.rewards, mask, values=exp.values,
-                                                     prompt_index=exp.prompt_index, gamma=a.gamma, lam=a.lam,
-                                                     whiten=a.whiten)
+        exp.rewards, exp.advantages, exp.returns, final, _ = coherent_gae(
+            exp.old_logp, exp.ref_logp, scores["sft"], scores["pt"], exp.values if a.estimator == "gae" else None,
+            mask, kl_coef=kl_coef, kl_estimator=rl.kl.estimator, granularity=r.granularity, scale=r.scale,
+            token_clip=r.token_clip, length_normalize=r.length_normalize, seq_scale=scale, seq_shift=shift,
+            seq_clip=r.clip, gamma=a.gamma, lam=a.lam)
+        if a.estimator != "gae":
+            exp.advantages = baseline_advantages(a.estimator, exp.returns, mask, exp.prompt_index)
+        if a.whiten:
+            exp.advantages = masked_whiten(exp.advantages, mask)
+        log_ratio = d
     stats = {"reward/task": final.mean(), "reward/total": exp.rewards.sum(-1).mean(),
-             "reward/kl": (exp.rewards - task).sum(-1).mean(), "kl": kl_k1.sum(-1).mean(),
-             "kl/estimator_mean": (kl.sum() / mask.sum())}
+             "reward/kl": -kl_coef * kl.sum(-1).mean(), "kl": kl_k1.sum(-1).mean(),
+             "kl/estimator_mean": kl.sum() / mask.sum()}
     stats["reward/model" if log_ratio is None else "reward/coherent"] = raw.mean()
     if log_ratio is not None:  # per-token log-ratio: hacking shows here first
         tokens = log_ratio[mask]
@@ -191,43 +198,54 @@ def rewards_and_advantages(rl: RLStageConfig, exp: Experience, scores: dict, mom
 # 5. update
 
 
+def minibatch_losses(models: RLModels, exp: Experience, batch, rows: np.ndarray, n_tokens: int,
+                     train_actor: bool) -> dict:
+    """Forward one packed micro-batch through the actor and/or critic, compute both PPO losses in one op
+    (ops.ppo_loss; ops.value_loss during the critic-only warm-up), and backpropagate them together."""
+    rl, ppo, device = models.rl, models.rl.ppo, models.ctx.device
+    kl_in_loss = rl.kl.placement == "loss" and rl.kl.coef > 0
+
+    def take(x):  # the rows' response-token entries, in packed order
+        return flat(x, exp.mask, rows).to(device)
+
+    ones = torch.ones(int(exp.mask[torch.as_tensor(rows)].sum()), dtype=torch.bool, device=device)
+    values = None
+    if models.critic is not None:
+        with models.critic.autocast():
+            values = packed_response_values(models.critic.model, batch)
+    critic = dict(old_values=take(exp.values), returns=take(exp.returns), value_clip=ppo.value_clip) \
+        if values is not None else {}
+    if train_actor:
+        with models.actor.autocast():
+            logp, ent = packed_response_logprobs(models.actor.model, batch, rl.rollout.temperature,
+                                                 return_entropy=True)
+        actor_loss, critic_loss, stats = ppo_loss(
+            logp, take(exp.old_logp), take(exp.advantages), ones, clip_eps=ppo.clip_eps,
+            clip_eps_high=ppo.clip_eps_high, entropy=ent, entropy_coef=ppo.entropy_coef,
+            ref_logp=take(exp.ref_logp) if kl_in_loss else None, kl_coef=rl.kl.coef if kl_in_loss else 0.0,
+            kl_estimator=rl.kl.estimator, values=values, normalizer=n_tokens, **critic)
+    else:
+        actor_loss = None
+        critic_loss, stats = value_loss(values, mask=ones, normalizer=n_tokens, **critic)
+    losses = [loss for loss in (actor_loss, critic_loss) if loss is not None]
+    torch.autograd.backward(losses)  # one pass: the fused op computes both gradients at once
+    return stats
+
+
 def ppo_update(models: RLModels, exp: Experience, train_actor: bool) -> dict:
     """PPO epochs over minibatches of the buffer; token-mean losses over each minibatch."""
-    rl, ppo = models.rl, models.rl.ppo
+    ppo = models.rl.ppo
     sums: dict[str, float] = {}
     n_minibatches = 0
-    kl_in_loss = rl.kl.placement == "loss" and rl.kl.coef > 0
     for _ in range(ppo.epochs):
         order = np.random.permutation(len(exp.sequences))
         for start in range(0, len(order), ppo.train_batch_size):
             ids = order[start:start + ppo.train_batch_size]
             n_tokens = int(exp.mask[torch.as_tensor(ids)].sum())
             for batch in microbatches(exp.sequences, ids, ppo.micro_batch_tokens):
-                rows, device = batch.seq_ids, models.ctx.device
-                batch = batch.to(device)
-
-                def take(x):
-                    return flat(x, exp.mask, rows).to(device)
-
-                ones = torch.ones(int(exp.mask[torch.as_tensor(rows)].sum()), dtype=torch.bool, device=device)
-                if train_actor:
-                    with models.actor.autocast():
-                        logp, ent = packed_response_logprobs(models.actor.model, batch, rl.rollout.temperature,
-                                                             return_entropy=True)
-                    loss, st = policy_loss_ref(
-                        logp, take(exp.old_logp), take(exp.advantages), ones, clip_eps=ppo.clip_eps,
-                        clip_eps_high=ppo.clip_eps_high, entropy=ent, entropy_coef=ppo.entropy_coef,
-                        ref_logp=take(exp.ref_logp) if kl_in_loss else None, kl_coef=rl.kl.coef if kl_in_loss else 0,
-                        kl_estimator=rl.kl.estimator, normalizer=n_tokens)
-                    models.actor.backward(loss)
-                    _accumulate(sums, st)
-                if models.critic is not None:
-                    with models.critic.autocast():
-                        values = packed_response_values(models.critic.model, batch)
-                    loss, st = value_loss_ref(values, take(exp.values), take(exp.returns), ones,
-                                              value_clip=ppo.value_clip, normalizer=n_tokens)
-                    models.critic.backward(loss)
-                    _accumulate(sums, st)
+                rows = batch.seq_ids
+                _accumulate(sums, minibatch_losses(models, exp, batch.to(models.ctx.device), rows, n_tokens,
+                                                   train_actor))
             if train_actor:
                 _accumulate(sums, {f"actor_{k}": v for k, v in models.actor.step().items()})
             if models.critic is not None:

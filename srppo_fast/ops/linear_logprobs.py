@@ -1,0 +1,104 @@
+"""Log-probs fused with the lm_head matmul: the [N, V] logits are never materialised.
+
+Shapes: hidden [N, H], weight [V, H] (the lm_head), labels [N] -> log-probs [N] fp32 (and
+entropies). The tokens are processed in chunks of C rows: logits_c = hidden_c @ weight.T (cuBLAS,
+[C, V] workspace) -> the token_logprobs kernel -> discarded. The backward recomputes each chunk's
+logits, turns them into the gradient in place (the same kernel's backward), and accumulates
+grad_hidden_c = grad_c @ weight and grad_weight += grad_c.T @ hidden_c (fp32). Peak extra memory is
+one chunk's logits (`chunk_bytes`), not N x V. Frozen models (no grad) take the forward only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import resolve_impl
+from .logprobs import _token_logprobs_bwd, _token_logprobs_fwd, token_logprobs_ref
+
+DEFAULT_CHUNK_BYTES = 256 << 20  # logits workspace per chunk
+
+
+def linear_token_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                              temperature: float = 1.0, return_entropy: bool = False, ignore_index: int = -100):
+    """The specification: full logits, then token_logprobs_ref."""
+    return token_logprobs_ref(hidden @ weight.t(), labels, temperature, return_entropy, ignore_index)
+
+
+def chunk_rows(V: int, element_size: int, chunk_bytes: int) -> int:
+    """Rows per chunk so that a [rows, V] logits workspace stays within chunk_bytes (a multiple of 64)."""
+    rows = max(1, chunk_bytes // max(1, V * element_size))
+    return max(64, rows // 64 * 64) if rows >= 64 else rows
+
+
+class LinearTokenLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, return_entropy, ignore_index, rows):
+        N = hidden.shape[0]
+        logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(logp)
+        entropy = torch.empty_like(logp) if return_entropy else None
+        for start in range(0, N, rows):
+            sl = slice(start, min(start + rows, N))
+            logits = hidden[sl] @ weight.t()  # [C, V]: the only V-wide buffer
+            lp, ls, en = _token_logprobs_fwd(logits, labels[sl], temperature, return_entropy, ignore_index)
+            logp[sl], lse[sl] = lp, ls
+            if return_entropy:
+                entropy[sl] = en
+        ctx.save_for_backward(hidden, weight, labels, lse, entropy)
+        ctx.temperature, ctx.ignore_index, ctx.rows = temperature, ignore_index, rows
+        return (logp, entropy) if return_entropy else logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        hidden, weight, labels, lse, entropy = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        N, rows = hidden.shape[0], ctx.rows
+        for start in range(0, N, rows):
+            sl = slice(start, min(start + rows, N))
+            logits = hidden[sl] @ weight.t()
+            grad = _token_logprobs_bwd(logits, labels[sl], lse[sl], entropy[sl] if entropy is not None else None,
+                                       grad_logp[sl] if grad_logp is not None else None,
+                                       grad_entropy[sl] if grad_entropy is not None else None,
+                                       ctx.temperature, ctx.ignore_index, inplace=True)  # [C, V] in place
+            if grad_hidden is not None:
+                grad_hidden[sl] = grad @ weight
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.t().float(), hidden[sl].float())
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          temperature: float = 1.0, return_entropy: bool = False, ignore_index: int = -100,
+                          impl: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    """log p(labels) under softmax(hidden @ weight.T / temperature) without the [N, V] logits.
+
+    hidden [N, H] (or [..., H]), weight [V, H], labels [N] (or [...]). impl as token_logprobs."""
+    if resolve_impl(impl, "linear_token_logprobs", hidden, weight) == "torch":
+        return linear_token_logprobs_ref(hidden, weight, labels, temperature, return_entropy, ignore_index)
+    if hidden.shape[-1] != weight.shape[-1] or weight.ndim != 2:
+        raise ValueError(f"linear_token_logprobs: hidden [..., H] and weight [V, H], got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    lead = hidden.shape[:-1]
+    flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    if flat_labels.shape[0] != flat_hidden.shape[0]:
+        raise ValueError("linear_token_logprobs: one label per hidden row")
+    rows = chunk_rows(weight.shape[0], torch.finfo(hidden.dtype).bits // 8, chunk_bytes)
+    if weight.dtype != hidden.dtype:  # autocast-style: matmul in the activations' dtype
+        weight = weight.to(hidden.dtype)
+    out = LinearTokenLogprobsFunction.apply(flat_hidden, weight, flat_labels, float(temperature), return_entropy,
+                                            ignore_index, rows)
+    if return_entropy:
+        return out[0].view(lead), out[1].view(lead)
+    return out.view(lead)
+
+
+def workspace_bytes(N: int, V: int, element_size: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """The logits workspace the fused op allocates at once (for benchmark reports)."""
+    return min(N, chunk_rows(V, element_size, chunk_bytes)) * V * element_size if N else 0
+
+
+__all__ = ["linear_token_logprobs", "linear_token_logprobs_ref", "workspace_bytes"]
