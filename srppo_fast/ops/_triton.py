@@ -39,7 +39,7 @@ except ImportError:  # the kernels below are defined but never launched
 
     triton = tl = _Missing()
 
-_noted: set[str] = set()
+_noted: set[tuple[str, str]] = set()
 
 
 def interpreting() -> bool:
@@ -47,8 +47,9 @@ def interpreting() -> bool:
 
 
 def _note_once(op: str, message: str) -> None:
-    if op not in _noted:
-        _noted.add(op)
+    """Log which implementation an op takes, once per (op, implementation) in a process."""
+    if (op, message) not in _noted:
+        _noted.add((op, message))
         log.info("%s: %s", op, message)
 
 

@@ -1,0 +1,414 @@
+"""Triton kernels against their references: values and gradients, awkward shapes, every dtype.
+
+On a CPU machine the kernels run through TRITON_INTERPRET=1 (set by conftest) at small sizes; the
+cases marked `gpu` run the real sizes (V = 128256 / 151936, 16k tokens) and skip without CUDA.
+Tolerances: fp32 compares with the fp32 reference at 1e-4 x scale; bf16/fp16 follow the three-way
+rule |triton - ref| <= 2 |torch - ref| + atol, where torch is the same computation in the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from srppo_fast.ops import (coherent_gae, coherent_gae_ref, gae, gae_ref, linear_token_logprobs,  # noqa: E402
+                            linear_token_logprobs_ref, ppo_loss, ppo_loss_ref, token_logprobs, token_logprobs_ref,
+                            value_loss, value_loss_ref)
+from srppo_fast.ops._triton import resolve_impl  # noqa: E402
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+gpu_only = pytest.mark.skipif(not GPU, reason="needs a CUDA device")
+# Measured: the interpreter truncates fp32 -> bf16/fp16 stores (2.0460 -> 2.03125, where the GPU and torch
+# round to 2.046875), so on the CPU a low-precision result may be one unit in the last place off, not half.
+TRUNCATING_STORES = not GPU
+ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+def close(got: torch.Tensor, ref: torch.Tensor, same_dtype: torch.Tensor | None = None, atol: float = 1e-5):
+    """fp32: |got - ref| <= 1e-4 * max(1, |ref|max). Lower precision: the three-way rule."""
+    low_dtype = got.dtype
+    got, ref = got.float(), ref.float()
+    if same_dtype is None:
+        scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
+        torch.testing.assert_close(got, ref, atol=1e-4 * scale, rtol=0)
+        return
+    bound = 2 * (same_dtype.float() - ref).abs() + atol
+    if TRUNCATING_STORES and low_dtype in ULP:
+        bound = bound + ULP[low_dtype] * ref.abs()
+    excess = (got - ref).abs() - bound
+    i = int(excess.argmax())
+    assert float(excess.max()) <= 0, (f"three-way rule broken by {float(excess.max()):.3g} at flat index {i}: "
+                                      f"got {float(got.flatten()[i])}, ref {float(ref.flatten()[i])}, "
+                                      f"same-dtype {float(same_dtype.flatten()[i])}")
+
+
+# ------------------------------------------------------------------------------------------------
+# token_logprobs
+
+SHAPES = [(1, 7), (5, 7), (3, 16), (2, 8191), (2, 8192), (2, 8193), (6, 3000)]  # block is 8192
+
+
+def _inputs(N, V, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(N, V, generator=g) * 4).to(dtype)
+    labels = torch.randint(0, V, (N,), generator=g)
+    if N > 1:
+        labels[1] = -100  # an ignored row
+    return logits.to(DEVICE), labels.to(DEVICE)
+
+
+def _run(fn, logits, labels, temperature, entropy, grads):
+    x = logits.clone().requires_grad_()
+    out = fn(x, labels, temperature, return_entropy=entropy)
+    logp, ent = out if entropy else (out, None)
+    loss = (logp * grads[0]).sum() + ((ent * grads[1]).sum() if entropy else 0)
+    loss.backward()
+    return logp.detach(), (ent.detach() if entropy else None), x.grad
+
+
+@pytest.mark.parametrize("N,V", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature,entropy", [(1.0, False), (0.7, True)])
+def test_token_logprobs_matches_reference(N, V, dtype, temperature, entropy):
+    logits, labels = _inputs(N, V, dtype)
+    grads = (torch.randn(N, device=DEVICE), torch.randn(N, device=DEVICE))
+    tri = _run(lambda *a, **k: token_logprobs(*a, **k, impl="triton"), logits, labels, temperature, entropy, grads)
+    ref = _run(lambda x, y, t, **k: token_logprobs_ref(x.float(), y, t, **k), logits.float(), labels, temperature,
+               entropy, grads)
+    assert tri[0].dtype == torch.float32 and tri[2].dtype == dtype
+    if dtype == torch.float32:
+        close(tri[0], ref[0])
+        if entropy:
+            close(tri[1], ref[1])
+        close(tri[2], ref[2])
+    else:  # the same computation in the input dtype, for the three-way rule
+        def same_dtype(x, y, t, return_entropy):
+            logp_all = torch.log_softmax(x / t, -1)  # in bf16/fp16
+            safe = torch.where(y != -100, y, 0)
+            logp = torch.where(y != -100, logp_all.gather(-1, safe[:, None])[:, 0], 0).float()
+            return (logp, -(logp_all.exp() * logp_all).sum(-1).float()) if return_entropy else logp
+
+        low = _run(same_dtype, logits, labels, temperature, entropy, grads)
+        close(tri[0], ref[0], low[0])
+        if entropy:
+            close(tri[1], ref[1], low[1])
+        close(tri[2], ref[2], low[2], atol=1e-2)
+    assert float(tri[0][1 if N > 1 else 0]) == 0.0 or N == 1  # the ignored row
+
+
+def test_logprobs_are_never_positive():
+    logits = torch.zeros(3, 64, device=DEVICE)
+    logits[:, 5] = torch.tensor([30.0, 80.0, 200.0])  # one logit dominates: lse ~ logit within rounding
+    labels = torch.full((3,), 5, device=DEVICE)
+    logp = token_logprobs(logits, labels, impl="triton")
+    assert (logp <= 0).all()
+    assert float(logp.min()) > -1e-6
+
+
+def test_all_ignored_rows_and_empty_input():
+    logits, labels = _inputs(4, 300, torch.float32)
+    labels[:] = -100
+    x = logits.clone().requires_grad_()
+    logp = token_logprobs(x, labels, impl="triton")
+    assert (logp == 0).all()
+    logp.sum().backward()
+    assert (x.grad == 0).all()
+    empty = token_logprobs(torch.zeros(0, 10, device=DEVICE), torch.zeros(0, dtype=torch.long, device=DEVICE),
+                           impl="triton")
+    assert empty.shape == (0,)
+
+
+def test_inplace_backward_writes_the_gradient_over_the_logits():
+    logits, labels = _inputs(4, 1000, torch.float32)
+    base = logits.clone().requires_grad_()
+    expect = torch.autograd.grad(token_logprobs(base, labels, impl="triton").sum(), base)[0]
+    leaf = logits.clone().requires_grad_()
+    inter = leaf * 1.0  # a non-leaf whose storage the backward may reuse
+    token_logprobs(inter, labels, impl="triton", inplace_backward=True).sum().backward()
+    close(leaf.grad, expect)
+
+
+def test_leading_dimensions_are_kept():
+    logits, labels = _inputs(6, 50, torch.float32)
+    out = token_logprobs(logits.view(2, 3, 50), labels.view(2, 3), impl="triton")
+    assert out.shape == (2, 3)
+    close(out.reshape(-1), token_logprobs_ref(logits, labels))
+
+
+# ------------------------------------------------------------------------------------------------
+# linear_token_logprobs
+
+
+@pytest.mark.parametrize("N,H,V,chunk_bytes", [(37, 16, 300, 64 * 300 * 4), (130, 8, 7, 1 << 30), (9, 32, 1000, 1),
+                                               (70, 16, 513, 10 * 513 * 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_token_logprobs_matches_reference(N, H, V, chunk_bytes, dtype):
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(N, H, generator=g).to(dtype).to(DEVICE)
+    weight = (torch.randn(V, H, generator=g) * 0.5).to(dtype).to(DEVICE)
+    labels = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    labels[0] = -100
+    up = torch.randn(N, generator=g).to(DEVICE), torch.randn(N, generator=g).to(DEVICE)
+
+    def run(fn, h, w):
+        h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+        logp, ent = fn(h, w, labels, 0.8, True)
+        ((logp * up[0]).sum() + (ent * up[1]).sum()).backward()
+        return logp.detach(), ent.detach(), h.grad, w.grad
+
+    tri = run(lambda *a: linear_token_logprobs(*a, impl="triton", chunk_bytes=chunk_bytes), hidden, weight)
+    ref = run(linear_token_logprobs_ref, hidden.float(), weight.float())
+    if dtype == torch.float32:
+        for a, b in zip(tri, ref):
+            close(a, b)
+    else:
+        low = run(linear_token_logprobs_ref, hidden, weight)  # logits in bf16, log-softmax upcast
+        for a, b, c in zip(tri, ref, low):
+            close(a, b, c, atol=2e-2)
+
+
+def test_linear_logprobs_frozen_path_keeps_no_graph():
+    hidden, weight = torch.randn(20, 8, device=DEVICE), torch.randn(50, 8, device=DEVICE)
+    labels = torch.randint(0, 50, (20,), device=DEVICE)
+    with torch.no_grad():
+        out = linear_token_logprobs(hidden, weight, labels, impl="triton", chunk_bytes=7 * 50 * 4)
+    assert not out.requires_grad
+    close(out, linear_token_logprobs_ref(hidden, weight, labels))
+
+
+# ------------------------------------------------------------------------------------------------
+# gae and the fused coherent reward
+
+
+def _ragged(B, T, seed=0, empty_row=True):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    lengths[0] = T
+    if empty_row and B > 2:
+        lengths[2] = 0  # an all-masked row
+    mask = torch.arange(T)[None] < lengths[:, None]
+    return g, mask
+
+
+@pytest.mark.parametrize("B,T", [(3, 1), (4, 7), (5, 64), (3, 1023), (3, 1024), (2, 1025)])
+def test_gae_padded_matches_reference(B, T):
+    g, mask = _ragged(B, T)
+    rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    adv, ret = gae(rewards.to(DEVICE), values.to(DEVICE), mask.to(DEVICE), 0.97, 0.9, impl="triton")
+    ref_adv, ref_ret = gae_ref(rewards, values, mask, 0.97, 0.9)
+    close(adv.cpu(), ref_adv)
+    close(ret.cpu(), ref_ret)
+    if B > 2:
+        assert (adv[2] == 0).all() and (ret[2] == 0).all()
+
+
+def test_gae_packed_matches_padded():
+    lengths = torch.tensor([3, 1, 7, 1, 1030])
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    g = torch.Generator().manual_seed(3)
+    rewards, values = torch.randn(int(cu[-1]), generator=g), torch.randn(int(cu[-1]), generator=g)
+    adv, ret = gae(rewards.to(DEVICE), values.to(DEVICE), None, 0.99, 0.95, impl="triton", cu_seqlens=cu.to(DEVICE))
+    for i in range(len(lengths)):
+        s, e = int(cu[i]), int(cu[i + 1])
+        ra, rr = gae_ref(rewards[None, s:e], values[None, s:e], torch.ones(1, e - s, dtype=torch.bool), 0.99, 0.95)
+        close(adv[s:e].cpu(), ra[0])
+        close(ret[s:e].cpu(), rr[0])
+
+
+def test_gae_kernel_against_textbook_loop():
+    rng = random.Random(7)
+    B, T = 4, 37
+    lengths = [rng.randint(1, T) for _ in range(B)]
+    r = [[rng.uniform(-2, 2) for _ in range(T)] for _ in range(B)]
+    v = [[rng.uniform(-2, 2) for _ in range(T)] for _ in range(B)]
+    mask = torch.tensor([[t < lengths[b] for t in range(T)] for b in range(B)])
+    adv, _ = gae(torch.tensor(r).to(DEVICE), torch.tensor(v).to(DEVICE), mask.to(DEVICE), 0.9, 0.8, impl="triton")
+    for b in range(B):
+        for t in range(lengths[b]):  # A_t = sum_k (gamma lam)^(k - t) delta_k
+            expect = sum((0.9 * 0.8) ** (k - t) * (r[b][k] + 0.9 * (v[b][k + 1] if k + 1 < lengths[b] else 0.0)
+                                                    - v[b][k]) for k in range(t, lengths[b]))
+            assert float(adv[b, t]) == pytest.approx(expect, abs=1e-4)
+
+
+@pytest.mark.parametrize("granularity", ["sequence", "token"])
+@pytest.mark.parametrize("with_values", [True, False])
+@pytest.mark.parametrize("kl", ["k1", "k2", "k3"])
+def test_coherent_gae_matches_reference(granularity, with_values, kl):
+    B, T = 5, 40
+    g, mask = _ragged(B, T, seed=4)
+    old, ref, sft, pt = (torch.randn(B, T, generator=g) - 2 for _ in range(4))
+    values = torch.randn(B, T, generator=g) if with_values else None
+    kw = dict(kl_coef=0.3, kl_estimator=kl, granularity=granularity, scale=1.5, token_clip=1.0, length_normalize=True,
+              seq_scale=torch.tensor([1.0, 0.0, 2.0, 0.5, 1.0]), seq_shift=torch.tensor([0.0, -1.0, 0.3, 0.0, 0.2]),
+              seq_clip=2.0, gamma=0.95, lam=0.9)
+    dev = lambda x: x.to(DEVICE) if x is not None else None  # noqa: E731
+    got = coherent_gae(*(dev(x) for x in (old, ref, sft, pt, values, mask)), impl="triton",
+                       **{k: (dev(v) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+    expect = coherent_gae_ref(old, ref, sft, pt, values, mask, **kw)
+    for a, b in zip(got, expect):
+        close(a.cpu(), b)
+
+
+def test_coherent_gae_defaults():
+    B, T = 3, 9
+    _, mask = _ragged(B, T, seed=5, empty_row=False)
+    x = [torch.randn(B, T) for _ in range(5)]
+    got = coherent_gae(*[t.to(DEVICE) for t in x], mask.to(DEVICE), impl="triton")
+    for a, b in zip(got, coherent_gae_ref(*x, mask)):
+        close(a.cpu(), b)
+
+
+# ------------------------------------------------------------------------------------------------
+# ppo_loss
+
+
+def _ppo_inputs(N, seed):
+    g = torch.Generator().manual_seed(seed)
+    logp = torch.randn(N, generator=g) * 0.3 - 1
+    d = dict(old_logp=logp + torch.randn(N, generator=g) * 0.3, advantages=torch.randn(N, generator=g),
+             mask=torch.rand(N, generator=g) > 0.2, ref_logp=logp + torch.randn(N, generator=g) * 0.2,
+             entropy=torch.rand(N, generator=g), values=torch.randn(N, generator=g),
+             returns=torch.randn(N, generator=g))
+    d["old_values"] = d["values"] + torch.randn(N, generator=g) * 0.3
+    return logp, {k: v.to(DEVICE) for k, v in d.items()}
+
+
+@pytest.mark.parametrize("N", [1, 7, 1024, 1025, 3000])
+@pytest.mark.parametrize("kl", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("options", ["all", "policy_only", "no_value_clip"])
+def test_ppo_loss_matches_reference(N, kl, options):
+    logp0, d = _ppo_inputs(N, seed=N)
+    kwargs = dict(clip_eps=0.2, clip_eps_high=0.28, value_clip=0.2, entropy_coef=0.01, kl_coef=0.1,
+                  kl_estimator=kl, normalizer=N * 0.9)
+    if options == "no_value_clip":
+        kwargs["value_clip"] = None
+
+    def run(impl):
+        logp = logp0.to(DEVICE).clone().requires_grad_()
+        ent = d["entropy"].clone().requires_grad_()
+        values = d["values"].clone().requires_grad_() if options != "policy_only" else None
+        extra = dict(values=values, old_values=d["old_values"], returns=d["returns"]) if values is not None else {}
+        actor, critic, stats = ppo_loss(logp, d["old_logp"], d["advantages"], d["mask"], impl=impl, entropy=ent,
+                                        ref_logp=d["ref_logp"], **extra, **kwargs)
+        total = 1.5 * actor + (0.7 * critic if critic is not None else 0)
+        total.backward()
+        return actor, critic, stats, logp.grad, ent.grad, values.grad if values is not None else None
+
+    tri, ref = run("triton"), run("torch")
+    close(tri[0].detach().cpu(), ref[0].detach().cpu())
+    if ref[1] is not None:
+        close(tri[1].detach().cpu(), ref[1].detach().cpu())
+    assert sorted(tri[2]) == sorted(ref[2])
+    for k in ref[2]:
+        close(tri[2][k].cpu(), ref[2][k].cpu())
+    for a, b in zip(tri[3:], ref[3:]):
+        if b is not None:
+            close(a.cpu(), b.cpu())
+
+
+def test_value_loss_alone_matches_reference():
+    _, d = _ppo_inputs(500, seed=9)
+    grads = []
+    for fn in (lambda **k: value_loss(**k, impl="triton"), value_loss_ref):
+        v = d["values"].clone().requires_grad_()
+        loss, stats = fn(values=v, old_values=d["old_values"], returns=d["returns"], mask=d["mask"], value_clip=0.1)
+        loss.backward()
+        grads.append((loss.detach(), stats["value_clip_frac"], v.grad))
+    for a, b in zip(*grads):
+        close(a.cpu(), b.cpu())
+
+
+def test_ppo_kernel_against_textbook_loop():
+    rng = random.Random(11)
+    N = 50
+    logp = [rng.uniform(-3, 0) for _ in range(N)]
+    old = [x + rng.uniform(-0.5, 0.5) for x in logp]
+    adv = [rng.uniform(-2, 2) for _ in range(N)]
+    actor, _, _ = ppo_loss(torch.tensor(logp).to(DEVICE), torch.tensor(old).to(DEVICE), torch.tensor(adv).to(DEVICE),
+                           torch.ones(N, dtype=torch.bool, device=DEVICE), clip_eps=0.2, impl="triton")
+    terms = []
+    for lp, o, a in zip(logp, old, adv):
+        ratio = math.exp(lp - o)
+        terms.append(-min(ratio * a, max(min(ratio, 1.2), 0.8) * a))
+    assert float(actor) == pytest.approx(sum(terms) / N, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# the impl switch
+
+
+def test_impl_switch(monkeypatch, caplog):
+    cpu = torch.zeros(1)
+    monkeypatch.delenv("SRPPO_FAST_IMPL", raising=False)
+    assert resolve_impl("auto", "op_a", cpu) == ("triton" if GPU else "torch")
+    monkeypatch.setenv("SRPPO_FAST_IMPL", "triton")
+    assert resolve_impl("auto", "op_b", cpu) == "triton"
+    assert resolve_impl("torch", "op_b", cpu) == "torch"  # an explicit choice wins over the variable
+    monkeypatch.setenv("SRPPO_FAST_IMPL", "cuda")
+    with pytest.raises(ValueError, match="SRPPO_FAST_IMPL='cuda'"):
+        resolve_impl("auto", "op_c", cpu)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        resolve_impl("fast", "op_c", cpu)
+    if not GPU:
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(RuntimeError, match="runs only under TRITON_INTERPRET=1"):
+            resolve_impl("triton", "op_d", cpu)
+
+
+# ------------------------------------------------------------------------------------------------
+# real sizes on a GPU
+
+
+@gpu_only
+@pytest.mark.gpu
+@pytest.mark.parametrize("V", [128256, 151936])
+def test_token_logprobs_real_vocabularies(V):
+    logits, labels = _inputs(16384, V, torch.bfloat16)
+    grads = (torch.randn(16384, device=DEVICE), torch.randn(16384, device=DEVICE))
+    tri = _run(lambda *a, **k: token_logprobs(*a, **k, impl="triton"), logits, labels, 1.0, True, grads)
+    ref = _run(lambda x, y, t, **k: token_logprobs_ref(x.float(), y, t, **k), logits.float(), labels, 1.0, True,
+               grads)
+    close(tri[0], ref[0])
+    close(tri[1], ref[1])
+    close(tri[2].float(), ref[2], atol=1e-2)
+
+
+@gpu_only
+@pytest.mark.gpu
+def test_linear_token_logprobs_real_size_and_memory():
+    N, H, V = 16384, 4096, 128256
+    hidden = torch.randn(N, H, device=DEVICE, dtype=torch.bfloat16)
+    weight = torch.randn(V, H, device=DEVICE, dtype=torch.bfloat16) * 0.02
+    labels = torch.randint(0, V, (N,), device=DEVICE)
+    torch.cuda.synchronize()
+    before = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        logp = linear_token_logprobs(hidden, weight, labels, impl="triton")
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra <= 0.5 * 2**30, f"{extra / 2**30:.2f} GiB extra"
+    del before
+    ref = torch.cat([linear_token_logprobs_ref(hidden[i:i + 2048].float(), weight.float(), labels[i:i + 2048])
+                     for i in range(0, N, 2048)])
+    close(logp, ref, same_dtype=torch.cat([linear_token_logprobs_ref(hidden[i:i + 2048], weight, labels[i:i + 2048])
+                                           for i in range(0, N, 2048)]), atol=1e-2)
+
+
+@gpu_only
+@pytest.mark.gpu
+def test_gae_real_size():
+    B, T = 512, 2048
+    _, mask = _ragged(B, T, seed=1)
+    rewards, values = torch.randn(B, T), torch.randn(B, T)
+    adv, ret = gae(rewards.cuda(), values.cuda(), mask.cuda(), 1.0, 0.95, impl="triton")
+    ref_adv, ref_ret = gae_ref(rewards.cuda(), values.cuda(), mask.cuda(), 1.0, 0.95)
+    close(adv, ref_adv)
+    close(ret, ref_ret)
