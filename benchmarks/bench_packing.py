@@ -161,7 +161,7 @@ def run_one(impl: str, n: int, dist: str, world_size: int, budget: int) -> None:
     print(impl, n, dist, plan.num_microbatches(), f"{plan.pad_fraction():.4f}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="N = 1k, 10k only; print rows, write nothing")
     parser.add_argument("--csv", type=Path, help=f"append rows here (default: {CSV_PATH}; --quick: stdout)")
@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--one", choices=["cpp", "python"], help="plan once with this impl and exit")
     parser.add_argument("--n", type=int, default=100_000, help="sequences for --one")
     parser.add_argument("--dist", choices=DISTRIBUTIONS, default="chat", help="length mix for --one")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.one:
         return run_one(args.one, args.n, args.dist, args.world_size, args.token_budget)
 

@@ -1,4 +1,4 @@
-"""`srppo-fast` command line: train | config | report | world."""
+"""`srppo-fast` command line: train | config | bench | report | world."""
 
 from __future__ import annotations
 
@@ -24,6 +24,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--markdown", action="store_true", help="as a Markdown table (the README's reference)")
     c.add_argument("--update-readme", metavar="README", help="rewrite the table between the config-reference "
                    "markers of this file")
+
+    b = sub.add_parser("bench", help="run the kernel and packing benchmarks (benchmarks/ of a source checkout)")
+    b.add_argument("--op", default="all", choices=["all", *BENCHMARKS],
+                   help="which benchmark (default: every one)")
+    b.add_argument("--quick", action="store_true", help="small sizes, printed only (CI-safe)")
+    b.add_argument("--providers", default="", help="comma-separated subset of providers (kernel benchmarks)")
+    b.add_argument("--modes", default="", help="comma-separated subset of fwd,bwd,full (kernel benchmarks)")
+    b.add_argument("--dry", action="store_true", help="print the rows without appending to benchmarks/results")
 
     r = sub.add_parser("report", help="draw the training curves of a run as PNG (OUTPUT_DIR/report/)")
     r.add_argument("output_dir", help="a run's output_dir")
@@ -94,6 +102,31 @@ def cmd_world(args) -> int:
     return 0
 
 
+BENCHMARKS = {"logprobs": "bench_logprobs", "linear_logprobs": "bench_linear_logprobs", "gae": "bench_gae",
+              "ppo_loss": "bench_ppo_loss", "packing": "bench_packing"}
+
+
+def cmd_bench(args) -> int:
+    import importlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "common.py").is_file():
+        raise SrppoError("srppo-fast bench runs the scripts in benchmarks/ of a source checkout; install the "
+                         "package from one with `pip install -e .`.")
+    sys.path.insert(0, str(root))
+    for name in (list(BENCHMARKS) if args.op == "all" else [args.op]):
+        module = importlib.import_module(f"benchmarks.{BENCHMARKS[name]}")
+        if name == "packing":
+            module.main(["--quick"] if args.quick else [])
+            continue
+        argv = [flag for flag, on in (("--quick", args.quick), ("--dry", args.dry)) if on]
+        argv += [f"--providers={args.providers}"] if args.providers else []
+        argv += [f"--modes={args.modes}"] if args.modes else []
+        module.main(argv)
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import make_report
 
@@ -104,7 +137,8 @@ def cmd_report(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": cmd_train, "config": cmd_config, "world": cmd_world, "report": cmd_report}[args.command]
+    handler = {"train": cmd_train, "config": cmd_config, "world": cmd_world, "report": cmd_report,
+               "bench": cmd_bench}[args.command]
     try:
         return handler(args)
     except SrppoError as e:
