@@ -112,7 +112,7 @@ def _gae_kernel(
     row = tl.program_id(0).to(tl.int64)
     start, length = _row_span(cu_ptr, row, stride_row, T, PACKED)
     lanes = tl.arange(0, BLOCK_T)
-    carry = 0.0  # A of the step after the block
+    carry = tl.sum(tl.zeros([BLOCK_T], tl.float32), 0)  # A of the step after the block (fp32: loop-carried)
     for k in range(0, length, BLOCK_T):
         offs = length - k - BLOCK_T + lanes  # the block ending k steps from the end
         ok = offs >= 0
@@ -192,7 +192,7 @@ def _coherent_gae_kernel(
     if not HAS_VALUES:
         lam_eff = 1.0
     # pass 2: shaped rewards on the fly, reverse scan
-    carry = 0.0
+    carry = tl.sum(tl.zeros([BLOCK_T], tl.float32), 0)
     for k in range(0, length, BLOCK_T):
         offs = length - k - BLOCK_T + lanes
         ok = offs >= 0

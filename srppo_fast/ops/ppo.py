@@ -138,7 +138,7 @@ def _ppo_fwd_kernel(
     m = tl.load(mask_ptr + offs, mask=ok, other=0).to(tl.float32) * inv_norm
     if HAS_POLICY:
         log_ratio = (tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-                     - tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32)) * (m > 0)
+                     - tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32)) * (m > 0).to(tl.float32)
         ratio = tl.exp(log_ratio)
         adv = tl.load(adv_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         unclipped = -adv * ratio
@@ -184,7 +184,7 @@ def _ppo_bwd_kernel(
     if HAS_POLICY:
         g = tl.load(grad_actor_ptr)
         logp = tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        log_ratio = (logp - tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32)) * (m > 0)
+        log_ratio = (logp - tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32)) * (m > 0).to(tl.float32)
         ratio = tl.exp(log_ratio)
         adv = tl.load(adv_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         unclipped = -adv * ratio
