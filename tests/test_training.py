@@ -44,6 +44,12 @@ def test_pretrain_then_sft_smoke(tiny_run):
     for stage in ("pretrain", "sft"):
         info = checkpoint_info(tiny_run / "checkpoints" / stage)
         assert info["complete"] and info["stage"] == stage
+    # six steps teach no arithmetic: the careful-skill probe measures that and says so
+    skill = [r for r in rows if r["stage"] == "pretrain" and "careful_skill/eval_id" in r]
+    assert len(skill) == 1 and skill[0]["careful_skill/eval_id"] < 0.2 and skill[0]["careful_skill/eval_ood"] < 0.2
+    assert checkpoint_info(tiny_run / "checkpoints" / "pretrain")["careful_skill"]["eval_id"] == \
+        skill[0]["careful_skill/eval_id"]
+    assert "has not fully learnt the careful skill" in (tiny_run / "train.log").read_text()
 
 
 def test_checkpoint_is_a_plain_hf_directory(tiny_run, tmp_path):

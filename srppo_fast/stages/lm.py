@@ -166,5 +166,23 @@ def run_lm_stage(ctx, name: str) -> None:
     end_eval = evaluate(steps)
     info = {"stage": name, "step": steps, "complete": True, "fingerprint": fingerprint,
             "eval_loss_start": start_eval, "eval_loss_end": end_eval}
+    if section.data == "world:corpus" and ctx.world_dir:
+        info["careful_skill"] = probe_careful_skill(ctx, name, engine.model, tok, steps)
     save_checkpoint(ckpt, engine.model, tok, info)
     log.info("%s: saved %s", name, ckpt)
+
+
+def probe_careful_skill(ctx, name: str, model, tok, step: int) -> dict[str, float]:
+    """After pretraining on the embedded world: has the base learnt the careful skill? (world/probe.py)"""
+    from ..world.probe import SKILL_THRESHOLD, careful_skill
+
+    skill = careful_skill(model, tok, ctx.world_dir)
+    ctx.metrics.log({"stage": name, "step": step, **{f"careful_skill/{k}": v for k, v in skill.items()}})
+    shown = ", ".join(f"{k} {v:.2f}" for k, v in skill.items())
+    if min(skill.values()) < SKILL_THRESHOLD:
+        log.warning("%s: the base model has not fully learnt the careful skill (accuracy of answers started in "
+                    "the careful style: %s; the world needs >= %.1f), so SFT and SRPPO will have little to work "
+                    "with. Pretrain longer (%s.epochs) or try another seed.", name, shown, SKILL_THRESHOLD, name)
+    else:
+        log.info("%s: careful skill (accuracy of answers started in the careful style): %s", name, shown)
+    return skill
