@@ -165,7 +165,7 @@ def _cli(out: Path, extra: list[str]) -> list[str]:
 def _kill_when(proc: subprocess.Popen, metrics: Path, stage: str, step: int, sig: int, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and any(r.get("stage") == stage and r.get("step", 0) >= step and "eval_loss" not in r
+        if metrics.is_file() and any(r.get("stage") == stage and r.get("step", 0) >= step and _is_step_row(r)
                                      for r in read_metrics(metrics)):
             proc.send_signal(sig)
             return
@@ -173,8 +173,13 @@ def _kill_when(proc: subprocess.Popen, metrics: Path, stage: str, step: int, sig
     raise AssertionError(f"{stage} never reached step {step} (exit code {proc.poll()})")
 
 
+def _is_step_row(row: dict) -> bool:
+    """A training step's metrics, not an evaluation logged at the same step (held-out loss, skill probe)."""
+    return "eval_loss" not in row and not any(k.startswith("careful_skill/") for k in row)
+
+
 def _final(metrics: Path, stage: str) -> dict:
-    rows = [r for r in read_metrics(metrics) if r["stage"] == stage and "eval_loss" not in r]
+    rows = [r for r in read_metrics(metrics) if r["stage"] == stage and _is_step_row(r)]
     steps = [r["step"] for r in rows]
     assert steps == sorted(set(steps)), f"steps logged twice or out of order: {steps}"
     return {k: v for k, v in rows[-1].items() if not (k.startswith("time") or k in ("samples_per_s", "tokens_per_s"))}
