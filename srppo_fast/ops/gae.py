@@ -99,6 +99,26 @@ def _load_mask(mask_ptr, idx, ok, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _gae_block(r, m, values_ptr, mask_ptr, start, offs, ok, length, lanes, carry, gamma, lam,
+               HAS_VALUES: tl.constexpr, HAS_MASK: tl.constexpr):
+    """One block of the reverse scan: rewards r at positions offs (masked by m) -> advantages, returns and
+    the carry for the block before (the advantage at its first position). Without values V = 0."""
+    v = tl.zeros(r.shape, tl.float32)
+    v_next = tl.zeros(r.shape, tl.float32)
+    if HAS_VALUES:
+        v = tl.load(values_ptr + start + offs, mask=ok, other=0.0).to(tl.float32) * m
+        nxt = offs + 1
+        ok_next = (nxt >= 0) & (nxt < length)
+        m_next = _load_mask(mask_ptr, start + nxt, ok_next, HAS_MASK)
+        v_next = tl.load(values_ptr + start + nxt, mask=ok_next, other=0.0).to(tl.float32) * m_next
+    c = gamma * lam * m
+    d = (r + gamma * v_next - v) * m
+    c_acc, d_acc = tl.associative_scan((c, d), 0, _compose, reverse=True)
+    adv = d_acc + c_acc * carry
+    return adv, (adv + v) * m, tl.sum(tl.where(lanes == 0, adv, 0.0), 0)
+
+
+@triton.jit
 def _gae_kernel(
     # data ptrs
     rewards_ptr, values_ptr, mask_ptr, cu_ptr, adv_ptr, ret_ptr,
@@ -118,18 +138,10 @@ def _gae_kernel(
         ok = offs >= 0
         m = _load_mask(mask_ptr, start + offs, ok, HAS_MASK)
         r = tl.load(rewards_ptr + start + offs, mask=ok, other=0.0).to(tl.float32) * m
-        v = tl.load(values_ptr + start + offs, mask=ok, other=0.0).to(tl.float32) * m
-        nxt = offs + 1
-        ok_next = (nxt >= 0) & (nxt < length)
-        m_next = _load_mask(mask_ptr, start + nxt, ok_next, HAS_MASK)
-        v_next = tl.load(values_ptr + start + nxt, mask=ok_next, other=0.0).to(tl.float32) * m_next
-        c = gamma * lam * m
-        d = (r + gamma * v_next - v) * m
-        c_acc, d_acc = tl.associative_scan((c, d), 0, _compose, reverse=True)
-        a = d_acc + c_acc * carry
+        a, ret, carry = _gae_block(r, m, values_ptr, mask_ptr, start, offs, ok, length, lanes, carry, gamma, lam,
+                                   True, HAS_MASK)
         tl.store(adv_ptr + start + offs, a, mask=ok)
-        tl.store(ret_ptr + start + offs, (a + v) * m, mask=ok)
-        carry = tl.sum(tl.where(lanes == 0, a, 0.0), 0)
+        tl.store(ret_ptr + start + offs, ret, mask=ok)
 
 
 @triton.jit
@@ -205,22 +217,11 @@ def _coherent_gae_kernel(
         log_ratio = tl.load(old_ptr + start + offs, mask=ok, other=0.0).to(tl.float32) - \
             tl.load(ref_ptr + start + offs, mask=ok, other=0.0).to(tl.float32)
         r = (r - kl_coef * _kl(log_ratio * m, KL_CODE)) * m
-        v = tl.zeros([BLOCK_T], tl.float32)
-        v_next = tl.zeros([BLOCK_T], tl.float32)
-        if HAS_VALUES:
-            v = tl.load(values_ptr + start + offs, mask=ok, other=0.0).to(tl.float32) * m
-            nxt = offs + 1
-            ok_next = (nxt >= 0) & (nxt < length)
-            m_next = _load_mask(mask_ptr, start + nxt, ok_next, HAS_MASK)
-            v_next = tl.load(values_ptr + start + nxt, mask=ok_next, other=0.0).to(tl.float32) * m_next
-        c = gamma * lam_eff * m
-        d = (r + gamma * v_next - v) * m
-        c_acc, d_acc = tl.associative_scan((c, d), 0, _compose, reverse=True)
-        adv = d_acc + c_acc * carry
+        adv, ret, carry = _gae_block(r, m, values_ptr, mask_ptr, start, offs, ok, length, lanes, carry, gamma,
+                                     lam_eff, HAS_VALUES, HAS_MASK)
         tl.store(rewards_ptr + start + offs, r, mask=ok)
         tl.store(adv_ptr + start + offs, adv, mask=ok)
-        tl.store(ret_ptr + start + offs, (adv + v) * m, mask=ok)
-        carry = tl.sum(tl.where(lanes == 0, adv, 0.0), 0)
+        tl.store(ret_ptr + start + offs, ret, mask=ok)
 
 
 # ------------------------------------------------------------------------------------------------
