@@ -120,6 +120,22 @@ def _kl_and_grad(x, CODE: tl.constexpr):
 
 
 @triton.jit
+def _surrogate(logp, old_logp, adv, m, clip_low, clip_high):
+    """Clipped surrogate terms per token: (log ratio, ratio, unclipped -A r, clipped -A clip(r))."""
+    log_ratio = (logp - old_logp) * (m > 0).to(tl.float32)
+    ratio = tl.exp(log_ratio)
+    return log_ratio, ratio, -adv * ratio, -adv * tl.minimum(tl.maximum(ratio, clip_low), clip_high)
+
+
+@triton.jit
+def _value_terms(v, old_v, ret, value_clip):
+    """Clipped value loss terms per token: (v - old_v, clipped value, squared error, clipped squared error)."""
+    delta = v - old_v
+    v_clip = old_v + tl.minimum(tl.maximum(delta, -value_clip), value_clip)
+    return delta, v_clip, (v - ret) * (v - ret), (v_clip - ret) * (v_clip - ret)
+
+
+@triton.jit
 def _ppo_fwd_kernel(
     # data ptrs: policy
     logp_ptr, old_ptr, adv_ptr, mask_ptr, entropy_ptr, ref_ptr,
@@ -137,29 +153,23 @@ def _ppo_fwd_kernel(
     ok = offs < N
     m = tl.load(mask_ptr + offs, mask=ok, other=0).to(tl.float32) * inv_norm
     if HAS_POLICY:
-        log_ratio = (tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-                     - tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32)) * (m > 0).to(tl.float32)
-        ratio = tl.exp(log_ratio)
-        adv = tl.load(adv_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        unclipped = -adv * ratio
-        clipped = -adv * tl.minimum(tl.maximum(ratio, clip_low), clip_high)
+        logp = tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        log_ratio, ratio, unclipped, clipped = _surrogate(
+            logp, tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32),
+            tl.load(adv_ptr + offs, mask=ok, other=0.0).to(tl.float32), m, clip_low, clip_high)
         tl.atomic_add(stats_ptr + 0, tl.sum(tl.maximum(unclipped, clipped) * m, 0))
         tl.atomic_add(stats_ptr + 1, tl.sum(tl.where(clipped > unclipped, m, 0.0), 0))
         tl.atomic_add(stats_ptr + 2, tl.sum((tl.exp(-log_ratio) - 1.0 + log_ratio) * m, 0))
         if HAS_ENTROPY:
             tl.atomic_add(stats_ptr + 3, tl.sum(tl.load(entropy_ptr + offs, mask=ok, other=0.0).to(tl.float32) * m, 0))
         if HAS_KL:
-            x = tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32) - \
-                tl.load(ref_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-            kl, _ = _kl_and_grad(x, KL_CODE)
+            kl, _ = _kl_and_grad(logp - tl.load(ref_ptr + offs, mask=ok, other=0.0).to(tl.float32), KL_CODE)
             tl.atomic_add(stats_ptr + 4, tl.sum(kl * m, 0))
     if HAS_VALUES:
         v = tl.load(values_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         old_v = tl.load(old_values_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         ret = tl.load(returns_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        err = (v - ret) * (v - ret)
-        v_clip = old_v + tl.minimum(tl.maximum(v - old_v, -value_clip), value_clip)
-        err_clip = (v_clip - ret) * (v_clip - ret)
+        _, _, err, err_clip = _value_terms(v, old_v, ret, value_clip)
         tl.atomic_add(stats_ptr + 5, tl.sum(0.5 * tl.maximum(err, err_clip) * m, 0))
         tl.atomic_add(stats_ptr + 6, tl.sum(tl.where(err_clip > err, m, 0.0), 0))
 
@@ -184,12 +194,10 @@ def _ppo_bwd_kernel(
     if HAS_POLICY:
         g = tl.load(grad_actor_ptr)
         logp = tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        log_ratio = (logp - tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32)) * (m > 0).to(tl.float32)
-        ratio = tl.exp(log_ratio)
-        adv = tl.load(adv_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        unclipped = -adv * ratio
-        clipped = -adv * tl.minimum(tl.maximum(ratio, clip_low), clip_high)
-        grad = tl.where(clipped > unclipped, 0.0, -adv * ratio)  # the clipped branch has no slope there
+        _, ratio, unclipped, clipped = _surrogate(
+            logp, tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32),
+            tl.load(adv_ptr + offs, mask=ok, other=0.0).to(tl.float32), m, clip_low, clip_high)
+        grad = tl.where(clipped > unclipped, 0.0, unclipped)  # the clipped branch has no slope there
         if HAS_KL:
             _, dkl = _kl_and_grad(logp - tl.load(ref_ptr + offs, mask=ok, other=0.0).to(tl.float32), KL_CODE)
             grad += kl_coef * dkl
@@ -201,9 +209,7 @@ def _ppo_bwd_kernel(
         v = tl.load(values_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         old_v = tl.load(old_values_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         ret = tl.load(returns_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        delta = v - old_v
-        v_clip = old_v + tl.minimum(tl.maximum(delta, -value_clip), value_clip)
-        err, err_clip = (v - ret) * (v - ret), (v_clip - ret) * (v_clip - ret)
+        delta, v_clip, err, err_clip = _value_terms(v, old_v, ret, value_clip)
         inside = (delta > -value_clip) & (delta < value_clip)
         grad_v = tl.where(err_clip > err, tl.where(inside, v_clip - ret, 0.0), v - ret)
         tl.store(grad_values_ptr + offs, gc * grad_v * m, mask=ok)
