@@ -81,6 +81,12 @@ def plan_batch(data: TokenizedSet, seq_ids: np.ndarray, token_budget: int, world
     return plan_microbatches(data.lengths[seq_ids], token_budget, world_size)
 
 
+def microbatches(data: TokenizedSet, seq_ids: np.ndarray, token_budget: int) -> list[PackedBatch]:
+    """Packed micro-batches of the sequences `seq_ids` on one rank (first-fit-decreasing under the budget)."""
+    plan = plan_batch(data, seq_ids, token_budget)
+    return [pack_sequences(data, seq_ids[idx]) for idx in plan.microbatches(0) if len(idx)]
+
+
 def padded_pad_fraction(lengths_per_microbatch: list[np.ndarray]) -> float:
     """The padding that padding each micro-batch's sequences to its longest would have computed."""
     real = sum(int(l.sum()) for l in lengths_per_microbatch)

@@ -17,7 +17,8 @@ import torch
 
 from .config import EvalConfig, stage_model_refs
 from .data import read_records, render, tokenize_records
-from .experience import microbatches, packed_label_logprobs
+from .batching import microbatches
+from .experience import packed_label_logprobs
 from .generation import generate
 from .io import atomic_write_text
 

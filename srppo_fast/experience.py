@@ -16,10 +16,9 @@ import numpy as np
 import torch
 
 from .attention import packed_kwargs
-from .batching import PackedBatch, pack_sequences
+from .batching import PackedBatch, microbatches
 from .data import TokenizedSet
 from .ops import linear_token_logprobs, token_logprobs
-from .packing import plan_microbatches
 
 
 def build_sequences(prompts: list[list[int]], responses: list[list[int]]) -> TokenizedSet:
@@ -40,12 +39,6 @@ def response_mask(responses: list[list[int]]) -> torch.Tensor:
     return torch.arange(int(lengths.max())).unsqueeze(0) < lengths.unsqueeze(1)
 
 
-def microbatches(data: TokenizedSet, ids: np.ndarray, budget: int) -> list[PackedBatch]:
-    """Packed micro-batches of the sequences `ids` (first-fit-decreasing under the token budget)."""
-    plan = plan_microbatches(data.lengths[ids], budget)
-    return [pack_sequences(data, ids[idx]) for idx in plan.microbatches(0) if len(idx)]
-
-
 def flat(x: torch.Tensor, mask: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
     """The response-token entries of rows `ids`, in packed order: [n tokens]."""
     index = torch.as_tensor(ids, dtype=torch.long)
@@ -60,11 +53,15 @@ def unflatten(values: torch.Tensor, mask: torch.Tensor, ids: np.ndarray, out: to
     out[index] = rows
 
 
+def packed_forward(module, batch: PackedBatch):
+    """`module` (a model or its body) on a packed micro-batch: sequences attend only within themselves."""
+    return module(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                  **packed_kwargs(batch.cu_seqlens, batch.max_len))
+
+
 def forward_logits(model, batch: PackedBatch) -> torch.Tensor:
     """[N, V] logits of a packed micro-batch."""
-    out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                **packed_kwargs(batch.cu_seqlens, batch.max_len))
-    return out.logits[0]
+    return packed_forward(model, batch).logits[0]
 
 
 def lm_head_weight(model) -> torch.Tensor | None:
@@ -87,22 +84,13 @@ def packed_label_logprobs(model, batch: PackedBatch, temperature: float = 1.0, r
     weight = lm_head_weight(model)
     if weight is None:
         return token_logprobs(forward_logits(model, batch)[keep], labels, temperature, return_entropy)
-    hidden = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                              **packed_kwargs(batch.cu_seqlens, batch.max_len)).last_hidden_state[0]
+    hidden = packed_forward(model.base_model, batch).last_hidden_state[0]
     return linear_token_logprobs(hidden[keep], weight, labels, temperature, return_entropy)
-
-
-def packed_response_logprobs(model, batch: PackedBatch, temperature: float = 1.0,
-                             return_entropy: bool = False):
-    """Log-probs (and entropies) of the micro-batch's response tokens, in packed order: [n]."""
-    return packed_label_logprobs(model, batch, temperature, return_entropy)
 
 
 def packed_response_values(critic, batch: PackedBatch) -> torch.Tensor:
     """Critic values of the states before each response token, in packed order: [n]."""
-    out = critic(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                 **packed_kwargs(batch.cu_seqlens, batch.max_len))
-    return out.logits[0, :, 0][batch.labels[0] != -100].float()
+    return packed_forward(critic, batch).logits[0, :, 0][batch.labels[0] != -100].float()
 
 
 @torch.no_grad()
@@ -142,7 +130,6 @@ def packed_sequence_scores(reward_model, batch: PackedBatch) -> torch.Tensor:
     """A sequence-classification reward model's score of each sequence of the micro-batch: [n], read at
     each sequence's last token (the packed row has no padding to locate it by)."""
     body = getattr(reward_model, reward_model.base_model_prefix)
-    hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                  **packed_kwargs(batch.cu_seqlens, batch.max_len)).last_hidden_state[0]  # [N, H]
+    hidden = packed_forward(body, batch).last_hidden_state[0]  # [N, H]
     last = batch.cu_seqlens[1:].long() - 1
     return reward_model.score(hidden[last])[:, 0].float()

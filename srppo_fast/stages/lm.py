@@ -9,7 +9,7 @@ import time
 import numpy as np
 import torch
 
-from ..batching import PackedBatch, pack_sequences, padded_pad_fraction, plan_batch
+from ..batching import PackedBatch, microbatches, padded_pad_fraction
 from ..config import LMStageConfig
 from ..data import TokenizedSet, load_lm_data
 from ..engine import TorchEngine
@@ -49,11 +49,6 @@ def packed_token_logprobs(model, batch: PackedBatch) -> torch.Tensor:
     out = torch.zeros(batch.num_tokens, dtype=torch.float32, device=batch.input_ids.device)
     out[batch.labels[0] != -100] = packed_label_logprobs(model, batch)
     return out
-
-
-def microbatches(data: TokenizedSet, seq_ids: np.ndarray, budget: int) -> list[PackedBatch]:
-    plan = plan_batch(data, seq_ids, budget)
-    return [pack_sequences(data, seq_ids[idx]) for idx in plan.microbatches(0) if len(idx)]
 
 
 def lm_train_step(engine: TorchEngine, data: TokenizedSet, seq_ids: np.ndarray, budget: int) -> dict:

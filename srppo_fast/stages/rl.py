@@ -25,8 +25,9 @@ from ..config import RLStageConfig
 from ..data import read_records, render
 from ..engine import TorchEngine
 from ..errors import ConfigError
-from ..experience import (Experience, build_sequences, flat, microbatches, packed_response_logprobs,
-                          packed_response_values, packed_sequence_scores, response_mask, score_tokens)
+from ..batching import microbatches
+from ..experience import (Experience, build_sequences, flat, packed_label_logprobs, packed_response_values,
+                          packed_sequence_scores, response_mask, score_tokens)
 from ..metrics import progress
 from ..modeling import load_critic, load_model, load_reward_model, save_checkpoint
 from ..ops import (coherent_gae, kl_estimate, kl_shaped_rewards_ref, masked_whiten, ppo_loss, sequence_rewards_ref,
@@ -101,13 +102,13 @@ def score(models: RLModels, prompt_ids: list[list[int]], gens, budget: int) -> t
     mask = response_mask(gens.responses)
     run = dict(data=seqs, mask=mask, budget=budget, device=ctx.device, autocast=models.actor.autocast)
     temperature = rl.rollout.temperature
-    old = score_tokens(lambda b: packed_response_logprobs(models.actor.model, b, temperature), **run)
-    ref = score_tokens(lambda b: packed_response_logprobs(models.ref, b), **run)
+    old = score_tokens(lambda b: packed_label_logprobs(models.actor.model, b, temperature), **run)
+    ref = score_tokens(lambda b: packed_label_logprobs(models.ref, b), **run)
     scores = {}
     if models.sft is not None:
         scores["sft"] = ref if models.sft is models.ref else \
-            score_tokens(lambda b: packed_response_logprobs(models.sft, b), **run)
-        scores["pt"] = score_tokens(lambda b: packed_response_logprobs(models.pt, b), **run)
+            score_tokens(lambda b: packed_label_logprobs(models.sft, b), **run)
+        scores["pt"] = score_tokens(lambda b: packed_label_logprobs(models.pt, b), **run)
     else:
         scores["model"] = score_sequences(models.reward_model, seqs, budget, ctx.device, models.actor.autocast)
     values = None
@@ -217,7 +218,7 @@ def minibatch_losses(models: RLModels, exp: Experience, batch, rows: np.ndarray,
         if values is not None else {}
     if train_actor:
         with models.actor.autocast():
-            logp, ent = packed_response_logprobs(models.actor.model, batch, rl.rollout.temperature,
+            logp, ent = packed_label_logprobs(models.actor.model, batch, rl.rollout.temperature,
                                                  return_entropy=True)
         actor_loss, critic_loss, stats = ppo_loss(
             logp, take(exp.old_logp), take(exp.advantages), ones, clip_eps=ppo.clip_eps,
