@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import yaml
@@ -87,7 +88,7 @@ def cmd_config(args) -> int:
     if args.markdown:
         print(reference_markdown())
         return 0
-    for key, tp, default, help_ in rows:
+    for key, tp, default, help_ in config_reference():
         print(f"{key}  [{tp}]" + (f" = {default}" if tp != "section" else "") + f"\n    {help_}")
     return 0
 
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("srppo-fast: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit goes nowhere
+        return 0
 
 
 if __name__ == "__main__":

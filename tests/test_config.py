@@ -127,3 +127,12 @@ def test_readme_config_reference_is_current():
     table = text.split(start, 1)[1].split(end, 1)[0].strip()
     assert table == reference_markdown(), "README config reference is stale: run " \
         "`srppo-fast config --update-readme README.md`"
+
+
+def test_config_command_lists_every_key(capsys):
+    from srppo_fast.cli import main
+
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "pretrain.epochs  [a number] = 3.0" in out and "srppo.kl.coef" in out
+    assert out.count("\n    ") == len(config_reference())
