@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("triton")
 
 from srppo_fast.ops import (coherent_gae, coherent_gae_ref, gae, gae_ref, linear_token_logprobs,  # noqa: E402
-                            linear_token_logprobs_ref, ppo_loss, ppo_loss_ref, token_logprobs, token_logprobs_ref,
+                            linear_token_logprobs_ref, ppo_loss, token_logprobs, token_logprobs_ref,
                             value_loss, value_loss_ref)
 from srppo_fast.ops._triton import resolve_impl  # noqa: E402
 
