@@ -153,9 +153,9 @@ def _ppo_fwd_kernel(
     ok = offs < N
     m = tl.load(mask_ptr + offs, mask=ok, other=0).to(tl.float32) * inv_norm
     if HAS_POLICY:
-        logp = tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         log_ratio, ratio, unclipped, clipped = _surrogate(
-            logp, tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32),
+            tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32),
+            tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32),
             tl.load(adv_ptr + offs, mask=ok, other=0.0).to(tl.float32), m, clip_low, clip_high)
         tl.atomic_add(stats_ptr + 0, tl.sum(tl.maximum(unclipped, clipped) * m, 0))
         tl.atomic_add(stats_ptr + 1, tl.sum(tl.where(clipped > unclipped, m, 0.0), 0))
@@ -163,7 +163,9 @@ def _ppo_fwd_kernel(
         if HAS_ENTROPY:
             tl.atomic_add(stats_ptr + 3, tl.sum(tl.load(entropy_ptr + offs, mask=ok, other=0.0).to(tl.float32) * m, 0))
         if HAS_KL:
-            kl, _ = _kl_and_grad(logp - tl.load(ref_ptr + offs, mask=ok, other=0.0).to(tl.float32), KL_CODE)
+            x = tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32) - \
+                tl.load(ref_ptr + offs, mask=ok, other=0.0).to(tl.float32)  # re-read (cached): fewer live registers
+            kl, _ = _kl_and_grad(x, KL_CODE)
             tl.atomic_add(stats_ptr + 4, tl.sum(kl * m, 0))
     if HAS_VALUES:
         v = tl.load(values_ptr + offs, mask=ok, other=0.0).to(tl.float32)
