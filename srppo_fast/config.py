@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -50,7 +51,7 @@ WORLD_SPLITS = ("corpus", "demos", "demos_heldout", "prompts", "eval_id", "eval_
 class WorldConfig:
     """The embedded task world (srppo_fast/world): generated deterministically into output_dir/world."""
 
-    seed: int = opt(0, "Seed of the world generator (tasks, personas, splits).")
+    seed: int = opt(0, "Seed of the world generator (tasks, personas, splits).", ge=0, le=2**32 - 1)
     num_corpus_docs: int = opt(14000, "Pretraining documents (worksheets of 1-3 solved problems).", ge=1)
     careful_fraction: float = opt(0.3, "Fraction of corpus worksheets written by the careful persona "
                                   "(step-by-step, always right); the rest are hasty (answer only, often wrong).",
@@ -95,6 +96,9 @@ class RuntimeConfig:
         "Weights and optimiser state stay fp32.")
     num_threads: int = opt(0, "torch CPU threads; 0 keeps torch's default.", ge=0)
     progress: bool = opt(True, "Show a progress bar with tokens/s and ETA.")
+    max_nonfinite_steps: int = opt(5, "Stop the run after this many optimizer steps in a row with a non-finite loss "
+                                   "or gradient norm (each is skipped: the weights are not updated); 0: never stop.",
+                                   ge=0)
 
 
 @dataclass
@@ -264,7 +268,7 @@ class Config:
     """A whole run: the stages to run, in order, and one section per stage."""
 
     output_dir: str = opt("runs/default", "Where the run writes config.yaml, metrics.jsonl and checkpoints/.")
-    seed: int = opt(0, "Seed for model initialisation, data order and sampling.")
+    seed: int = opt(0, "Seed for model initialisation, data order and sampling.", ge=0, le=2**32 - 1)
     stages: list = opt(["pretrain", "sft"], "Stages to run, in order. Known: pretrain, sft, sft_extended, "
                        "srppo, ppo_rm, eval.")
     world: WorldConfig = sub(WorldConfig, "The embedded task world.")
@@ -344,10 +348,12 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: {value!r} is not a finite number; give a finite value.")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -390,13 +396,25 @@ def build(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
+        if dataclasses.is_dataclass(tp) and value is None:
+            continue  # an empty section (`ppo_rm:` with its keys commented out) keeps its defaults
         if dataclasses.is_dataclass(tp) and isinstance(value, dict):
             setattr(obj, name, build(tp, value, key, base=getattr(obj, name)))
+        elif tp is dict and isinstance(value, dict):
+            setattr(obj, name, _merge_dict(getattr(obj, name), value))
         else:
             value = _convert(tp, value, key)
             _check_bounds(fields[name], value, key)
             setattr(obj, name, value)
     return obj
+
+
+def _merge_dict(base: dict, value: dict) -> dict:
+    """A mapping field (model.arch) given in part: its keys update the default, so `model.arch.hidden_size=64`
+    keeps the rest of the architecture; naming another `model_type` starts from that type's own defaults."""
+    if "model_type" in value and value.get("model_type") != base.get("model_type"):
+        return dict(value)
+    return {**base, **value}
 
 
 def to_dict(obj: Any) -> Any:
@@ -451,17 +469,31 @@ def load_config(path: str | None, overrides: list[str] = (), *, check_files: boo
     """Read a YAML config (or the defaults when `path` is None), apply overrides, build and validate."""
     raw: dict = {}
     if path is not None:
+        if os.path.isdir(path):
+            raise ConfigError(f"config file '{path}' is a directory; pass a YAML file to --config "
+                              "(e.g. configs/quickstart.yaml).")
         if not os.path.isfile(path):
             raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file to --config "
                               "(e.g. configs/quickstart.yaml).")
-        with open(path, encoding="utf-8") as fh:
-            try:
-                raw = yaml.safe_load(fh) or {}
-            except yaml.YAMLError as e:
-                mark = getattr(e, "problem_mark", None)
-                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-                raise ConfigError(f"config file '{path}' is not valid YAML{where}: "
-                                  f"{getattr(e, 'problem', None) or e}; fix the syntax there.") from None
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as e:
+            raise ConfigError(f"config file '{path}' cannot be read ({e.strerror}); check its permissions.") from None
+        except UnicodeDecodeError as e:
+            line = text_line(path, e.start)
+            raise ConfigError(f"config file '{path}' is not UTF-8 text (at byte offset {e.start}, line {line}); save it as "
+                              "UTF-8.") from None
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"config file '{path}' is not valid YAML{where}: "
+                              f"{getattr(e, 'problem', None) or e}; fix the syntax there.") from None
+        if raw is None:
+            raise ConfigError(f"config file '{path}' is empty; list the stages and settings of a run (see "
+                              "configs/quickstart.yaml), or write {} to mean every default.")
         if not isinstance(raw, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections at the top level, "
                               f"not a {type(raw).__name__}.")
@@ -470,6 +502,12 @@ def load_config(path: str | None, overrides: list[str] = (), *, check_files: boo
     cfg = build(Config, raw)
     validate(cfg, check_files=check_files)
     return cfg
+
+
+def text_line(path: str, byte: int) -> int:
+    """The 1-based line of byte offset `byte` in a file (for decoding errors)."""
+    with open(path, "rb") as fh:
+        return fh.read(byte).count(b"\n") + 1
 
 
 def _check_data_spec(spec: str, key: str, check_files: bool) -> None:
@@ -557,6 +595,10 @@ def _validate_rl(cfg: Config, name: str, before: list[str], check_files: bool) -
         if rl.reward.sft == rl.reward.pretrained:
             raise ConfigError(f"{name}.reward.sft and {name}.reward.pretrained are both '{rl.reward.sft}': the "
                               "coherent reward log pi_SFT - log pi_PT would be 0; point them at different models.")
+    if rl.kl.placement == "loss" and rl.kl.estimator == "k1" and rl.kl.coef > 0:
+        raise ConfigError(f"{name}.kl.placement is 'loss' with {name}.kl.estimator 'k1': the k1 term's gradient "
+                          "does not depend on pi_ref (its expectation is zero), so it would not pull the policy "
+                          f"toward it; use {name}.kl.estimator=k2 or k3 in the loss, or kl.placement=reward.")
     if rl.kl.reference is not None:
         _check_model_ref(cfg, rl.kl.reference, f"{name}.kl.reference", before, check_files)
     elif rl.reward.type == "model" and rl.kl.coef > 0 and rl.reward.sft not in before and rl.reward.sft != "base":
@@ -627,6 +669,8 @@ _VALIDATORS = {"lm": _validate_lm, "rl": _validate_rl, "eval": _validate_eval}
 
 def validate(cfg: Config, *, check_files: bool = True) -> None:
     """Cross-field checks: the options that contradict each other, and the files that must exist."""
+    if not cfg.output_dir.strip():
+        raise ConfigError("output_dir is empty; name the directory the run writes to, e.g. output_dir=runs/my-run.")
     known = list(STAGE_TYPES)
     seen: list[str] = []
     for name in cfg.stages:

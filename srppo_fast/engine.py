@@ -9,6 +9,7 @@ import math
 import torch
 
 from .config import OptimConfig
+from .errors import TrainingError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,7 +70,10 @@ class TorchEngine:
         self.optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
                                            betas=tuple(optim.betas), eps=optim.eps, **extra)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim, total_steps))
+        self.total_steps = total_steps
         self.steps_done = 0
+        self.nonfinite_steps = 0  # optimizer steps skipped for a non-finite loss or gradient, in all
+        self.nonfinite_streak = 0  # ... and in a row, up to the last step
 
     def autocast(self):
         if self.precision == "bf16":
@@ -79,23 +83,45 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self) -> dict:
-        """Clip, step the optimizer and the schedule, zero the gradients. Returns grad norm and lr used."""
+    def step(self, loss_finite: bool = True) -> dict:
+        """Clip, step the optimizer and the schedule, zero the gradients. Returns grad norm and lr used.
+
+        A step whose loss (`loss_finite=False`) or gradient norm is not finite leaves the weights and the
+        optimizer's moments untouched (`skipped` 1); the schedule still advances, so the lr stays a function
+        of the step number. `nonfinite_streak` counts such steps in a row for the caller's stop rule."""
         lr = self.scheduler.get_last_lr()[0]
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        self.optimizer.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))  # a sync point on GPU
+        ok = loss_finite and math.isfinite(grad_norm)
+        if ok:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
-        return {"grad_norm": float(grad_norm), "lr": lr}
+        self.nonfinite_steps += not ok
+        self.nonfinite_streak = 0 if ok else self.nonfinite_streak + 1
+        return {"grad_norm": grad_norm, "lr": lr, "skipped": float(not ok)}
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "steps_done": self.steps_done}
+                "steps_done": self.steps_done, "nonfinite_steps": self.nonfinite_steps,
+                "nonfinite_streak": self.nonfinite_streak}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.steps_done = state["steps_done"]
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        self.nonfinite_streak = state.get("nonfinite_streak", 0)
+
+
+def check_divergence(engine: TorchEngine, what: str, step: int, limit: int, last_save: str) -> None:
+    """Stop the run once `limit` optimizer steps in a row were skipped as non-finite."""
+    if limit and engine.nonfinite_streak >= limit:
+        raise TrainingError(
+            f"{what}: {engine.nonfinite_streak} optimizer steps in a row had a non-finite loss or gradient norm "
+            f"(the last at step {step}; they were skipped, the weights hold no NaN). The last good checkpoint: "
+            f"{last_save}. Likely cause: a learning rate too high (peak {engine.optim_cfg.lr:g}) or rewards too "
+            "large (reward.scale, reward.clip); lower it and start the stage again (delete its checkpoint or use "
+            "a new output_dir). runtime.max_nonfinite_steps sets this limit.")

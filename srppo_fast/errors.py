@@ -15,3 +15,7 @@ class DataError(SrppoError):
 
 class CheckpointError(SrppoError):
     """A checkpoint is missing, incomplete or does not match the run."""
+
+
+class TrainingError(SrppoError):
+    """Training diverged (non-finite losses, gradients or weights): the run stops before saving garbage."""

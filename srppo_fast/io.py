@@ -1,14 +1,50 @@
-"""Atomic file and directory writes: a reader sees the old content or the new, never half of either."""
+"""Atomic file and directory writes: a reader sees the old content or the new, never half of either,
+and a process killed at any instant of a directory save loses nothing that was complete.
+
+A directory save (`atomic_dir(path)`) goes through fixed names beside `path`:
+
+    1. `.NAME.tmp/` is created and filled; every file is fsynced
+    2. `.NAME.tmp/.srppo_manifest.json` lists every file and its size: from here the new copy is complete
+    3. `NAME/` (the previous copy, if any) is renamed to `.NAME.old/`
+    4. `.NAME.tmp/` is renamed to `NAME/`
+    5. `.NAME.old/` is deleted (its manifest first, so a half-deleted copy is never taken for a whole one)
+
+A kill between 3 and 4 leaves no `NAME/`: `recover_dir` (run at start-up, and before every save) puts the
+newest complete copy back in place (`.NAME.tmp` when its manifest checks, else `.NAME.old`) and sweeps
+what is left. `effective_dir` says, without writing anything, which copy recovery would use.
+
+`fs_step` marks each filesystem step of a save. For tests only: with SRPPO_FAST_TEST_KILL_AT=N the
+process SIGKILLs itself just before its Nth step; SRPPO_FAST_TEST_FS_TRACE=FILE appends "N label" per step.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
+
+log = logging.getLogger("srppo_fast")
+MANIFEST = ".srppo_manifest.json"
+_fs_steps = 0
+
+
+def fs_step(label: str) -> None:
+    """One filesystem step of a save is about to happen (the test-only kill and trace hooks live here)."""
+    global _fs_steps
+    _fs_steps += 1
+    trace = os.environ.get("SRPPO_FAST_TEST_FS_TRACE")
+    if trace:
+        with open(trace, "a", encoding="utf-8") as fh:
+            fh.write(f"{_fs_steps} {label}\n")
+    if os.environ.get("SRPPO_FAST_TEST_KILL_AT") == str(_fs_steps):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _umask() -> int:
@@ -61,30 +97,148 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+# ---------------------------------------------------------------------------------------------
+# directories
+
+
+def _aside(path: Path, kind: str) -> Path:
+    return path.parent / f".{path.name}.{kind}"
+
+
+def _files(root: Path) -> dict[str, int]:
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            file = Path(dirpath) / name
+            rel = file.relative_to(root).as_posix()
+            if rel != MANIFEST:
+                out[rel] = file.stat().st_size
+    return out
+
+
+def is_complete(path: str | Path) -> bool:
+    """True when `path` holds a manifest and every file it lists, at the listed size."""
+    manifest = Path(path) / MANIFEST
+    try:
+        with open(manifest, encoding="utf-8") as fh:
+            files = json.load(fh)["files"]
+        return all((Path(path) / rel).is_file() and (Path(path) / rel).stat().st_size == size
+                   for rel, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _remove(path: Path, label: str) -> None:
+    """Delete a directory, its manifest first (a half-deleted copy never looks complete)."""
+    fs_step(label)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path / MANIFEST)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def effective_dir(path: str | Path) -> Path | None:
+    """The copy of `path` that holds its newest complete content (what `recover_dir` would install),
+    or None when there is none. Reads only."""
+    path = Path(path)
+    tmp, old = _aside(path, "tmp"), _aside(path, "old")
+    if is_complete(tmp):
+        return tmp
+    if path.is_dir():
+        return path
+    if is_complete(old):
+        return old
+    return None
+
+
+def recover_dir(path: str | Path) -> str | None:
+    """Finish or undo a save that a kill interrupted: install the newest complete copy as `path`, delete
+    the leftovers. Returns a sentence saying what was done, or None when there was nothing to do."""
+    path = Path(path)
+    tmp, old = _aside(path, "tmp"), _aside(path, "old")
+    did = None
+    if is_complete(tmp):  # killed after the new copy was complete: finish that save
+        if path.is_dir():
+            if old.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        did = f"{path}: a save interrupted after it was complete was finished (the newer copy is used)"
+    elif not path.is_dir() and is_complete(old):  # killed between its two renames, new copy incomplete
+        os.replace(old, path)
+        _fsync_dir(path.parent)
+        did = f"{path}: a save interrupted before it was complete was undone (the previous copy is used)"
+    swept = [p.name for p in (tmp, old) if p.exists()]
+    for p in (tmp, old):
+        if p.exists():
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+    if swept:
+        did = (did + "; " if did else f"{path}: ") + f"removed the leftovers of an interrupted save ({', '.join(swept)})"
+    return did
+
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)$")
+_LEGACY = re.compile(r"^\..+\.[a-z0-9_]{8}\.(tmp|old)$")  # mkdtemp names of versions before 0.2
+_FILE_LEFTOVER = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # atomic_file's mkstemp names
+
+
+def recover_tree(root: str | Path) -> list[str]:
+    """`recover_dir` for every interrupted directory save directly under `root`, and removal of the temporary
+    files of interrupted `atomic_file` writes. Returns what was done."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    done = []
+    for entry in sorted(os.listdir(root)):
+        m = _LEFTOVER.match(entry)
+        if _LEGACY.match(entry) and (root / entry).is_dir():
+            done.append(f"{root / entry}: left by a save that an older srppo-fast had interrupted; it may hold a "
+                        "complete copy (look inside): move it into place or delete it")
+        elif m and (root / entry).is_dir():
+            did = recover_dir(root / m["name"])
+            if did:
+                done.append(did)
+        elif _FILE_LEFTOVER.match(entry) and (root / entry).is_file():
+            (root / entry).unlink()
+            done.append(f"{root / entry}: removed the temporary file of an interrupted write")
+    return done
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[str]:
-    """Yield a temporary directory beside `path`; on success it takes `path`'s place (the old one is
-    moved aside first and deleted after), on failure it is removed and `path` is untouched."""
+    """Yield a temporary directory beside `path`; on success it takes `path`'s place (the steps are in the
+    module docstring). On an exception it is removed and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    recover_dir(path)
+    tmp, old = _aside(path, "tmp"), _aside(path, "old")
+    fs_step(f"create {tmp.name}")
+    tmp.mkdir(mode=0o777 & ~_umask())
     os.chmod(tmp, 0o777 & ~_umask())
     try:
-        yield tmp
+        yield str(tmp)
         for root, _, files in os.walk(tmp):
             for name in files:
                 file = os.path.join(root, name)
                 os.chmod(file, 0o666 & ~_umask())
                 with open(file, "rb") as fh:
                     os.fsync(fh.fileno())
-        old = None
-        if path.exists():
-            old = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent)
-            os.replace(path, os.path.join(old, "x"))
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        fs_step(f"write {tmp.name}/{MANIFEST}")
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as fh:
+            json.dump({"files": _files(tmp)}, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp / MANIFEST, 0o666 & ~_umask())
+        _fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if path.exists():
+        fs_step(f"rename {path.name} -> {old.name}")
+        os.replace(path, old)
+    fs_step(f"rename {tmp.name} -> {path.name}")
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if old.exists():
+        _remove(old, f"delete {old.name}")
+    fs_step(f"saved {path.name}")

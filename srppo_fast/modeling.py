@@ -6,6 +6,7 @@ transformers and vLLM load them directly; srppo-fast adds `srppo_checkpoint.json
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -15,8 +16,8 @@ import torch
 
 from .attention import register as register_attention
 from .config import ModelConfig
-from .errors import CheckpointError, ConfigError
-from .io import atomic_dir
+from .errors import CheckpointError, ConfigError, TrainingError
+from .io import atomic_dir, fs_step
 
 log = logging.getLogger(__name__)
 CHECKPOINT_MARKER = "srppo_checkpoint.json"
@@ -45,12 +46,12 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
     return tok
 
 
-def build_scratch_model(cfg: ModelConfig, tokenizer, seed: int):
-    """A randomly initialised model of architecture `cfg.arch`, sized to the tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def check_arch(cfg: ModelConfig) -> None:
+    """model.arch of a 'scratch' model: a transformers model type, and only fields of its config class."""
+    from transformers import AutoConfig
 
     arch = dict(cfg.arch)
-    model_type = arch.pop("model_type")
+    model_type = arch.pop("model_type", None)
     try:
         defaults = AutoConfig.for_model(model_type)
     except ValueError:
@@ -61,6 +62,53 @@ def build_scratch_model(cfg: ModelConfig, tokenizer, seed: int):
     if unknown:
         raise ConfigError(f"model.arch.{unknown[0]} is not a field of {type(defaults).__name__}; remove it or "
                           "fix its name.")
+
+
+def own_memory(model: torch.nn.Module) -> torch.nn.Module:
+    """Move every parameter and buffer into memory torch allocated itself (64-byte aligned).
+
+    Weights read from safetensors land in buffers whose alignment depends on the heap's history (16
+    bytes here); MKL's kernels may round differently on differently aligned operands (Intel documents
+    this for its reproducibility mode), so a resumed run, whose heap history differs, could drift from
+    an uninterrupted one in the last bits. Tied parameters stay tied (the same Parameter object)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
+        for module in model.modules():
+            for name, buf in list(module._buffers.items()):
+                if buf is not None:
+                    module._buffers[name] = buf.clone()
+    return model
+
+
+def tokenizer_fingerprint(tokenizer) -> dict:
+    """What two models must share to be scored on the same token ids: the vocabulary (a hash of every
+    token -> id) and the BOS/EOS/UNK tokens. (The pad token is left out: padding is masked everywhere.)"""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
+    special = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "unk_token")}
+    return {"size": len(vocab), "vocab_sha256": digest, "special": special}
+
+
+def tokenizer_mismatch(a: dict, b: dict) -> str | None:
+    """How two tokenizer fingerprints differ, in words, or None when they agree."""
+    if a["size"] != b["size"]:
+        return f"{a['size']} tokens against {b['size']}"
+    if a["vocab_sha256"] != b["vocab_sha256"]:
+        return "the same number of tokens but different token -> id assignments"
+    for key in a["special"]:
+        if a["special"][key] != b["special"][key]:
+            return f"{key} {a['special'][key]!r} against {b['special'][key]!r}"
+    return None
+
+
+def build_scratch_model(cfg: ModelConfig, tokenizer, seed: int):
+    """A randomly initialised model of architecture `cfg.arch`, sized to the tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_arch(cfg)
+    arch = dict(cfg.arch)
+    model_type = arch.pop("model_type")
     # all fields at construction, so derived ones (head_dim, rope parameters) follow them
     hf_config = AutoConfig.for_model(model_type, **arch, vocab_size=len(tokenizer),
                                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -81,10 +129,11 @@ def load_model(path: str, cfg: ModelConfig, *, dtype: torch.dtype = torch.float3
 
     register_attention()
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=cfg.attn_implementation,
-                                                    trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                                                     trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise _hf_error("model", path, e) from None
+    return own_memory(model)
 
 
 def num_parameters(model: torch.nn.Module) -> int:
@@ -97,13 +146,23 @@ def save_checkpoint(path: str | Path, model, tokenizer, info: dict, extra: dict[
 
     `extra` maps file names to objects saved with torch.save (optimizer state and the like);
     `sub_models` maps subdirectory names to more models saved inside (the critic)."""
+    for label, module in [("model", model), *(sub_models or {}).items()]:
+        bad = [n for n, p in module.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingError(f"refusing to save {path}: the {label}'s weights are not finite (first: {bad[0]}); "
+                                "training diverged before this step (lower the learning rate or the reward scale).")
     with atomic_dir(path) as tmp:
+        fs_step("write model")
         model.save_pretrained(tmp, safe_serialization=True)
+        fs_step("write tokenizer")
         tokenizer.save_pretrained(tmp)
         for name, obj in (extra or {}).items():
+            fs_step(f"write {name}")
             torch.save(obj, os.path.join(tmp, name))
         for name, sub_model in (sub_models or {}).items():
+            fs_step(f"write {name}/")
             sub_model.save_pretrained(os.path.join(tmp, name), safe_serialization=True)
+        fs_step(f"write {CHECKPOINT_MARKER}")
         with open(os.path.join(tmp, CHECKPOINT_MARKER), "w", encoding="utf-8") as fh:
             json.dump(info, fh, indent=1, default=str)
 
@@ -147,7 +206,7 @@ def load_critic(path: str, cfg: ModelConfig):
         torch.nn.init.zeros_(critic.score.weight)
         if critic.score.bias is not None:
             torch.nn.init.zeros_(critic.score.bias)
-    return critic
+    return own_memory(critic)
 
 
 def load_reward_model(path: str, cfg: ModelConfig):
@@ -164,4 +223,4 @@ def load_reward_model(path: str, cfg: ModelConfig):
     if model.config.num_labels != 1:
         raise ConfigError(f"reward model '{path}' has {model.config.num_labels} outputs; a reward model needs "
                           "exactly one (num_labels=1).")
-    return model.eval()
+    return own_memory(model).eval()

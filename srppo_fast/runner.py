@@ -13,12 +13,14 @@ import numpy as np
 import torch
 import yaml
 
-from .config import STAGE_TYPES, Config, stage_data_specs, stage_model_refs, to_dict
+from .checks import CONFIG_HEADER, Preflight, preflight, stage_fingerprint, uses_world  # noqa: F401 (re-exported)
+from .config import STAGE_TYPES, Config, stage_model_refs, to_dict
 from .engine import resolve_device, resolve_precision
-from .errors import CheckpointError
-from .io import atomic_write_text
+from .errors import CheckpointError, ConfigError, SrppoError
+from .io import atomic_write_text, recover_tree
 from .metrics import MetricsLog
-from .modeling import build_scratch_model, checkpoint_info, load_model, load_tokenizer, num_parameters
+from .modeling import (build_scratch_model, checkpoint_info, load_model, load_tokenizer, num_parameters,
+                       tokenizer_fingerprint, tokenizer_mismatch)
 
 log = logging.getLogger("srppo_fast")
 
@@ -34,6 +36,7 @@ class RunContext:
     metrics: MetricsLog
     world_dir: str | None
     _tokenizer: object = field(default=None, repr=False)
+    _checked: dict = field(default_factory=dict, repr=False)
 
     def checkpoint_dir(self, stage: str) -> Path:
         return self.out / "checkpoints" / stage
@@ -64,6 +67,36 @@ class RunContext:
             return str(path)
         return ref
 
+    def check_models(self, stage: str, refs: dict[str, str]) -> None:
+        """Every model a stage reads must use the run's tokenizer: the same vocabulary (token -> id) and special
+        tokens, and an embedding that covers every id. `refs` maps a config key to a model reference."""
+        from transformers import AutoConfig
+
+        run_tok = self.tokenizer()
+        want = tokenizer_fingerprint(run_tok)
+        for key, ref in refs.items():
+            path = self.model_path(ref)
+            if path == "scratch":
+                continue
+            if path not in self._checked:
+                try:
+                    tok = load_tokenizer(path, trust_remote_code=self.cfg.model.trust_remote_code)
+                except SrppoError:
+                    tok = None  # a model directory without tokenizer files: its vocabulary size is still checked
+                self._checked[path] = (tokenizer_fingerprint(tok) if tok is not None else None,
+                                       AutoConfig.from_pretrained(path, trust_remote_code=self.cfg.model.trust_remote_code))
+            found, hf_config = self._checked[path]
+            differs = tokenizer_mismatch(found, want) if found is not None else None
+            if differs:
+                raise ConfigError(f"{stage}: {key} ('{path}') has a different tokenizer from the run's "
+                                  f"('{self.tokenizer_spec()}'): {differs}. Every model of a run must share one "
+                                  f"tokenizer; point {key} at a model trained with it.")
+            vocab = getattr(hf_config, "vocab_size", None) or getattr(getattr(hf_config, "text_config", None),
+                                                                      "vocab_size", None)
+            if vocab is not None and vocab < len(run_tok):
+                raise ConfigError(f"{stage}: {key} ('{path}') has a vocabulary of {vocab} ids but the run's tokenizer "
+                                  f"('{self.tokenizer_spec()}') has {len(run_tok)}; they must share one tokenizer.")
+
     def init_model(self, init: str):
         path = self.model_path(init)
         if path == "scratch":
@@ -93,66 +126,17 @@ def setup_logging(out: Path) -> None:
     root.propagate = False
 
 
-def uses_world(cfg: Config) -> bool:
-    tokenizer = cfg.model.tokenizer
-    specs = ["world" if tokenizer == "auto" and cfg.model.base == "scratch" else tokenizer]
-    for name in cfg.stages:
-        specs += stage_data_specs(cfg, name)
-    return any(s == "world" or s.startswith("world:") for s in specs)
-
-
-# keys that change when things are logged or saved, never what is trained
-_NOT_RESULTS = {"save_every", "log_every", "eval_every"}
-
-
-def _result_keys(section: dict) -> dict:
-    return {k: v for k, v in section.items() if k not in _NOT_RESULTS}
-
-
-def stage_fingerprint(cfg: Config, name: str) -> dict:
-    """What a stage's result depends on: its section, the model, the world, the seed, and the fingerprints
-    of the stages whose models it reads."""
-    fp: dict = {}
-    for ref in stage_model_refs(cfg, name):
-        if ref in cfg.stages and ref != name:
-            fp.update(stage_fingerprint(cfg, ref))
-    fp.update({name: _result_keys(to_dict(getattr(cfg, name))), "model": to_dict(cfg.model), "seed": cfg.seed})
-    if uses_world(cfg):
-        fp["world"] = to_dict(cfg.world)
-    return fp
-
-
-def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            keys += _diff_keys(a[k], b[k], f"{prefix}{k}.")
-        elif a.get(k) != b.get(k):
-            keys.append(prefix + k)
-    return keys
-
-
-def finished(ctx: RunContext, name: str) -> bool:
-    """True when the stage's checkpoint is complete and was made by this same config."""
-    info = checkpoint_info(ctx.checkpoint_dir(name))
-    if info is None or not info.get("complete"):
-        return False
-    want = stage_fingerprint(ctx.cfg, name)
-    if info.get("fingerprint") != want:
-        changed = ", ".join(_diff_keys(info.get("fingerprint") or {}, want)[:4])
-        raise CheckpointError(f"{ctx.checkpoint_dir(name)} was made with a different config (changed: {changed}); "
-                              "use a new output_dir, or delete that checkpoint to redo the stage.")
-    return True
-
-
-def prepare(cfg: Config) -> RunContext:
-    """Steps before the first stage: output dir, resolved config, logging, world, device."""
+def prepare(cfg: Config, checks: Preflight) -> RunContext:
+    """Steps before the first stage, once every check has passed: output dir, resolved config, logging,
+    recovery of interrupted saves, world, device."""
     from .world import build_world
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(out / "config.yaml", CONFIG_HEADER + yaml.safe_dump(to_dict(cfg), sort_keys=False))
     setup_logging(out)
+    for did in recover_tree(out / "checkpoints") + recover_tree(out):
+        log.warning("%s", did)
     if cfg.runtime.num_threads:
         torch.set_num_threads(cfg.runtime.num_threads)
     world_dir = None
@@ -166,12 +150,15 @@ def prepare(cfg: Config) -> RunContext:
 
 
 def run(cfg: Config) -> RunContext:
-    """Run every stage of `cfg` in order; stages already completed by the same config are skipped."""
+    """1. check everything (nothing is written when a check fails) -> 2. prepare the output directory ->
+    3. run each stage in order; stages completed by the same config and data are skipped."""
     from .stages import STAGES
 
-    ctx = prepare(cfg)
+    checks = preflight(cfg)
+    ctx = prepare(cfg, checks)
     for index, name in enumerate(cfg.stages):
-        if finished(ctx, name):
+        status = checks.statuses[name]
+        if status.action == "skip":
             log.info("stage %s: already complete in %s, skipped", name, ctx.checkpoint_dir(name))
             continue
         seed_everything(cfg.seed + 1000 * index)
@@ -195,8 +182,9 @@ def summary(ctx: RunContext) -> str:
     return "; ".join(parts) + f"; checkpoints in {ctx.out / 'checkpoints'}"
 
 
-def describe_plan(cfg: Config) -> str:
-    """The stages a config will run, one line each (for --dry-run)."""
+def describe_plan(cfg: Config, checks: Preflight | None = None) -> str:
+    """The stages a config will run, one line each, with what the run would do with each and what the
+    checks found (for --dry-run)."""
     lines = [f"plan (output_dir: {cfg.output_dir}):"]
     for i, name in enumerate(cfg.stages, 1):
         s = getattr(cfg, name)
@@ -217,5 +205,11 @@ def describe_plan(cfg: Config) -> str:
         else:
             models = ", ".join(stage_model_refs(cfg, name))
             line = f"{name}: models=[{models}] splits={s.splits} greedy max_new_tokens={s.max_new_tokens}"
+        status = checks.statuses[name] if checks else None
+        if status is not None and status.action != "start":
+            line += " [complete: skipped]" if status.action == "skip" else f" [resumes after step {status.step}]"
         lines.append(f"  {i}. {line}")
+    if checks:
+        lines.append("checks passed:")
+        lines += [f"  - {c}" for c in [f"output_dir '{cfg.output_dir}' is writable", *checks.checks]]
     return "\n".join(lines)

@@ -76,30 +76,44 @@ class SignalGuard:
 
 def resumable(path: str | Path, fingerprint: dict) -> dict | None:
     """The saved trainer state of an unfinished checkpoint made by the same config, else None."""
+    from .checks import describe_changes
+
     info = checkpoint_info(path)
     state_file = Path(path) / TRAINER_STATE
     if info is None or info.get("complete") or not state_file.is_file():
         return None
     if info.get("fingerprint") != fingerprint:
-        raise CheckpointError(f"{path} holds an unfinished run of a different config; use a new output_dir or "
+        raise CheckpointError(f"{path} holds an unfinished run of a different config (changed: "
+                              f"{describe_changes(info.get('fingerprint'), fingerprint)}); use a new output_dir or "
                               "delete that checkpoint to start the stage over.")
     state = torch.load(state_file, map_location="cpu", weights_only=False)
     log.info("resuming %s from step %d", info.get("stage"), info["step"])
     return state
 
 
-def truncate_metrics(path: str | Path, stage: str, step: int) -> None:
-    """Drop the stage's metric lines past `step` (logged after the last save of a killed run)."""
+def truncate_metrics(path: str | Path, stage: str, step: int | None = None) -> None:
+    """Drop the stage's metric lines past `step` (logged after the last save of a killed run), or all of the
+    stage's lines when `step` is None (the stage starts afresh), so no (stage, step) is ever logged twice."""
     path = Path(path)
     if not path.is_file():
         return
     with open(path, encoding="utf-8") as fh:
         lines = fh.readlines()
-    keep = [line for line in lines if not line.strip() or not _after(json.loads(line), stage, step)]
-    if len(keep) != len(lines):
+    keep = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # the last line, cut short by a kill mid-write: it never was a record
+                log.warning("%s:%d: dropped a line cut short by an interrupted write", path, i + 1)
+                continue
+            raise CheckpointError(f"{path}:{i + 1} is not valid JSON; the metrics log is damaged: fix or delete "
+                                  "that line.") from None
+        if not (isinstance(record, dict) and record.get("stage") == stage
+                and (step is None or record.get("step", 0) > step)):
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if keep != lines:
         with atomic_file(path) as fh:
             fh.writelines(keep)
-
-
-def _after(record: dict, stage: str, step: int) -> bool:
-    return record.get("stage") == stage and record.get("step", 0) > step

@@ -69,6 +69,20 @@ BAD = [
     ({"sft": 3}, [], ["sft: expected a mapping"]),
     ([1, 2], [], ["must hold a mapping of sections"]),
     ("a: [1, 2\n", [], ["is not valid YAML", "line"]),
+    # the config means what it says
+    ("", [], ["is empty", "list the stages"]),
+    ("# every key commented out\n# sft:\n", [], ["is empty"]),
+    ("sft:\n  optim:\n    lr: .inf\n", [], ["sft.optim.lr", "not a finite number"]),
+    ("sft:\n  optim:\n    lr: .nan\n", [], ["sft.optim.lr", "not a finite number"]),
+    ("srppo:\n  kl:\n    coef: -.inf\n", [], ["srppo.kl.coef", "not a finite number"]),
+    ({}, ["sft.epochs=inf"], ["sft.epochs", "not a finite number"]),
+    ({"seed": -1}, [], ["seed", "out of range", "at least 0"]),
+    ({"world": {"seed": -3}}, [], ["world.seed", "out of range"]),
+    ({"seed": 2**40}, [], ["seed", "out of range", "at most"]),
+    ({"output_dir": ""}, [], ["output_dir is empty"]),
+    ({"output_dir": "  "}, [], ["output_dir is empty"]),
+    ({"stages": ["pretrain", "sft", "srppo"], "srppo": {"kl": {"placement": "loss"}}}, [],
+     ["srppo.kl.placement is 'loss' with srppo.kl.estimator 'k1'", "k2 or k3"]),
 ]
 
 
@@ -80,6 +94,46 @@ def test_bad_config_is_one_clear_error(tmp_path, raw, overrides, needles):
     assert "\n" not in message
     for needle in needles:
         assert needle in message, message
+
+
+def test_empty_sections_keep_their_documented_defaults(tmp_path):
+    """`ppo_rm:` with its keys commented out must stay the PPO-RM baseline (reward.type model), and an empty
+    `pretrain.optim:` keep pretraining's lr (3e-3), not the optimiser class's (1e-4)."""
+    text = "stages: [pretrain, sft]\nppo_rm:\n  # reward:\n  #   model_path: rm/\npretrain:\n  optim:\n  # lr: 1\n"
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.ppo_rm.reward.type == "model" and Config().srppo.reward.type == "coherent"
+    assert cfg.pretrain.optim.lr == Config().pretrain.optim.lr == 3e-3
+    assert cfg.pretrain.optim.warmup_ratio == Config().pretrain.optim.warmup_ratio
+    cfg = load_config(write(tmp_path, "stages: [pretrain]\nsrppo:\n  kl:\n"))
+    assert cfg.srppo.kl.coef == Config().srppo.kl.coef
+
+
+def test_arch_overrides_merge_into_the_architecture(tmp_path):
+    default = Config().model.arch
+    for path in (write(tmp_path, {"stages": ["pretrain"]}), QUICKSTART):  # arch from defaults / from the YAML
+        cfg = load_config(path, ["model.arch.hidden_size=256"])
+        assert cfg.model.arch["hidden_size"] == 256
+        assert cfg.model.arch["model_type"] == "llama"
+        assert cfg.model.arch["num_hidden_layers"] == load_config(path).model.arch["num_hidden_layers"]
+    cfg = load_config(write(tmp_path, {"model": {"arch": {"num_hidden_layers": 1}}}))
+    assert cfg.model.arch == {**default, "num_hidden_layers": 1}
+    # another model type starts from its own defaults, not llama's keys
+    cfg = load_config(write(tmp_path, {"model": {"arch": {"model_type": "qwen2", "hidden_size": 64}}}))
+    assert cfg.model.arch == {"model_type": "qwen2", "hidden_size": 64}
+
+
+@pytest.mark.parametrize("kind", ["directory", "not_utf8"])
+def test_config_path_problems_are_one_line(tmp_path, capsys, kind):
+    path = tmp_path / "run.yaml"
+    if kind == "directory":
+        path.mkdir()
+        needle = "is a directory"
+    else:
+        path.write_bytes(b"stages: [sft]\n# caf\xe9\n")
+        needle = "is not UTF-8 text (at byte offset 19, line 2)"
+    assert main(["train", "--config", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("srppo-fast: error: config file") and needle in err and err.count("\n") == 1, err
 
 
 def test_missing_config_file():

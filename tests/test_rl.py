@@ -56,7 +56,7 @@ def rl_run(sft_run, tmp_path, extra, stages="[pretrain,sft,srppo]") -> Path:
 def test_one_rl_run_per_estimator_and_granularity(sft_run, tmp_path, estimator, granularity):
     extra = [f"srppo.advantage.estimator={estimator}", f"srppo.reward.granularity={granularity}"]
     if estimator in ("rloo", "grpo"):
-        extra.append("srppo.kl.placement=loss")  # GRPO-style KL in the loss, also exercised here
+        extra += ["srppo.kl.placement=loss", "srppo.kl.estimator=k3"]  # GRPO-style KL in the loss, also exercised here
     out = rl_run(sft_run, tmp_path, extra)
     rows = [r for r in read_metrics(out / "metrics.jsonl") if r["stage"] == "srppo"]
     assert [r["step"] for r in rows] == [1, 2]

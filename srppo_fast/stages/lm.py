@@ -12,7 +12,7 @@ import torch
 from ..batching import PackedBatch, microbatches, padded_pad_fraction
 from ..config import LMStageConfig
 from ..data import TokenizedSet, load_lm_data
-from ..engine import TorchEngine
+from ..engine import TorchEngine, check_divergence
 from ..metrics import progress
 from ..modeling import load_model, save_checkpoint
 from ..experience import packed_label_logprobs
@@ -64,11 +64,12 @@ def lm_train_step(engine: TorchEngine, data: TokenizedSet, seq_ids: np.ndarray, 
         loss = -logp.sum() / max(n_targets, 1)
         engine.backward(loss)
         loss_sum += loss.item()
-    stats = engine.step()
+    stats = engine.step(loss_finite=math.isfinite(loss_sum))
     n_tokens = sum(b.num_tokens for b in batches)
     elapsed = time.perf_counter() - t0
     lengths = [data.lengths[b.seq_ids] for b in batches]
-    return {"loss": loss_sum, **stats, "tokens": n_tokens, "tokens_per_s": n_tokens / elapsed,
+    return {"loss": loss_sum, **stats, "nonfinite_steps": engine.nonfinite_steps, "tokens": n_tokens,
+            "tokens_per_s": n_tokens / elapsed,
             "microbatches": len(batches), "pad_fraction": 0.0,
             "padded_pad_fraction": padded_pad_fraction(lengths)}
 
@@ -114,6 +115,7 @@ def run_lm_stage(ctx, name: str) -> None:
     steps = total_steps(section, len(train))
     fingerprint = stage_fingerprint(ctx.cfg, name)
     state = resumable(ckpt, fingerprint)
+    ctx.check_models(name, {f"{name}.init": section.init})
     model = load_model(str(ckpt), ctx.cfg.model) if state else ctx.init_model(section.init)
     engine = TorchEngine(model, section.optim, steps, ctx.device, ctx.precision, ctx.cfg.model.gradient_checkpointing)
     sampler = EpochSampler(len(train), ctx.cfg.seed, section.shuffle)
@@ -122,7 +124,8 @@ def run_lm_stage(ctx, name: str) -> None:
         engine.load_state_dict(state["engine"])
         sampler.position, start, start_eval = state["sampler_position"], state["step"], state["start_eval"]
         set_rng_state(state["rng"])
-        truncate_metrics(ctx.metrics.path, name, start)
+    truncate_metrics(ctx.metrics.path, name, start if state is not None else None)
+    last_save = f"{ckpt} (step {start})" if state is not None else f"none of this stage yet ({name}.save_every)"
 
     def evaluate(step: int) -> float | None:
         if held is None:
@@ -147,11 +150,13 @@ def run_lm_stage(ctx, name: str) -> None:
                 ctx.metrics.log({"stage": name, "step": step, "epoch": sampler.position / len(train), **stats})
             if section.eval_every and step % section.eval_every == 0 and step != steps:
                 evaluate(step)
+            check_divergence(engine, name, step, ctx.cfg.runtime.max_nonfinite_steps, last_save)
             if guard.requested or (section.save_every and step % section.save_every == 0 and step != steps):
                 info = {"stage": name, "step": step, "complete": False, "fingerprint": fingerprint}
                 save_checkpoint(ckpt, engine.model, tok, info, {TRAINER_STATE: {
                     "step": step, "engine": engine.state_dict(), "sampler_position": sampler.position,
                     "start_eval": start_eval, "rng": rng_state()}})
+                last_save = f"{ckpt} (step {step})"
             if guard.requested:
                 bar.close()
                 raise Interrupted(f"{name} stopped by {guard.requested} after step {step} of {steps}; its state is "

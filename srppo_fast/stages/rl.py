@@ -23,8 +23,8 @@ import torch
 from ..advantages import RunningMoments, baseline_advantages, compute_advantages, explained_variance
 from ..config import RLStageConfig
 from ..data import read_records, render
-from ..engine import TorchEngine
-from ..errors import ConfigError
+from ..engine import TorchEngine, check_divergence
+from ..errors import ConfigError, DataError
 from ..batching import microbatches
 from ..experience import (Experience, build_sequences, flat, packed_label_logprobs, packed_response_values,
                           packed_sequence_scores, response_mask, score_tokens)
@@ -45,9 +45,10 @@ class Prompts:
     questions: list[str]  # the last user message (what a verifier reads)
 
 
-def load_prompts(spec: str, tokenizer, world_dir: str | None, max_len: int) -> tuple[Prompts, int]:
+def load_prompts(spec: str, tokenizer, world_dir: str | None, max_len: int, key: str = "prompts") -> tuple[Prompts, int]:
     ids, questions, dropped = [], [], 0
-    for rec in read_records(spec, "prompt", world_dir):
+    records = read_records(spec, "prompt", world_dir)
+    for rec in records:
         tokens = tokenizer(render(tokenizer, rec.messages, add_generation_prompt=True),
                            add_special_tokens=False)["input_ids"]
         if len(tokens) > max_len:
@@ -55,6 +56,10 @@ def load_prompts(spec: str, tokenizer, world_dir: str | None, max_len: int) -> t
             continue
         ids.append(tokens)
         questions.append(rec.messages[-1]["content"])
+    if not ids:
+        raise DataError(f"{key}: all {len(records)} prompts of '{spec}' are longer than max_prompt_len={max_len} "
+                        "tokens once rendered with the chat template, so there is nothing to train on; raise "
+                        "max_prompt_len.")
     return Prompts(ids, questions), dropped
 
 
@@ -62,6 +67,7 @@ class RLModels:
     """The actor and critic (trainable, each with its engine) and the frozen models, loaded once each."""
 
     def __init__(self, ctx, rl: RLStageConfig, steps: int, resume_dir: str | None = None):
+        """`steps` rollout buffers; the engines' schedules count optimizer steps (optimizer_steps)."""
         cfg = ctx.cfg
         self.ctx, self.rl = ctx, rl
         frozen: dict[str, torch.nn.Module] = {}
@@ -73,11 +79,13 @@ class RLModels:
             return frozen[path]
 
         actor = load_model(resume_dir, cfg.model) if resume_dir else ctx.init_model(rl.init)
-        self.actor = TorchEngine(actor, rl.optim, steps, ctx.device, ctx.precision, cfg.model.gradient_checkpointing)
+        actor_steps, critic_steps = optimizer_steps(rl, steps)
+        self.actor = TorchEngine(actor, rl.optim, actor_steps, ctx.device, ctx.precision,
+                                 cfg.model.gradient_checkpointing)
         self.critic = None
         if rl.advantage.estimator == "gae":
             critic_path = f"{resume_dir}/critic" if resume_dir else ctx.model_path(rl.critic.init)
-            self.critic = TorchEngine(load_critic(critic_path, cfg.model), rl.critic.optim, steps, ctx.device,
+            self.critic = TorchEngine(load_critic(critic_path, cfg.model), rl.critic.optim, critic_steps, ctx.device,
                                       ctx.precision, cfg.model.gradient_checkpointing)
         self.ref = frozen_model(rl.kl.reference or rl.reward.sft)
         self.sft = self.pt = self.reward_model = None
@@ -85,10 +93,6 @@ class RLModels:
             self.sft, self.pt = frozen_model(rl.reward.sft), frozen_model(rl.reward.pretrained)
         else:
             self.reward_model = load_reward_model(rl.reward.model_path, cfg.model).to(ctx.device)
-            if self.reward_model.config.vocab_size != actor.config.vocab_size:
-                raise ConfigError(f"{rl.reward.model_path}: the reward model's vocabulary "
-                                  f"({self.reward_model.config.vocab_size}) differs from the policy's "
-                                  f"({actor.config.vocab_size}); it must share the policy's tokenizer.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -243,14 +247,18 @@ def ppo_update(models: RLModels, exp: Experience, train_actor: bool) -> dict:
         for start in range(0, len(order), ppo.train_batch_size):
             ids = order[start:start + ppo.train_batch_size]
             n_tokens = int(exp.mask[torch.as_tensor(ids)].sum())
+            minibatch: dict[str, float] = {}
             for batch in microbatches(exp.sequences, ids, ppo.micro_batch_tokens):
                 rows = batch.seq_ids
-                _accumulate(sums, minibatch_losses(models, exp, batch.to(models.ctx.device), rows, n_tokens,
-                                                   train_actor))
+                _accumulate(minibatch, minibatch_losses(models, exp, batch.to(models.ctx.device), rows, n_tokens,
+                                                        train_actor))
+            _accumulate(sums, minibatch)
             if train_actor:
-                _accumulate(sums, {f"actor_{k}": v for k, v in models.actor.step().items()})
+                actor_ok = all(math.isfinite(minibatch.get(k, 0.0)) for k in ("pg_loss", "kl_loss", "entropy"))
+                _accumulate(sums, {f"actor_{k}": v for k, v in models.actor.step(actor_ok).items()})
             if models.critic is not None:
-                _accumulate(sums, {f"critic_{k}": v for k, v in models.critic.step().items()})
+                critic_ok = math.isfinite(minibatch.get("value_loss", 0.0))
+                _accumulate(sums, {f"critic_{k}": v for k, v in models.critic.step(critic_ok).items()})
             n_minibatches += 1
     return {k: v / max(n_minibatches, 1) for k, v in sums.items()}
 
@@ -266,6 +274,27 @@ def _accumulate(sums: dict, stats: dict) -> None:
 
 def total_rl_steps(rl: RLStageConfig, n_prompts: int) -> int:
     return rl.max_steps or max(1, math.ceil(rl.episodes * n_prompts / rl.prompts_per_step))
+
+
+def optimizer_steps(rl: RLStageConfig, buffers: int) -> tuple[int, int]:
+    """(actor, critic) optimizer steps over `buffers` rollout buffers: each buffer is ppo.epochs passes of
+    ceil(buffer / train_batch_size) minibatches; the actor sits out the critic's warm-up buffers. The
+    learning-rate schedules run over these counts."""
+    per_buffer = rl.ppo.epochs * math.ceil(rl.prompts_per_step * rl.rollout.n_samples / rl.ppo.train_batch_size)
+    warmup = rl.critic.warmup_buffers if rl.advantage.estimator == "gae" else 0
+    return max(1, (buffers - warmup) * per_buffer), buffers * per_buffer
+
+
+def stage_models(rl: RLStageConfig, name: str) -> dict[str, str]:
+    """Config key -> model reference of every model the stage reads (they must share the tokenizer)."""
+    refs = {f"{name}.init": rl.init, f"{name}.kl.reference": rl.kl.reference or rl.reward.sft}
+    if rl.reward.type == "coherent":
+        refs.update({f"{name}.reward.sft": rl.reward.sft, f"{name}.reward.pretrained": rl.reward.pretrained})
+    else:
+        refs[f"{name}.reward.model_path"] = rl.reward.model_path
+    if rl.advantage.estimator == "gae":
+        refs[f"{name}.critic.init"] = rl.critic.init
+    return refs
 
 
 def save_rl(ctx, name: str, models: RLModels, step: int, complete: bool, extra_state: dict | None = None) -> None:
@@ -338,6 +367,9 @@ class RLRun:
         stats.update(rollout_stats(exp, gens, self.ctx.tokenizer(), questions, self.verifier))
         total = sum(times.values())
         stats.update({f"time/{k}": v for k, v in times.items()})
+        stats["actor_nonfinite_steps"] = models.actor.nonfinite_steps
+        if models.critic is not None:
+            stats["critic_nonfinite_steps"] = models.critic.nonfinite_steps
         stats.update({"time/step": total, "samples_per_s": len(exp.sequences) / total,
                       "actor_trained": float(train_actor)})
         return stats
@@ -349,20 +381,28 @@ def run_rl_stage(ctx, name: str) -> None:
 
     rl: RLStageConfig = getattr(ctx.cfg, name)
     tok = ctx.tokenizer()
-    prompts, dropped = load_prompts(rl.prompts, tok, ctx.world_dir, rl.max_prompt_len)
+    prompts, dropped = load_prompts(rl.prompts, tok, ctx.world_dir, rl.max_prompt_len, f"{name}.prompts")
     steps = total_rl_steps(rl, len(prompts.ids))
+    if rl.advantage.estimator == "gae" and rl.critic.warmup_buffers >= steps:
+        raise ConfigError(f"{name}.critic.warmup_buffers ({rl.critic.warmup_buffers}) is not below the stage's "
+                          f"{steps} rollout buffers: the actor would never train; lower it or raise episodes.")
+    ctx.check_models(name, stage_models(rl, name))
     log.info("%s: %d prompts (%d dropped as longer than %d), %d steps of %d x %d responses", name,
              len(prompts.ids), dropped, rl.max_prompt_len, steps, rl.prompts_per_step, rl.rollout.n_samples)
     state = resumable(ctx.checkpoint_dir(name), stage_fingerprint(ctx.cfg, name))
     run = RLRun(ctx, rl, prompts, steps, state, str(ctx.checkpoint_dir(name)))
     start = state["step"] if state is not None else 0
-    if state is not None:
-        truncate_metrics(ctx.metrics.path, name, start)
+    truncate_metrics(ctx.metrics.path, name, start if state is not None else None)
+    last_save = f"{ctx.checkpoint_dir(name)} (step {start})" if state is not None else \
+        f"none of this stage yet ({name}.save_every)"
     bar = progress(steps, name, ctx.cfg.runtime.progress)
     bar.update(start)
     with SignalGuard() as guard:
         for step in range(start + 1, steps + 1):
             stats = run.step(step)
+            for engine, what in ((run.models.actor, f"{name} actor"), (run.models.critic, f"{name} critic")):
+                if engine is not None:
+                    check_divergence(engine, what, step, ctx.cfg.runtime.max_nonfinite_steps, last_save)
             # 6. log, evaluate, save
             if step % rl.log_every == 0 or step == steps:
                 ctx.metrics.log({"stage": name, "step": step, **stats})
@@ -373,6 +413,7 @@ def run_rl_stage(ctx, name: str) -> None:
                             acc=f"{stats.get('sample/accuracy', float('nan')):.2f}")
             if guard.requested or (rl.save_every and step % rl.save_every == 0 and step != steps):
                 save_rl(ctx, name, run.models, step, complete=False, extra_state=run.state_dict(step))
+                last_save = f"{ctx.checkpoint_dir(name)} (step {step})"
             if guard.requested:
                 bar.close()
                 raise Interrupted(f"{name} stopped by {guard.requested} after step {step} of {steps}; its state is "

@@ -19,6 +19,7 @@ import random
 from pathlib import Path
 
 from ..config import WORLD_SPLITS, WorldConfig, to_dict
+from ..errors import ConfigError
 from ..io import atomic_dir, write_jsonl
 from . import tasks
 
@@ -127,10 +128,18 @@ def build_world(cfg: WorldConfig, world_dir: str | Path) -> Path:
     """Write the world into `world_dir` (reused when it already holds the same world)."""
     world_dir = Path(world_dir)
     manifest_path = world_dir / "world.json"
+    if world_dir.exists() and not world_dir.is_dir():
+        raise ConfigError(f"{world_dir} is a file; the world is written to a directory: give another path.")
+    if world_dir.is_dir() and any(world_dir.iterdir()) and not manifest_path.is_file():
+        raise ConfigError(f"{world_dir} is not empty and holds no world srppo-fast wrote (no world.json); writing "
+                          "the world there would delete its contents: give an empty or new directory.")
     if manifest_path.is_file():
-        with open(manifest_path, encoding="utf-8") as fh:
-            if json.load(fh).get("build") == _manifest(cfg):
-                return world_dir
+        try:
+            with open(manifest_path, encoding="utf-8") as fh:
+                if json.load(fh).get("build") == _manifest(cfg):
+                    return world_dir
+        except (ValueError, AttributeError):
+            pass  # a damaged manifest: rebuild
     records = generate_records(cfg)
     with atomic_dir(world_dir) as tmp:
         for split, rows in records.items():

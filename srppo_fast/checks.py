@@ -1,0 +1,304 @@
+"""Everything a run checks before it writes anything (`preflight`), and what a stage's result depends on.
+
+A run that will be refused, or whose config, data or models are wrong, stops here and leaves
+`output_dir` exactly as it was. `preflight` decides, for each stage, whether it is complete (skipped),
+interrupted (resumed from its last save) or to be started, reading only; `--dry-run` runs the same
+checks and prints what they found.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .config import STAGE_TYPES, Config, stage_data_specs, stage_model_refs, to_dict
+from .errors import CheckpointError, ConfigError, DataError
+from .io import effective_dir
+
+log = logging.getLogger("srppo_fast")
+CONFIG_HEADER = "# srppo-fast: the resolved config of this run. Written by srppo-fast; edit your own config, not this.\n"
+FULL_HASH_BYTES = 256 << 20  # data files up to this size are hashed whole; larger ones by their ends
+
+
+# ---------------------------------------------------------------------------------------------
+# what a stage's result depends on
+
+
+@functools.lru_cache(maxsize=256)
+def _file_fingerprint(path: str, size: int, mtime_ns: int, inode: int) -> dict:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        if size <= FULL_HASH_BYTES:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+            return {"size": size, "sha256": h.hexdigest()}
+        h.update(fh.read(8 << 20))
+        fh.seek(size - (8 << 20))
+        h.update(fh.read(8 << 20))
+    # a big file: its ends and its modification time (hashing gigabytes on every start costs seconds)
+    return {"size": size, "sha256_ends": h.hexdigest(), "mtime_ns": mtime_ns}
+
+
+def data_fingerprint(spec: str) -> dict | None:
+    """Size and content hash of a data file, or of every file of a dataset directory; None for world splits
+    (the world's config stands for them) and hub datasets (only the name is known before loading)."""
+    if spec.startswith(("world:", "hf:")):
+        return None
+    files = [spec] if os.path.isfile(spec) else sorted(
+        os.path.join(d, n) for d, _, names in os.walk(spec) for n in names) if os.path.isdir(spec) else []
+    out = {}
+    for file in files:
+        try:
+            st = os.stat(file)
+            out[os.path.relpath(file, spec) if file != spec else "."] = _file_fingerprint(
+                file, st.st_size, st.st_mtime_ns, st.st_ino)
+        except OSError as e:
+            raise DataError(f"data file '{file}' cannot be read ({e.strerror}); check the path and its "
+                            "permissions.") from None
+    return out
+
+
+def uses_world(cfg: Config) -> bool:
+    tokenizer = cfg.model.tokenizer
+    specs = ["world" if tokenizer == "auto" and cfg.model.base == "scratch" else tokenizer]
+    for name in cfg.stages:
+        specs += stage_data_specs(cfg, name)
+    return any(s == "world" or s.startswith("world:") for s in specs)
+
+
+# keys that change when things are logged or saved, never what is trained
+_NOT_RESULTS = {"save_every", "log_every", "eval_every"}
+
+
+def _result_keys(section: dict) -> dict:
+    return {k: v for k, v in section.items() if k not in _NOT_RESULTS}
+
+
+def stage_fingerprint(cfg: Config, name: str) -> dict:
+    """What a stage's result depends on: its section, the model, the world, the seed, its data files'
+    contents, and the fingerprints of the stages whose models it reads."""
+    fp: dict = {}
+    data: dict = {}
+    for ref in stage_model_refs(cfg, name):
+        if ref in cfg.stages and ref != name:
+            upstream = stage_fingerprint(cfg, ref)
+            data.update(upstream.pop("data", {}))
+            fp.update(upstream)
+    fp.update({name: _result_keys(to_dict(getattr(cfg, name))), "model": to_dict(cfg.model), "seed": cfg.seed})
+    if uses_world(cfg):
+        fp["world"] = to_dict(cfg.world)
+    for spec in stage_data_specs(cfg, name):
+        found = data_fingerprint(spec)
+        if found is not None:
+            data[spec] = found
+    if data:
+        fp["data"] = data
+    return fp
+
+
+def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            keys += _diff_keys(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            keys.append(prefix + k)
+    return keys
+
+
+def describe_changes(saved: dict, want: dict) -> str:
+    """The config keys and data files that differ between two fingerprints, for a refusal."""
+    keys = _diff_keys(saved or {}, want)
+    data = sorted({spec for spec in (saved or {}).get("data", {}) | want.get("data", {})
+                   if (saved or {}).get("data", {}).get(spec) != want.get("data", {}).get(spec)})
+    keys = [k for k in keys if not k.startswith("data.") and k != "data"]
+    parts = []
+    if keys:
+        parts.append("config keys " + ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else ""))
+    for spec in data:
+        parts.append(f"the data file '{spec}' (its contents changed since)" if spec in (saved or {}).get("data", {})
+                     and spec in want.get("data", {}) else f"the data file '{spec}'")
+    return "; ".join(parts) or "the saved fingerprint is missing"
+
+
+# ---------------------------------------------------------------------------------------------
+# stage status
+
+
+@dataclass
+class StageStatus:
+    """What the run will do with a stage: 'skip' (complete), 'resume' (from `step`) or 'start'."""
+
+    name: str
+    action: str
+    step: int = 0
+    fingerprint: dict = field(default_factory=dict, repr=False)
+
+
+def stage_status(cfg: Config, name: str) -> StageStatus:
+    """Read the stage's checkpoint (or the copy an interrupted save left) and decide; refuse one made by a
+    different config or data, naming what changed."""
+    from .modeling import checkpoint_info
+
+    want = stage_fingerprint(cfg, name)
+    if STAGE_TYPES[name] == "eval":
+        return StageStatus(name, "start", fingerprint=want)
+    path = Path(cfg.output_dir) / "checkpoints" / name
+    source = effective_dir(path)
+    if source is None:
+        return StageStatus(name, "start", fingerprint=want)
+    info = checkpoint_info(source)
+    if info is None:
+        raise CheckpointError(f"{path} exists but is not an srppo-fast checkpoint (no srppo_checkpoint.json), so it "
+                              "will not be overwritten; move it away or use another output_dir.")
+    complete = bool(info.get("complete"))
+    if not complete and not (source / "trainer_state.pt").is_file():
+        return StageStatus(name, "start", fingerprint=want)  # an unfinished save without state: start over
+    if info.get("fingerprint") != want:
+        what = "a finished run" if complete else "an unfinished run"
+        raise CheckpointError(f"{path} holds {what} of a different config (changed: "
+                              f"{describe_changes(info.get('fingerprint'), want)}); use a new output_dir, or delete "
+                              "that checkpoint to redo the stage.")
+    return StageStatus(name, "skip" if complete else "resume", int(info.get("step", 0)), want)
+
+
+# ---------------------------------------------------------------------------------------------
+# output directory
+
+
+def is_our_config_yaml(path: Path) -> bool:
+    """A config.yaml srppo-fast wrote (the header, or, from older versions, every top-level key of a resolved
+    config)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if text.startswith(CONFIG_HEADER.split(".")[0]):
+        return True
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    return isinstance(raw, dict) and set(raw) == set(to_dict(Config()))
+
+
+def check_output_dir(out: str) -> None:
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output_dir '{out}' is a file; give a directory (it is created when missing).")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir '{out}' is not writable ('{existing}' does not let this user create files); "
+                          "choose a directory you can write to.")
+    config_yaml = path / "config.yaml"
+    if config_yaml.exists() and not is_our_config_yaml(config_yaml):
+        raise ConfigError(f"output_dir '{out}' holds a config.yaml that srppo-fast did not write (your own config "
+                          "file?); it would be overwritten by the run's resolved config: use another output_dir.")
+    world = path / "world"
+    if world.exists() and not (world / "world.json").is_file():
+        raise ConfigError(f"{world} exists but is not an embedded world srppo-fast wrote (no world.json), so it will "
+                          "not be overwritten; move it away or use another output_dir.")
+
+
+# ---------------------------------------------------------------------------------------------
+# models, tokenizers, data (what --dry-run also prints)
+
+
+def _local(ref: str) -> bool:
+    return os.path.isdir(ref) or ref.startswith((".", "/", "~"))
+
+
+def _check_model_path(path: str, key: str, trust_remote_code: bool) -> str:
+    from transformers import AutoConfig
+
+    if not _local(path):
+        try:
+            AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+            return f"{key}: hub model '{path}' found in the local cache"
+        except (OSError, ValueError):
+            return f"{key}: hub model '{path}' not checked (not in the local cache; it is downloaded when the run starts)"
+    if not os.path.isdir(path):
+        raise ConfigError(f"{key}: '{path}' does not exist; give a directory with a Hugging Face checkpoint.")
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}: '{path}' is not a Hugging Face model directory ({str(e).splitlines()[0]}); give "
+                          "a directory holding config.json and the weights.") from None
+    return f"{key}: '{path}' holds a model config"
+
+
+def _check_data_head(spec: str, kind: str, key: str, lines: int = 8) -> str:
+    from .data import iter_raw, normalise
+
+    if spec.startswith(("world:", "hf:")):
+        return f"{key}: {spec} (not opened before the run)"
+    seen = 0
+    for where, obj in iter_raw(spec):
+        normalise(obj, where, kind)
+        seen += 1
+        if seen >= lines:
+            break
+    if not seen:
+        raise DataError(f"{key}: '{spec}' holds no records; give a file with one JSON object per line.")
+    return f"{key}: '{spec}' opens and its first {seen} records parse"
+
+
+def check_inputs(cfg: Config) -> list[str]:
+    """Models, tokenizer and data that exist before the run: each opens. Returns one line per check."""
+    from .config import MODEL_STAGES
+    from .modeling import check_arch
+
+    done = []
+    if cfg.model.base == "scratch":
+        check_arch(cfg.model)
+        done.append(f"model.arch: every key is a field of the {cfg.model.arch['model_type']} config")
+    else:
+        done.append(_check_model_path(cfg.model.base, "model.base", cfg.model.trust_remote_code))
+    if cfg.model.tokenizer not in ("auto", "world"):
+        done.append(_check_model_path(cfg.model.tokenizer, "model.tokenizer", cfg.model.trust_remote_code)
+                    .replace("holds a model config", "found"))
+    seen = set()
+    for name in cfg.stages:
+        for ref in stage_model_refs(cfg, name):
+            if ref in ("base", *MODEL_STAGES) or ref in seen:
+                continue
+            seen.add(ref)
+            done.append(_check_model_path(ref, f"{name} model", cfg.model.trust_remote_code))
+        section = getattr(cfg, name)
+        kind = STAGE_TYPES[name]
+        if kind == "rl" and section.reward.type == "model" and section.reward.model_path not in seen:
+            seen.add(section.reward.model_path)
+            done.append(_check_model_path(section.reward.model_path, f"{name}.reward.model_path",
+                                          cfg.model.trust_remote_code))
+        data_kind = {"lm": "lm" if getattr(section, "loss_on", "") == "all" else "sft", "rl": "prompt",
+                     "eval": "prompt"}[kind]
+        for spec in stage_data_specs(cfg, name):
+            done.append(_check_data_head(spec, data_kind, f"{name} data"))
+    return done
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole check
+
+
+@dataclass
+class Preflight:
+    statuses: dict[str, StageStatus]
+    checks: list[str]
+
+
+def preflight(cfg: Config) -> Preflight:
+    """Every check that can be made without training, in an order that writes nothing: the output
+    directory, the inputs, then each stage's checkpoint against this config."""
+    check_output_dir(cfg.output_dir)
+    checks = check_inputs(cfg)
+    statuses = {name: stage_status(cfg, name) for name in cfg.stages}
+    return Preflight(statuses, checks)
