@@ -1,12 +1,19 @@
 """Advantage estimators over a rollout buffer, and running moments for reward whitening.
 
-Shapes: rewards, values, mask [B, T] (mask a prefix of each row); prompt_index [B] groups the
-n samples of each prompt. Returns (advantages, returns), [B, T], 0 off-mask.
+Shapes: rewards, values, mask [B, T] (mask a prefix of each row; a token counts where mask != 0);
+prompt_index [B] groups the n samples of each prompt. Returns (advantages, returns), [B, T], 0 off-mask.
 
     gae        A = GAE(gamma, lambda) with the critic's values; returns = A + V (the critic's target)
     reinforce  A_t = G_t - mean over the buffer of G_0      (G: returns-to-go)
     rloo       A_t = G_t - mean of G_0 over the *other* samples of the same prompt
-    grpo       A_t = (G_t - mean_group G_0) / (std_group G_0 + eps)
+    grpo       A_t = (G_t - mean_group G_0) / (std_group G_0 + eps)     (unbiased std), and A = 0 for a
+               group with no spread to learn from: one sample, or std_group <= tie_tol * max(1, max_group |G_0|)
+
+Why the GRPO tie rule: dividing by std + eps turns rounding differences into full-size advantages. The
+same response scored in two micro-batches gives totals equal up to ~1e-5; their std is ~1e-5 and
+(G - mean) / (std + 1e-6) is of order 1 (up to 1.5 in a group of 4), as large as a genuine spread like
+[1, 2, 3, 4] gets (+-0.39, +-1.16). With token rewards G_t - mean G_0 is not even small for t > 0, so a
+tied group's scale is set to 0, not only its numerator.
 """
 
 from __future__ import annotations
@@ -15,45 +22,69 @@ import numpy as np
 import torch
 
 from .ops import gae, masked_whiten, returns_to_go
+from .ops._triton import bool_mask
 
 
-def _group_stats(totals: torch.Tensor, prompt_index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per sample: (sum, count, unbiased std) of `totals` over its prompt's group."""
-    groups = torch.as_tensor(prompt_index, dtype=torch.long)
+TIE_TOL = 1e-4  # GRPO: rounding, not preference, below this std relative to the totals' size (absolute below 1)
+
+
+def _group_stats(totals: torch.Tensor, prompt_index) -> tuple[torch.Tensor, ...]:
+    """Per sample, over its prompt's group, in fp64: (sum, count, unbiased std, largest |total|) of `totals` [B]."""
+    if prompt_index is None:
+        raise ValueError("rloo and grpo advantages need prompt_index: which prompt each sample answers")
+    t = totals.detach().double()
+    groups = torch.as_tensor(np.asarray(prompt_index), dtype=torch.long, device=t.device)
+    if groups.shape != t.shape:
+        raise ValueError(f"prompt_index has {tuple(groups.shape)} entries for {t.numel()} samples")
     n_groups = int(groups.max()) + 1
-    sums = torch.zeros(n_groups).index_add_(0, groups, totals)
-    counts = torch.zeros(n_groups).index_add_(0, groups, torch.ones_like(totals))
-    means = sums / counts
-    sq = torch.zeros(n_groups).index_add_(0, groups, (totals - means[groups]) ** 2)
+    zeros = torch.zeros(n_groups, dtype=torch.float64, device=t.device)
+    sums = zeros.index_add(0, groups, t)
+    counts = zeros.index_add(0, groups, torch.ones_like(t))
+    means = sums / counts.clamp_min(1.0)
+    sq = zeros.index_add(0, groups, (t - means[groups]) ** 2)
     std = torch.sqrt(sq / (counts - 1).clamp_min(1.0))
-    return sums[groups], counts[groups], std[groups]
+    size = zeros.scatter_reduce(0, groups, t.abs(), reduce="amax")
+    return tuple(x[groups] for x in (sums, counts, std, size))
 
 
 def baseline_advantages(estimator: str, returns: torch.Tensor, mask: torch.Tensor,
-                        prompt_index: np.ndarray | None = None, eps: float = 1e-6) -> torch.Tensor:
-    """REINFORCE / RLOO / GRPO advantages from returns-to-go G [B, T] (see the module doc)."""
+                        prompt_index: np.ndarray | None = None, eps: float = 1e-6,
+                        tie_tol: float = TIE_TOL) -> torch.Tensor:
+    """REINFORCE / RLOO / GRPO advantages from returns-to-go G [B, T] (see the module doc).
+
+    eps: GRPO's std guard. tie_tol: a GRPO group whose unbiased std of G_0 is <= tie_tol * max(1, the
+    group's largest |G_0|) counts as tied and gets A = 0 at every token, as does a group of one sample.
+    The bound is relative for totals above 1 in size (rounding scales with them: 1e-4 is ~840 fp32 ulps,
+    room for sums of many token log-probs taken in different batches) and absolute below. 0 keeps only
+    exact ties and single samples."""
+    if estimator not in ("reinforce", "rloo", "grpo"):
+        raise ValueError(f"unknown advantage estimator {estimator!r}; use gae, reinforce, rloo or grpo")
     totals = returns[:, 0]  # G_0: the whole response's return
     if estimator == "reinforce":
         baseline, scale = totals.mean().expand_as(totals), torch.ones_like(totals)
     else:
-        sums, counts, std = _group_stats(totals, prompt_index)
+        sums, counts, std, size = _group_stats(totals, prompt_index)
         if estimator == "rloo":
-            baseline, scale = (sums - totals) / (counts - 1).clamp_min(1.0), torch.ones_like(totals)
-        elif estimator == "grpo":
-            baseline, scale = sums / counts, 1.0 / (std + eps)
-        else:
-            raise ValueError(f"unknown advantage estimator {estimator!r}")
-    return (returns - baseline.unsqueeze(-1)) * scale.unsqueeze(-1) * mask.to(torch.float32)
+            baseline, scale = (sums - totals) / (counts - 1).clamp_min(1.0), torch.ones_like(sums)
+        else:  # grpo
+            tied = (counts < 2) | (std <= tie_tol * size.clamp_min(1.0))
+            baseline = sums / counts
+            scale = torch.where(tied, torch.zeros_like(std), 1.0 / (std + eps))
+    adv = (returns - baseline.unsqueeze(-1)) * scale.unsqueeze(-1) * bool_mask(mask)
+    return adv.to(returns.dtype)
 
 
 def compute_advantages(estimator: str, rewards: torch.Tensor, mask: torch.Tensor, *, values: torch.Tensor | None = None,
                        prompt_index: np.ndarray | None = None, gamma: float = 1.0, lam: float = 0.95,
-                       whiten: bool = True, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+                       whiten: bool = True, eps: float = 1e-6, tie_tol: float = TIE_TOL
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) [B, T] of `estimator` (see the module doc), whitened over the masked tokens
+    when `whiten`. eps and tie_tol: GRPO's, as baseline_advantages."""
     if estimator == "gae":
         advantages, returns = gae(rewards, values, mask, gamma, lam)
     else:
         returns = returns_to_go(rewards, mask, gamma)  # G_t
-        advantages = baseline_advantages(estimator, returns, mask, prompt_index, eps)
+        advantages = baseline_advantages(estimator, returns, mask, prompt_index, eps, tie_tol)
     if whiten:
         advantages = masked_whiten(advantages, mask)
     return advantages, returns

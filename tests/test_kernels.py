@@ -341,6 +341,198 @@ def test_ppo_kernel_against_textbook_loop():
 
 
 # ------------------------------------------------------------------------------------------------
+# one mask rule (a token counts where mask != 0, whatever its dtype) and any memory layout, in both
+# implementations: every case must give the bool-mask, contiguous-input reference
+
+MASK_VARIANTS = ["bool", "float_cols", "float_offset", "int_transposed", "weights", "weights_cols"]
+
+
+def _strided(x: torch.Tensor, how: str = "cols") -> torch.Tensor:
+    """x [B, T] again, in a non-contiguous layout built on the device (.to(device) would densify it):
+    every other column of a wider buffer, an offset slice (row stride T + 1), or a transpose."""
+    x = x.to(DEVICE)
+    if how == "transposed":
+        return x.t().contiguous().t()
+    B, T = x.shape
+    if how == "offset":
+        wide = torch.full((B, T + 1), 7.0, dtype=x.dtype, device=DEVICE)
+        wide[:, 1:] = x
+        return wide[:, 1:]
+    wide = torch.full((B, 2 * T), 7.0, dtype=x.dtype, device=DEVICE)  # 7: garbage between the columns
+    wide[:, ::2] = x
+    return wide[:, ::2]
+
+
+def _mask_variant(mask: torch.Tensor, variant: str) -> torch.Tensor:
+    """The token set of the bool mask [B, T] as another dtype, value set or layout."""
+    weights = torch.where(torch.arange(mask.numel()).view(mask.shape) % 3 == 0, 0.5, 2.0)  # nonzero, not 1
+    out = {"bool": lambda: mask.to(DEVICE), "float_cols": lambda: _strided(mask.float()),
+           "float_offset": lambda: _strided(mask.float(), "offset"),
+           "int_transposed": lambda: _strided(mask.int(), "transposed"),
+           "weights": lambda: (mask.float() * weights).to(DEVICE),
+           "weights_cols": lambda: _strided(mask.float() * weights)}[variant]()
+    assert torch.equal((out != 0).cpu(), mask)
+    assert out.is_contiguous() == (variant in ("bool", "weights"))
+    return out
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("variant", MASK_VARIANTS)
+def test_gae_mask_rule_and_layouts(variant, impl):
+    B, T = 4, 11
+    g, mask = _ragged(B, T, seed=6)
+    rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    expect = gae_ref(rewards, values, mask, 0.9, 0.8)
+    got = gae(_strided(rewards, "transposed"), _strided(values, "offset"), _mask_variant(mask, variant), 0.9, 0.8,
+              impl=impl)
+    for a, b in zip(got, expect):
+        close(a.cpu(), b)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("variant", ["float_strided", "weights"])
+def test_gae_packed_mask_rule_and_layouts(variant, impl):
+    lengths = torch.tensor([3, 1, 7])
+    cu = torch.zeros(4, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    N = int(cu[-1])
+    g = torch.Generator().manual_seed(8)
+    rewards, values = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    expect = gae(rewards, values, None, 0.99, 0.95, impl="torch", cu_seqlens=cu)  # every token counts
+    if variant == "weights":
+        mask = torch.where(torch.arange(N) % 2 == 0, 0.5, 2.0).to(DEVICE)
+    else:
+        mask = torch.zeros(2 * N, device=DEVICE)
+        mask[::2] = 1.0
+        mask = mask[::2]
+    strided = lambda x: torch.stack([x, x + 7], 1).to(DEVICE)[:, 0]  # noqa: E731 (stride 2)
+    got = gae(strided(rewards), strided(values), mask, 0.99, 0.95, impl=impl, cu_seqlens=cu.to(DEVICE))
+    for a, b in zip(got, expect):
+        close(a.cpu(), b)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("variant", MASK_VARIANTS)
+def test_coherent_gae_mask_rule_and_layouts(variant, impl):
+    B, T = 4, 9
+    g, mask = _ragged(B, T, seed=7)
+    old, ref, sft, pt = (torch.randn(B, T, generator=g) - 2 for _ in range(4))
+    values = torch.randn(B, T, generator=g)
+    kw = dict(kl_coef=0.3, kl_estimator="k3", granularity="token", scale=1.5, token_clip=1.0, length_normalize=True,
+              seq_scale=torch.tensor([1.0, 0.5, 2.0, 0.5]), seq_shift=torch.tensor([0.0, -1.0, 0.3, 0.2]),
+              gamma=0.95, lam=0.9)
+    expect = coherent_gae_ref(old, ref, sft, pt, values, mask, **kw)
+    kw["seq_scale"] = torch.stack([kw["seq_scale"]] * 2, 1).to(DEVICE)[:, 0]  # stride 2
+    kw["seq_shift"] = kw["seq_shift"].to(DEVICE)
+    got = coherent_gae(_strided(old), _strided(ref, "offset"), _strided(sft, "transposed"), pt.to(DEVICE),
+                       _strided(values), _mask_variant(mask, variant), impl=impl, **kw)
+    for a, b in zip(got, expect):
+        close(a.cpu(), b)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("variant", MASK_VARIANTS)
+def test_ppo_loss_mask_rule_and_layouts(variant, impl):
+    B, T = 3, 10
+    logp0, d = _ppo_inputs(B * T, seed=12)
+    d = {k: v.cpu().view(B, T) for k, v in d.items()}
+    mask = d.pop("mask")
+    kwargs = dict(clip_eps=0.2, value_clip=0.2, entropy_coef=0.01, kl_coef=0.1, kl_estimator="k3")
+
+    def run(impl, mask, layout):
+        logp = layout(logp0.view(B, T)).detach().requires_grad_()
+        ent = layout(d["entropy"]).detach().requires_grad_()
+        values = layout(d["values"]).detach().requires_grad_()
+        rest = {k: layout(d[k]) for k in ("old_logp", "advantages", "ref_logp", "old_values", "returns")}
+        actor, critic, stats = ppo_loss(logp, rest.pop("old_logp"), rest.pop("advantages"), mask, impl=impl,
+                                        entropy=ent, values=values, **rest, **kwargs)
+        (1.5 * actor + 0.7 * critic).backward()
+        return [actor, critic, *(stats[k] for k in sorted(stats)), logp.grad, ent.grad, values.grad], sorted(stats)
+
+    expect, names = run("torch", mask, lambda x: x.clone())
+    got, got_names = run(impl, _mask_variant(mask, variant), _strided)
+    assert got_names == names
+    for a, b in zip(got, expect):
+        close(a.detach().cpu(), b.detach().cpu())
+    # the off-mask tokens get no gradient
+    assert (got[-3].cpu()[~mask] == 0).all() and (got[-1].cpu()[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("variant", MASK_VARIANTS)
+def test_value_loss_mask_rule_and_layouts(variant, impl):
+    B, T = 3, 10
+    _, d = _ppo_inputs(B * T, seed=13)
+    d = {k: v.cpu().view(B, T) for k, v in d.items()}
+
+    def run(impl, mask, layout):
+        v = layout(d["values"]).detach().requires_grad_()
+        loss, stats = value_loss(v, layout(d["old_values"]), layout(d["returns"]), mask, impl=impl, value_clip=0.1)
+        loss.backward()
+        return loss, stats["value_clip_frac"], stats["value_loss"], v.grad
+
+    for a, b in zip(run(impl, _mask_variant(d["mask"], variant), _strided), run("torch", d["mask"], torch.clone)):
+        close(a.detach().cpu(), b.detach().cpu())
+
+
+@pytest.mark.parametrize("logits_layout", ["cols", "transposed", "vocab_slice"])
+def test_token_logprobs_layouts(logits_layout):
+    N, V = 6, 37
+    logits, labels = _inputs(N, V, torch.float32, seed=3)
+    logits, labels = logits.cpu(), labels.cpu()
+    up = (torch.randn(N), torch.randn(N))
+
+    def run(fn, x, y):
+        x = x.detach().requires_grad_()  # a leaf in x's own layout (clone would densify some)
+        logp, ent = fn(x, y, 0.9, return_entropy=True)
+        ((logp * up[0].to(x.device)).sum() + (ent * up[1].to(x.device)).sum()).backward()
+        return logp.detach(), ent.detach(), x.grad
+
+    ref = run(token_logprobs_ref, logits, labels)
+    if logits_layout == "vocab_slice":  # rows of a wider vocabulary: row stride V + 5, columns contiguous
+        wide = torch.full((N, V + 5), 50.0, device=DEVICE)
+        wide[:, :V] = logits
+        strided_logits = wide[:, :V]
+    else:
+        strided_logits = _strided(logits, logits_layout)
+    strided_labels = _strided(labels[:, None].expand(N, 2))[:, 1]  # [N], stride 4
+    assert not strided_labels.is_contiguous() and strided_logits.stride() != (V, 1)
+    tri = run(lambda *a, **k: token_logprobs(*a, **k, impl="triton"), strided_logits, strided_labels)
+    for a, b in zip(tri, ref):
+        close(a.cpu(), b)
+
+
+def test_linear_token_logprobs_layouts():
+    N, H, V = 9, 8, 33
+    g = torch.Generator().manual_seed(4)
+    hidden, weight = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g) * 0.5
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[2] = -100
+    up = torch.randn(N, generator=g), torch.randn(N, generator=g)
+
+    def run(fn, h, w, y):
+        h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
+        logp, ent = fn(h, w, y, 0.8, True)
+        ((logp * up[0].to(h.device)).sum() + (ent * up[1].to(h.device)).sum()).backward()
+        return logp, ent, h.grad, w.grad
+
+    expect = run(linear_token_logprobs_ref, hidden, weight, labels)
+    got = run(lambda *a: linear_token_logprobs(*a, impl="triton", chunk_bytes=4 * V * 4), _strided(hidden),
+              _strided(weight, "transposed"), _strided(labels[:, None].expand(N, 2))[:, 1])
+    for a, b in zip(got, expect):
+        close(a.detach().cpu(), b.detach().cpu())
+
+
+def test_ppo_kernel_approx_kl_hand_case():
+    # samples from pi_old, x = logp - old_logp: k3 of KL(pi_old || pi) = exp(x) - 1 - x
+    # x = ln [1.5, 0.5, 1] -> [0.5 - ln 1.5, -0.5 + ln 2, 0] = [0.0945349, 0.1931472, 0]; the 4th is masked
+    logp = torch.log(torch.tensor([1.5, 0.5, 1.0, 100.0])).to(DEVICE)
+    _, _, stats = ppo_loss(logp, torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE),
+                           torch.tensor([True, True, True, False], device=DEVICE), impl="triton")
+    assert float(stats["approx_kl"]) == pytest.approx((0.0945349 + 0.1931472) / 3, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
 # the impl switch
 
 

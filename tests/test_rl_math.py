@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from srppo_fast.advantages import RunningMoments, compute_advantages, explained_variance
+from srppo_fast.advantages import RunningMoments, baseline_advantages, compute_advantages, explained_variance
 from srppo_fast.ops import (coherent_rewards_ref, gae, kl_estimate, kl_shaped_rewards_ref, ppo_loss, returns_to_go,
                             sequence_rewards_ref)
 
@@ -52,9 +52,28 @@ def test_ppo_loss_hand_case():
     assert float(stats["clip_frac"]) == pytest.approx(1 / 3)
     assert float(critic) == pytest.approx(0.5 * (1.69 + 1.0 + 0.09) / 3)
     assert float(stats["value_clip_frac"]) == pytest.approx(2 / 3)
-    # approx_kl = mean of exp(-x) - 1 + x, x = log ratio
-    expect = np.mean([math.exp(-x) - 1 + x for x in np.log([1.5, 0.5, 1.0])])
-    assert float(stats["approx_kl"]) == pytest.approx(expect)
+    # approx_kl: k3 of KL(pi_old || pi) from samples of pi_old, exp(x) - 1 - x with x = log ratio:
+    # [1.5 - 1 - ln 1.5, 0.5 - 1 + ln 2, 0] = [0.0945349, 0.1931472, 0]
+    assert float(stats["approx_kl"]) == pytest.approx((0.0945349 + 0.1931472) / 3, rel=1e-5)
+
+
+def test_approx_kl_estimates_kl_old_to_new():
+    """Monte Carlo: tokens drawn from pi_old; the mean of approx_kl tends to KL(pi_old || pi_new)."""
+    p_old, p_new = T([0.7, 0.2, 0.1], dtype=torch.float64), T([0.2, 0.3, 0.5], dtype=torch.float64)
+    exact = float((p_old * (p_old / p_new).log()).sum())  # 0.634897
+    r = p_new / p_old
+    k3 = r - 1 - r.log()  # the estimator at each token: [0.538477, 0.094535, 2.390562]
+    sd = math.sqrt(float((p_old * k3**2).sum()) - exact**2)  # its exact standard deviation under pi_old: 0.610853
+    n = 100_000
+    tol = 5 * sd / math.sqrt(n)  # 5 standard errors: 0.00966 (a false failure has probability ~6e-7)
+    # what the test tells apart: KL(pi_new || pi_old) = 0.675806, and the mean of exp(-x) - 1 + x (the k3
+    # of the other direction evaluated on samples of pi_old) = 0.968436
+    for wrong in (float((p_new * r.log()).sum()), float((p_old * (1 / r - 1 + r.log())).sum())):
+        assert abs(wrong - exact) > 4 * tol
+    tokens = torch.multinomial(p_old, n, replacement=True, generator=torch.Generator().manual_seed(0))
+    _, _, stats = ppo_loss(p_new.log()[tokens].float(), p_old.log()[tokens].float(), torch.zeros(n),
+                           torch.ones(n, dtype=torch.bool))
+    assert float(stats["approx_kl"]) == pytest.approx(exact, abs=tol)
 
 
 def test_ppo_loss_gradient_is_zero_where_clipped():
@@ -124,6 +143,38 @@ def test_rloo_grpo_reinforce_hand_cases():
     loo, _ = compute_advantages("rloo", r3, torch.ones_like(r3, dtype=torch.bool), prompt_index=np.zeros(3, int),
                                 whiten=False)
     torch.testing.assert_close(loo[:, 0], T([1 - 4.0, 2 - 3.5, 6 - 1.5]))
+
+
+def test_grpo_tied_and_single_sample_groups_get_zero_advantage():
+    # one-token responses, 5 prompts:
+    #   0: the same response scored in two micro-batches, equal up to 1e-5: rounding, not a preference
+    #   1: a genuine spread [1, 2, 3, 4]: mean 2.5, unbiased std sqrt(5/3) = 1.2909944
+    #   2: a tie at a large magnitude, 1000 +- 0.01 (relative 1e-5)
+    #   3: a small but genuine spread [0, 0.001]: std 7.0711e-4 > the 1e-4 tolerance, A = +-0.0005 / (std + eps)
+    #   4: a single sample
+    totals = [2.0, 2.0 + 1e-5, 2.0 - 1e-5, 2.0, 1.0, 2.0, 3.0, 4.0, 1000.0, 1000.01, 999.99, 0.0, 0.001, 5.0]
+    groups = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 3, 3, 4])
+    rewards = T(totals)[:, None]
+    adv, _ = compute_advantages("grpo", rewards, torch.ones_like(rewards, dtype=torch.bool), prompt_index=groups,
+                                whiten=False)
+    assert (adv[:4] == 0).all() and (adv[8:11] == 0).all() and adv[13, 0] == 0
+    s = math.sqrt(5 / 3)
+    torch.testing.assert_close(adv[4:8, 0], T([-1.5 / s, -0.5 / s, 0.5 / s, 1.5 / s]) / (1 + 1e-6 / s))
+    torch.testing.assert_close(adv[11:13, 0], T([-0.0005, 0.0005]) / (math.sqrt(0.5) * 0.001 + 1e-6))
+
+
+def test_grpo_zero_group_advantage_holds_at_every_token():
+    # token rewards: the returns-to-go differ inside a response even when the totals G_0 tie, so a tied or
+    # single-sample group must zero the scale, not only the numerator (G_t - mean G_0 is not 0 for t > 0)
+    rewards = T([[1.0, 1.0], [1.5, 0.5], [3.0, 2.0]])  # G = [2, 1], [2, 0.5], [5, 2]
+    adv = baseline_advantages("grpo", returns_to_go(rewards, torch.ones(3, 2, dtype=torch.bool)),
+                              torch.ones(3, 2, dtype=torch.bool), np.array([0, 0, 1]))
+    assert (adv == 0).all()
+    # tie_tol=0 is plain GRPO: (G_t - mean G_0) / (std + eps) for a genuine spread
+    adv = baseline_advantages("grpo", T([[2.0, 1.0], [4.0, 0.5]]), torch.ones(2, 2, dtype=torch.bool),
+                              np.array([0, 0]), eps=0.0, tie_tol=0.0)
+    s = math.sqrt(2.0)  # std of {2, 4}; mean 3
+    torch.testing.assert_close(adv, T([[-1 / s, -2 / s], [1 / s, -2.5 / s]]))
 
 
 def test_advantage_whitening_and_explained_variance():

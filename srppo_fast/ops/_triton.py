@@ -1,9 +1,15 @@
-"""Triton plumbing shared by the ops: the optional import, the `impl` switch, launch helpers.
+"""Triton plumbing shared by the ops: the optional import, the `impl` switch, launch helpers, the mask rule.
 
 `impl="auto"` takes the Triton kernel for CUDA tensors and the PyTorch reference elsewhere; the
 environment variable SRPPO_FAST_IMPL (torch | triton) overrides "auto". A fallback from Triton to
 the reference is logged once per op, never silent. Triton kernels run on CPU tensors only under
 TRITON_INTERPRET=1 (set before triton is imported): that is how the tests run them on CPU.
+
+The mask rule of every op: a mask is boolean. A float or integer mask means `mask != 0` (a 0.5 or a 2.0
+selects the token, it never weights it), in the references and the kernels alike; each dispatching
+function converts once (`bool_mask`) before taking either path. The launchers hand the kernels
+contiguous inputs (`mask_bytes`, `.contiguous()`, `contiguous_rows`): a kernel indexes every tensor
+with one set of offsets.
 """
 
 from __future__ import annotations
@@ -89,5 +95,22 @@ def vocab_block(V: int, cap: int = 8192) -> tuple[int, int]:
 
 
 def contiguous_rows(x: torch.Tensor) -> torch.Tensor:
-    """A 2-D view whose last dimension is contiguous (a copy only when it is not)."""
-    return x if x.stride(-1) == 1 else x.contiguous()
+    """A 2-D tensor whose rows are contiguous and do not overlap (a copy only when they are not): the
+    kernels take a row stride, so a slice of a wider row (stride > columns) is read in place."""
+    if x.stride(-1) == 1 and (x.shape[0] <= 1 or x.stride(0) >= x.shape[-1]):
+        return x
+    return x.contiguous()
+
+
+def bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask rule (see the module doc): `mask != 0` as a bool tensor; bool masks and None pass through."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    return mask != 0
+
+
+def mask_bytes(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as the contiguous uint8 tensor the kernels load (a copy only when it is strided)."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask_bytes takes a bool mask (bool_mask() first), got {mask.dtype}")
+    return mask.contiguous().view(torch.uint8)

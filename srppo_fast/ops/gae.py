@@ -1,7 +1,8 @@
 """Generalised advantage estimation, and the coherent reward + KL shaping + GAE fused in one launch.
 
 Shapes: padded rewards, values, mask [B, T] (the mask marks each row's response tokens, a prefix of
-the row), or packed [N] with cu_seqlens [n+1]. The state after a row's last token is terminal.
+the row), or packed [N] with cu_seqlens [n+1]. The state after a row's last token is terminal. The mask
+is boolean: a float or integer mask means mask != 0 (ops/_triton.py), in both implementations.
 
     delta_t = r_t + gamma * V_{t+1} - V_t
     A_t     = delta_t + gamma * lam * A_{t+1}
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import next_power_of_2, resolve_impl, tl, triton
+from ._triton import bool_mask, mask_bytes, next_power_of_2, resolve_impl, tl, triton
 from .ppo import kl_estimate
 from .rewards import coherent_rewards_ref, kl_shaped_rewards_ref
 
@@ -32,8 +33,9 @@ KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
 
 def gae_ref(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
             lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
-    """The specification: a reverse scan over T in fp32. Returns (advantages, returns), [B, T], 0 off-mask."""
-    m = mask.to(torch.float32)
+    """The specification: a reverse scan over T in fp32. Returns (advantages, returns), [B, T], 0 off-mask.
+    A token counts where mask != 0."""
+    m = bool_mask(mask).to(torch.float32)
     r = rewards.float() * m
     v = values.float() * m
     advantages = torch.zeros_like(r)
@@ -52,7 +54,8 @@ def coherent_gae_ref(old_logp, ref_logp, sft_logp, pt_logp, values, mask, *, kl_
                      token_clip: float | None = None, length_normalize: bool = False, seq_scale=None, seq_shift=None,
                      seq_clip: float | None = None, gamma: float = 1.0, lam: float = 0.95):
     """The fused op's specification: coherent reward, KL shaping, GAE (values None: returns-to-go).
-    Returns (shaped rewards, advantages, returns) [B, T] and (final R', raw R) [B]."""
+    Returns (shaped rewards, advantages, returns) [B, T] and (final R', raw R) [B]. A token counts where mask != 0."""
+    mask = bool_mask(mask)
     task, final, _ = coherent_rewards_ref(sft_logp, pt_logp, mask, granularity=granularity, scale=scale,
                                           token_clip=token_clip, length_normalize=length_normalize,
                                           seq_scale=seq_scale, seq_shift=seq_shift, seq_clip=seq_clip)
@@ -93,8 +96,9 @@ def _row_span(cu_ptr, row, stride_row, T, PACKED: tl.constexpr):
 
 @triton.jit
 def _load_mask(mask_ptr, idx, ok, HAS_MASK: tl.constexpr):
+    """1.0 where the token counts (mask != 0 inside the row), else 0.0."""
     if HAS_MASK:
-        return tl.load(mask_ptr + idx, mask=ok, other=0).to(tl.float32)
+        return (tl.load(mask_ptr + idx, mask=ok, other=0) != 0).to(tl.float32)
     return ok.to(tl.float32)
 
 
@@ -228,8 +232,14 @@ def _coherent_gae_kernel(
 # launchers
 
 
+def _check_shapes(op: str, first: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.shape != first.shape:
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, the inputs' is {tuple(first.shape)}")
+
+
 def _layout(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[int, int, int, bool]:
-    """(programs, stride_row, T, packed) for padded [B, T] or packed [N] + cu_seqlens."""
+    """(programs, stride_row, T, packed) for contiguous padded [B, T] or packed [N] + cu_seqlens."""
     if cu_seqlens is not None:
         if x.ndim != 1:
             raise ValueError(f"packed inputs are [N] with cu_seqlens, got {tuple(x.shape)}")
@@ -244,14 +254,16 @@ def _block_t(T: int) -> int:
 
 
 def _gae(rewards, values, mask, cu_seqlens, gamma, lam):
+    """mask: bool or None. Every tensor is made contiguous: the kernel indexes them all with one row stride."""
+    _check_shapes("gae", rewards, values=values, mask=mask)
     rewards, values = rewards.contiguous(), values.contiguous()
+    cu_seqlens = cu_seqlens.contiguous() if cu_seqlens is not None else None
     programs, stride, T, packed = _layout(rewards, cu_seqlens)
     adv = torch.empty(rewards.shape, dtype=torch.float32, device=rewards.device)
     ret = torch.empty_like(adv)
     longest = T if not packed else int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if programs else 1
-    mask_arg = mask.contiguous().view(torch.uint8) if mask is not None and mask.dtype == torch.bool else mask
     if programs:
-        _gae_kernel[(programs,)](rewards, values, mask_arg if mask is not None else rewards,
+        _gae_kernel[(programs,)](rewards, values, mask_bytes(mask) if mask is not None else rewards,
                                  cu_seqlens if packed else rewards, adv, ret, stride, T, float(gamma), float(lam),
                                  BLOCK_T=_block_t(longest), PACKED=packed, HAS_MASK=mask is not None)
     return adv, ret
@@ -260,7 +272,9 @@ def _gae(rewards, values, mask, cu_seqlens, gamma, lam):
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None, gamma: float = 1.0,
         lam: float = 0.95, impl: str = "auto", cu_seqlens: torch.Tensor | None = None):
     """(advantages, returns) fp32. Padded: rewards/values/mask [B, T]. Packed: [N] with cu_seqlens [n+1]
-    (mask optional: all tokens count). impl: "auto" | "torch" | "triton"."""
+    (mask optional: all tokens count). A token counts where mask != 0 (any dtype; values are never weights).
+    Any memory layout. impl: "auto" | "torch" | "triton"."""
+    mask = bool_mask(mask)
     if resolve_impl(impl, "gae", rewards, values) == "torch":
         if cu_seqlens is None:
             return gae_ref(rewards, values, mask, gamma, lam)
@@ -277,7 +291,7 @@ def _packed_via_padded(fn, cu_seqlens, tensors, mask, *args):
     index = padded_index(cu_seqlens, L)
     pad = lambda x: x.new_zeros(n * L).index_copy_(0, index, x).view(n, L)  # noqa: E731
     m = torch.zeros(n * L, dtype=torch.bool, device=index.device)
-    m[index] = True if mask is None else mask.bool()
+    m[index] = True if mask is None else bool_mask(mask)
     outs = fn(*[pad(t.float()) for t in tensors], m.view(n, L), *args)
     return tuple(o.reshape(-1)[index] for o in outs)
 
@@ -287,7 +301,9 @@ def coherent_gae(old_logp, ref_logp, sft_logp, pt_logp, values, mask, *, kl_coef
                  token_clip: float | None = None, length_normalize: bool = False, seq_scale=None, seq_shift=None,
                  seq_clip: float | None = None, gamma: float = 1.0, lam: float = 0.95, impl: str = "auto"):
     """Coherent reward + KL shaping + GAE in one launch (padded [B, T]); values None gives returns-to-go.
-    Returns (shaped rewards, advantages, returns) [B, T] fp32 and (final R', raw R) [B]."""
+    Returns (shaped rewards, advantages, returns) [B, T] fp32 and (final R', raw R) [B]. A token counts
+    where mask != 0 (any dtype; values are never weights). Any memory layout."""
+    mask = bool_mask(mask)
     kw = dict(kl_coef=kl_coef, kl_estimator=kl_estimator, granularity=granularity, scale=scale,
               token_clip=token_clip, length_normalize=length_normalize, seq_scale=seq_scale, seq_shift=seq_shift,
               seq_clip=seq_clip, gamma=gamma, lam=lam)
@@ -295,6 +311,8 @@ def coherent_gae(old_logp, ref_logp, sft_logp, pt_logp, values, mask, *, kl_coef
         return coherent_gae_ref(old_logp, ref_logp, sft_logp, pt_logp, values, mask, **kw)
     if granularity not in ("sequence", "token"):
         raise ValueError(f"unknown reward granularity {granularity!r}")
+    _check_shapes("coherent_gae", old_logp, ref_logp=ref_logp, sft_logp=sft_logp, pt_logp=pt_logp, values=values,
+                  mask=mask)
     B, T = old_logp.shape
     out = [torch.empty(B, T, dtype=torch.float32, device=old_logp.device) for _ in range(3)]
     final = torch.empty(B, dtype=torch.float32, device=old_logp.device)
@@ -305,8 +323,8 @@ def coherent_gae(old_logp, ref_logp, sft_logp, pt_logp, values, mask, *, kl_coef
     b = (seq_shift if seq_shift is not None else torch.zeros(B, device=old_logp.device)).float().contiguous()
     if B:
         _coherent_gae_kernel[(B,)](
-            *inputs, values.contiguous() if values is not None else inputs[0], mask.contiguous().view(torch.uint8)
-            if mask.dtype == torch.bool else mask.contiguous(), inputs[0], a, b, *out, final, raw,
+            *inputs, values.contiguous() if values is not None else inputs[0], mask_bytes(mask), inputs[0], a, b,
+            *out, final, raw,
             inputs[0].stride(0), T, float(kl_coef), float(scale),
             float(token_clip) if token_clip is not None else float("inf"),
             float(seq_clip) if seq_clip is not None else float("inf"), float(gamma), float(lam),
@@ -325,8 +343,8 @@ def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0)
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked entries (0 off-mask)."""
-    m = mask.to(torch.float32)
+    """(x - mean) / std over the masked entries (mask != 0), 0 off-mask."""
+    m = bool_mask(mask).to(torch.float32)
     n = m.sum().clamp_min(1.0)
     mean = (x * m).sum() / n
     var = (((x - mean) * m) ** 2).sum() / n

@@ -76,14 +76,16 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           impl: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES):
     """log p(labels) under softmax(hidden @ weight.T / temperature) without the [N, V] logits.
 
-    hidden [N, H] (or [..., H]), weight [V, H], labels [N] (or [...]). impl as token_logprobs."""
+    hidden [N, H] (or [..., H]), weight [V, H], labels [N] (or [...]), any memory layout. impl as token_logprobs."""
     if resolve_impl(impl, "linear_token_logprobs", hidden, weight) == "torch":
         return linear_token_logprobs_ref(hidden, weight, labels, temperature, return_entropy, ignore_index)
     if hidden.shape[-1] != weight.shape[-1] or weight.ndim != 2:
         raise ValueError(f"linear_token_logprobs: hidden [..., H] and weight [V, H], got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")
     lead = hidden.shape[:-1]
-    flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    # labels contiguous once here: both passes slice them per chunk (hidden and weight go through matmuls,
+    # which take any layout; the kernels only see the matmul's contiguous logits)
+    flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).contiguous()
     if flat_labels.shape[0] != flat_hidden.shape[0]:
         raise ValueError("linear_token_logprobs: one label per hidden row")
     rows = chunk_rows(weight.shape[0], torch.finfo(hidden.dtype).bits // 8, chunk_bytes)

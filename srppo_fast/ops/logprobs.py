@@ -1,7 +1,8 @@
 """Token log-probabilities from logits: log_softmax(logits / temperature) gathered at the labels.
 
 Shapes: logits [N, V] (or [..., V]; bf16 / fp16 / fp32), labels [N] int64 -> log-probs [N] fp32
-(and entropies [N] fp32). Labels equal to `ignore_index` give 0.
+(and entropies [N] fp32). Labels equal to `ignore_index` give 0. Any memory layout: the launchers read
+logits through a row stride (a slice of wider rows is not copied) and make every other input contiguous.
 
 Kernel: one program per row streams the row in blocks of BLOCK_V with a per-lane online
 log-sum-exp (running max, sum of exp, and for the entropy the exp-weighted sum of logits), so a
@@ -154,8 +155,7 @@ def _check(logits: torch.Tensor, labels: torch.Tensor) -> None:
 def _token_logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, temperature: float, return_entropy: bool,
                         ignore_index: int):
     """logits [N, V] -> (logp [N] fp32, lse [N] fp32, entropy [N] fp32 or None)."""
-    logits = contiguous_rows(logits)
-    labels = labels.contiguous()
+    logits, labels = contiguous_rows(logits), labels.contiguous()
     N, V = logits.shape
     logp = torch.empty(N, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
@@ -170,6 +170,9 @@ def _token_logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, temperature:
 
 def _token_logprobs_bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature: float,
                         ignore_index: int, inplace: bool) -> torch.Tensor:
+    """The gradient of the logits [N, V] (written over them when `inplace` and their rows are contiguous)."""
+    logits, labels, lse = contiguous_rows(logits), labels.contiguous(), lse.contiguous()
+    entropy = entropy.contiguous() if entropy is not None else None
     N, V = logits.shape
     grad = logits if inplace else torch.empty_like(logits)
     if N:
@@ -187,7 +190,7 @@ def _token_logprobs_bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, t
 class TokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, temperature, return_entropy, ignore_index, inplace_backward):
-        logits = contiguous_rows(logits)
+        logits, labels = contiguous_rows(logits), labels.contiguous()  # the backward reads the same layouts
         logp, lse, entropy = _token_logprobs_fwd(logits, labels, temperature, return_entropy, ignore_index)
         ctx.save_for_backward(logits, labels, lse, entropy)
         ctx.temperature, ctx.ignore_index, ctx.inplace = temperature, ignore_index, inplace_backward
@@ -218,7 +221,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     if resolve_impl(impl, "token_logprobs", logits) == "torch":
         return token_logprobs_ref(logits, labels, temperature, return_entropy, ignore_index)
     lead = logits.shape[:-1]
-    flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).contiguous()
     _check(flat_logits, flat_labels)
     out = TokenLogprobsFunction.apply(flat_logits, flat_labels, float(temperature), return_entropy, ignore_index,
                                       inplace_backward)

@@ -1,15 +1,19 @@
 """PPO losses: the clipped surrogate for the actor and the clipped value loss for the critic.
 
-Any shape works ([B, T] padded or [N] packed), as long as every tensor and `mask` share it.
-Losses and stats are token sums divided by `normalizer` (default: the mask's token count), so the
-values of micro-batches of one optimizer step add up to the step's token mean when they are all
-given the step's token count.
+Any shape and memory layout works ([B, T] padded or [N] packed), as long as every tensor and `mask`
+share the shape. The mask is boolean: a float or integer mask means mask != 0 (ops/_triton.py), in
+both implementations, so a token is in or out, never weighted. Losses and stats are token sums divided
+by `normalizer` (default: the mask's token count), so the values of micro-batches of one optimizer
+step add up to the step's token mean when they are all given the step's token count.
 
     ratio   = exp(logp - old_logp)
     pg      = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high))
     actor   = pg + kl_coef * KL(logp || ref_logp) - entropy_coef * entropy
     v_clip  = old_v + clip(v - old_v, -value_clip, value_clip)
     critic  = 0.5 * max((v - R)^2, (v_clip - R)^2)      (0.5 * (v - R)^2 without value_clip)
+
+    approx_kl (a stat) = mean of exp(x) - 1 - x, x = logp - old_logp: Schulman's k3 estimate of
+        KL(pi_old || pi) from the tokens, which are samples of pi_old (= kl_estimate(old_logp, logp, "k3"))
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ from typing import Literal
 
 import torch
 
-from ._triton import resolve_impl, tl, triton
+from ._triton import bool_mask, mask_bytes, resolve_impl, tl, triton
 
 KLEstimator = Literal["k1", "k2", "k3"]
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimator = "k3") -> torch.Tensor:
-    """Per-token estimate of KL(pi || ref) from samples of pi (Schulman's k1, k2, k3)."""
+    """Per-token estimate of KL(pi || ref) from samples of pi (Schulman's k1, k2, k3), x = logp - ref_logp:
+    k1 x, k2 x^2 / 2, k3 exp(-x) - 1 + x (= r - 1 - log r with r = ref / pi)."""
     log_ratio = logp - ref_logp
     if estimator == "k1":
         return log_ratio
@@ -36,14 +41,21 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimat
 
 
 def _normalizer(mask: torch.Tensor, normalizer: float | None):
-    return float(normalizer) if normalizer is not None else mask.to(torch.float32).sum().clamp_min(1.0)
+    """The divisor of every token sum: `normalizer`, or the number of tokens in the (bool) mask."""
+    if normalizer is not None:
+        if not normalizer > 0:
+            raise ValueError(f"ppo_loss: normalizer must be > 0, got {normalizer}")
+        return float(normalizer)
+    return mask.to(torch.float32).sum().clamp_min(1.0)
 
 
 def policy_loss_ref(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                     clip_eps: float = 0.2, clip_eps_high: float | None = None, entropy: torch.Tensor | None = None,
                     entropy_coef: float = 0.0, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0,
                     kl_estimator: KLEstimator = "k3", normalizer: float | None = None) -> tuple[torch.Tensor, dict]:
-    """The actor's loss (clipped surrogate + KL + entropy terms) and its stats (detached)."""
+    """The actor's loss (clipped surrogate + KL + entropy terms) and its stats (detached). A token counts
+    where mask != 0."""
+    mask = bool_mask(mask)
     m = mask.to(torch.float32)
     norm = _normalizer(mask, normalizer)
     high = clip_eps if clip_eps_high is None else clip_eps_high
@@ -56,7 +68,8 @@ def policy_loss_ref(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     stats = {
         "pg_loss": loss.detach(),
         "clip_frac": ((clipped > unclipped).float() * m).sum() / norm,
-        "approx_kl": ((torch.expm1(-log_ratio) + log_ratio) * m).sum() / norm,  # k3 of old vs new
+        # k3 of KL(pi_old || pi) on samples of pi_old: exp(x) - 1 - x = kl_estimate(old_logp, logp, "k3")
+        "approx_kl": ((torch.expm1(log_ratio) - log_ratio) * m).sum() / norm,
     }
     if entropy is not None:
         ent = (entropy.float() * m).sum() / norm
@@ -71,7 +84,8 @@ def policy_loss_ref(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
 
 def value_loss_ref(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *,
                    value_clip: float | None = 0.2, normalizer: float | None = None) -> tuple[torch.Tensor, dict]:
-    """The critic's (clipped) squared error and its stats (detached)."""
+    """The critic's (clipped) squared error and its stats (detached). A token counts where mask != 0."""
+    mask = bool_mask(mask)
     m = mask.to(torch.float32)
     norm = _normalizer(mask, normalizer)
     v, ret = values.float(), returns.float()
@@ -120,9 +134,10 @@ def _kl_and_grad(x, CODE: tl.constexpr):
 
 
 @triton.jit
-def _surrogate(logp, old_logp, adv, m, clip_low, clip_high):
-    """Clipped surrogate terms per token: (log ratio, ratio, unclipped -A r, clipped -A clip(r))."""
-    log_ratio = (logp - old_logp) * (m > 0).to(tl.float32)
+def _surrogate(logp, old_logp, adv, keep, clip_low, clip_high):
+    """Clipped surrogate terms per token: (log ratio, ratio, unclipped -A r, clipped -A clip(r)); the log ratio
+    is 0 where the token does not count (keep False), as in the reference."""
+    log_ratio = tl.where(keep, logp - old_logp, 0.0)
     ratio = tl.exp(log_ratio)
     return log_ratio, ratio, -adv * ratio, -adv * tl.minimum(tl.maximum(ratio, clip_low), clip_high)
 
@@ -151,15 +166,16 @@ def _ppo_fwd_kernel(
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
-    m = tl.load(mask_ptr + offs, mask=ok, other=0).to(tl.float32) * inv_norm
+    keep = tl.load(mask_ptr + offs, mask=ok, other=0) != 0  # the mask rule: in or out, never a weight
+    m = tl.where(keep, inv_norm, 0.0)
     if HAS_POLICY:
         log_ratio, ratio, unclipped, clipped = _surrogate(
             tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32),
             tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32),
-            tl.load(adv_ptr + offs, mask=ok, other=0.0).to(tl.float32), m, clip_low, clip_high)
+            tl.load(adv_ptr + offs, mask=ok, other=0.0).to(tl.float32), keep, clip_low, clip_high)
         tl.atomic_add(stats_ptr + 0, tl.sum(tl.maximum(unclipped, clipped) * m, 0))
         tl.atomic_add(stats_ptr + 1, tl.sum(tl.where(clipped > unclipped, m, 0.0), 0))
-        tl.atomic_add(stats_ptr + 2, tl.sum((tl.exp(-log_ratio) - 1.0 + log_ratio) * m, 0))
+        tl.atomic_add(stats_ptr + 2, tl.sum((ratio - 1.0 - log_ratio) * m, 0))  # k3 of KL(pi_old || pi)
         if HAS_ENTROPY:
             tl.atomic_add(stats_ptr + 3, tl.sum(tl.load(entropy_ptr + offs, mask=ok, other=0.0).to(tl.float32) * m, 0))
         if HAS_KL:
@@ -192,13 +208,14 @@ def _ppo_bwd_kernel(
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
-    m = tl.load(mask_ptr + offs, mask=ok, other=0).to(tl.float32) * inv_norm
+    keep = tl.load(mask_ptr + offs, mask=ok, other=0) != 0
+    m = tl.where(keep, inv_norm, 0.0)
     if HAS_POLICY:
         g = tl.load(grad_actor_ptr)
         logp = tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         _, ratio, unclipped, clipped = _surrogate(
             logp, tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32),
-            tl.load(adv_ptr + offs, mask=ok, other=0.0).to(tl.float32), m, clip_low, clip_high)
+            tl.load(adv_ptr + offs, mask=ok, other=0.0).to(tl.float32), keep, clip_low, clip_high)
         grad = tl.where(clipped > unclipped, 0.0, unclipped)  # the clipped branch has no slope there
         if HAS_KL:
             _, dkl = _kl_and_grad(logp - tl.load(ref_ptr + offs, mask=ok, other=0.0).to(tl.float32), KL_CODE)
@@ -226,7 +243,8 @@ _KL = {"k1": 1, "k2": 2, "k3": 3}
 
 
 class PPOLossFunction(torch.autograd.Function):
-    """Inputs flat [N]; returns (actor loss, critic loss, stats [7]) — stats in the order of STATS."""
+    """Inputs flat contiguous [N], mask uint8 (mask_bytes); returns (actor loss, critic loss, stats [7]) — stats
+    in the order of STATS."""
 
     @staticmethod
     def forward(ctx, logp, entropy, values, old_logp, advantages, mask, ref_logp, old_values, returns, cfg):
@@ -271,17 +289,22 @@ class PPOLossFunction(torch.autograd.Function):
 def _ppo_triton(logp, old_logp, advantages, mask, *, clip_eps=0.2, clip_eps_high=None, values=None,
                 old_values=None, returns=None, value_clip=0.2, entropy=None, entropy_coef=0.0, ref_logp=None,
                 kl_coef=0.0, kl_estimator="k3", normalizer=None):
+    """mask: bool. Every input is flattened to a contiguous [N]: the kernels index them all with one offset."""
+    given = dict(logp=logp, old_logp=old_logp, advantages=advantages, values=values, old_values=old_values,
+                 returns=returns, entropy=entropy, ref_logp=ref_logp)
+    for name, t in given.items():
+        if t is not None and t.shape != mask.shape:
+            raise ValueError(f"ppo_loss: {name} has shape {tuple(t.shape)}, the mask's is {tuple(mask.shape)}")
     flat = lambda t: t.reshape(-1).contiguous() if t is not None else None  # noqa: E731
-    m = mask.reshape(-1)
-    m = m.view(torch.uint8) if m.dtype == torch.bool else m
-    norm = float(normalizer) if normalizer is not None else max(float(mask.sum()), 1.0)
+    norm = float(_normalizer(mask, normalizer))
     high = clip_eps if clip_eps_high is None else clip_eps_high
     cfg = {"clip_low": 1.0 - clip_eps, "clip_high": 1.0 + high, "inv_norm": 1.0 / norm,
            "value_clip": float(value_clip) if value_clip is not None else float("inf"),
            "entropy_coef": float(entropy_coef) if entropy is not None else 0.0,
            "kl_coef": float(kl_coef) if ref_logp is not None else 0.0, "kl_estimator": kl_estimator}
     actor, critic, stats = PPOLossFunction.apply(flat(logp), flat(entropy), flat(values), flat(old_logp),
-                                                 flat(advantages), m.contiguous(), flat(ref_logp), flat(old_values),
+                                                 flat(advantages), mask_bytes(mask.reshape(-1)), flat(ref_logp),
+                                                 flat(old_values),
                                                  flat(returns), cfg)
     names = ["pg_loss", "clip_frac", "approx_kl"] if logp is not None else []
     if logp is not None and entropy is not None:
@@ -296,15 +319,17 @@ def _ppo_triton(logp, old_logp, advantages, mask, *, clip_eps=0.2, clip_eps_high
 
 def ppo_loss(logp, old_logp, advantages, mask, impl: str = "auto", **kwargs):
     """Clipped PPO losses (see module doc): (actor loss, critic loss or None, stats). With impl "triton",
-    one kernel launch computes both losses and every stat, and one computes every gradient.
-    impl: "auto" | "torch" | "triton"."""
+    one kernel launch computes both losses and every stat, and one computes every gradient. A token counts
+    where mask != 0 (any dtype, converted here once for both paths). impl: "auto" | "torch" | "triton"."""
+    mask = bool_mask(mask)
     if resolve_impl(impl, "ppo_loss", logp) == "torch":
         return ppo_loss_ref(logp, old_logp, advantages, mask, **kwargs)
     return _ppo_triton(logp, old_logp, advantages, mask, **kwargs)
 
 
 def value_loss(values, old_values, returns, mask, impl: str = "auto", **kwargs):
-    """The critic's clipped value loss alone (critic-only warm-up): (loss, stats)."""
+    """The critic's clipped value loss alone (critic-only warm-up): (loss, stats). Mask as ppo_loss."""
+    mask = bool_mask(mask)
     if resolve_impl(impl, "value_loss", values) == "torch":
         return value_loss_ref(values, old_values, returns, mask, **kwargs)
     _, critic, stats = _ppo_triton(None, None, None, mask, values=values, old_values=old_values, returns=returns,

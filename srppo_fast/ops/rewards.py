@@ -1,4 +1,5 @@
-"""The coherent reward and KL shaping on padded response tokens ([B, T], mask a prefix of each row).
+"""The coherent reward and KL shaping on padded response tokens ([B, T], mask a prefix of each row; a
+token counts where mask != 0, whatever the mask's dtype: see ops/_triton.py).
 
     d_t      = clip(log pi_SFT(y_t) - log pi_PT(y_t), -token_clip, token_clip)
     R        = scale * sum_t d_t  (/ L with length_normalize)           one number per response
@@ -15,6 +16,7 @@ from typing import Literal
 
 import torch
 
+from ._triton import bool_mask
 from .ppo import KLEstimator, kl_estimate
 
 Granularity = Literal["sequence", "token"]
@@ -22,7 +24,7 @@ Granularity = Literal["sequence", "token"]
 
 def last_index(mask: torch.Tensor) -> torch.Tensor:
     """[B] index of each row's last masked token (rows need at least one)."""
-    return mask.long().sum(-1).clamp_min(1) - 1
+    return bool_mask(mask).long().sum(-1).clamp_min(1) - 1
 
 
 def coherent_rewards_ref(sft_logp: torch.Tensor, pt_logp: torch.Tensor, mask: torch.Tensor, *,
@@ -31,6 +33,7 @@ def coherent_rewards_ref(sft_logp: torch.Tensor, pt_logp: torch.Tensor, mask: to
                          seq_shift: torch.Tensor | None = None, seq_clip: float | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (token rewards [B, T], R' [B], d [B, T] the clipped per-token log-ratio)."""
+    mask = bool_mask(mask)
     m = mask.to(torch.float32)
     d = (sft_logp.float() - pt_logp.float()) * m
     if token_clip is not None:
@@ -59,6 +62,7 @@ def coherent_rewards_ref(sft_logp: torch.Tensor, pt_logp: torch.Tensor, mask: to
 def sequence_rewards_ref(final: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """One reward per response ([B]) on its last token: [B, T]."""
     rewards = torch.zeros(mask.shape, dtype=torch.float32, device=final.device)
+    mask = bool_mask(mask)
     return rewards.scatter_(-1, last_index(mask).unsqueeze(-1), final.float().unsqueeze(-1)) * mask
 
 
@@ -66,6 +70,6 @@ def kl_shaped_rewards_ref(task_rewards: torch.Tensor, old_logp: torch.Tensor, re
                           mask: torch.Tensor, kl_coef: float, kl_estimator: KLEstimator = "k1"
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(task reward - kl_coef * KL per token, KL per token), both [B, T] and 0 off-mask."""
-    m = mask.to(torch.float32)
+    m = bool_mask(mask).to(torch.float32)
     kl = kl_estimate(old_logp.float(), ref_logp.float(), kl_estimator) * m
     return (task_rewards.float() - kl_coef * kl) * m, kl
