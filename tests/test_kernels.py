@@ -523,6 +523,28 @@ def test_linear_token_logprobs_layouts():
         close(a.detach().cpu(), b.detach().cpu())
 
 
+def test_inplace_backward_on_logits_whose_rows_share_storage():
+    # expanded logits (row stride 0): the in-place backward must not write every row's gradient into one row
+    N, V = 4, 50
+    leaf = torch.randn(1, V, device=DEVICE).requires_grad_()
+    labels = torch.tensor([3, 7, -100, 49], device=DEVICE)
+    token_logprobs(leaf.expand(N, V), labels, impl="triton", inplace_backward=True).sum().backward()
+    expect = torch.autograd.grad(token_logprobs_ref(leaf.expand(N, V), labels).sum(), leaf)[0]
+    close(leaf.grad, expect)
+
+
+def test_launchers_reject_mismatched_shapes():
+    x, m = torch.zeros(2, 5, device=DEVICE), torch.ones(2, 5, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match="advantages has shape"):
+        ppo_loss(x, x, torch.zeros(2, 1, device=DEVICE), m, impl="triton")
+    with pytest.raises(ValueError, match="normalizer must be > 0"):
+        ppo_loss(x, x, x, m, impl="triton", normalizer=0)
+    with pytest.raises(ValueError, match="mask has shape"):
+        gae(x, x, m[:, :4], impl="triton")
+    with pytest.raises(ValueError, match="seq_scale and seq_shift are"):
+        coherent_gae(x, x, x, x, None, m, seq_scale=torch.ones(3, device=DEVICE), impl="triton")
+
+
 def test_ppo_kernel_approx_kl_hand_case():
     # samples from pi_old, x = logp - old_logp: k3 of KL(pi_old || pi) = exp(x) - 1 - x
     # x = ln [1.5, 0.5, 1] -> [0.5 - ln 1.5, -0.5 + ln 2, 0] = [0.0945349, 0.1931472, 0]; the 4th is masked

@@ -321,6 +321,9 @@ def coherent_gae(old_logp, ref_logp, sft_logp, pt_logp, values, mask, *, kl_coef
     affine = seq_scale is not None or seq_shift is not None
     a = (seq_scale if seq_scale is not None else torch.ones(B, device=old_logp.device)).float().contiguous()
     b = (seq_shift if seq_shift is not None else torch.zeros(B, device=old_logp.device)).float().contiguous()
+    if a.shape != (B,) or b.shape != (B,):
+        raise ValueError(f"coherent_gae: seq_scale and seq_shift are [B] = [{B}], got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
     if B:
         _coherent_gae_kernel[(B,)](
             *inputs, values.contiguous() if values is not None else inputs[0], mask_bytes(mask), inputs[0], a, b,

@@ -2,9 +2,10 @@
 
 Any shape and memory layout works ([B, T] padded or [N] packed), as long as every tensor and `mask`
 share the shape. The mask is boolean: a float or integer mask means mask != 0 (ops/_triton.py), in
-both implementations, so a token is in or out, never weighted. Losses and stats are token sums divided
-by `normalizer` (default: the mask's token count), so the values of micro-batches of one optimizer
-step add up to the step's token mean when they are all given the step's token count.
+both implementations, so a token is in or out, never weighted (off-mask entries are multiplied by 0:
+they must be finite). Losses and stats are token sums divided by `normalizer` (> 0; default: the
+mask's token count), so the values of micro-batches of one optimizer step add up to the step's token
+mean when they are all given the step's token count.
 
     ratio   = exp(logp - old_logp)
     pg      = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high))
