@@ -21,6 +21,7 @@ from benchmarks.common import compiled, parse_args, pick, run_cases, triton_runs
 from srppo_fast.ops import coherent_gae, coherent_gae_ref, gae, gae_ref  # noqa: E402
 
 PROVIDERS = ["loop", "compile", "ours", "reference_fused", "ours_fused"]
+MODES = ["fwd"]  # no gradients flow through advantages
 FUSED = dict(kl_coef=0.2, kl_estimator="k1", granularity="sequence", token_clip=3.0, gamma=1.0, lam=0.95)
 
 
@@ -63,7 +64,8 @@ def main(argv=None) -> list[dict]:
     providers = pick(args.providers, PROVIDERS)
     if args.quick and not args.providers:
         providers = [p for p in providers if p != "compile"]  # compiling a 64-step loop takes minutes
-    return run_cases("gae", cases(args.quick), providers, ["fwd"], setup_gae, quick=args.quick, dry=args.dry)
+    return run_cases("gae", cases(args.quick), providers, pick(args.modes, MODES, "mode"), setup_gae, quick=args.quick,
+                     dry=args.dry)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import compiled, parse_args, pick, run_cases, triton_runs_here  # noqa: E402
+from benchmarks.common import MODES, compiled, parse_args, pick, run_cases, triton_runs_here  # noqa: E402
 from srppo_fast.ops import linear_token_logprobs, linear_token_logprobs_ref  # noqa: E402
 
 PROVIDERS = ["torch", "compile", "ours", "liger", "cce"]
@@ -89,7 +89,7 @@ def cases(quick: bool) -> list[tuple]:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv, __doc__.splitlines()[0])
     return run_cases("linear_token_logprobs", cases(args.quick), pick(args.providers, PROVIDERS),
-                     pick(args.modes, ["fwd", "bwd", "full"]), setup_linear_logprobs, flops_fn=flops,
+                     pick(args.modes, MODES, "mode"), setup_linear_logprobs, flops_fn=flops,
                      quick=args.quick, dry=args.dry)
 
 

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import compiled, parse_args, pick, run_cases, triton_runs_here  # noqa: E402
+from benchmarks.common import MODES, compiled, parse_args, pick, run_cases, triton_runs_here  # noqa: E402
 from srppo_fast.ops import token_logprobs, token_logprobs_ref  # noqa: E402
 
 PROVIDERS = ["torch", "compile", "ours", "liger", "flash_attn"]
@@ -90,7 +90,7 @@ def cases(quick: bool) -> list[tuple]:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv, __doc__.splitlines()[0])
     return run_cases("token_logprobs", cases(args.quick), pick(args.providers, PROVIDERS),
-                     pick(args.modes, ["fwd", "bwd", "full"]), setup_logprobs, bytes_fn=bytes_moved,
+                     pick(args.modes, MODES, "mode"), setup_logprobs, bytes_fn=bytes_moved,
                      quick=args.quick, dry=args.dry)
 
 

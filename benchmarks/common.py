@@ -198,5 +198,22 @@ def parse_args(argv, description: str):
     return args
 
 
-def pick(requested: str, available: list[str]) -> list[str]:
-    return [p for p in requested.split(",") if p] if requested else available
+MODES = ["fwd", "bwd", "full"]
+
+
+def names(requested: str) -> list[str]:
+    """'a,b,' -> ['a', 'b']."""
+    return [n.strip() for n in requested.split(",") if n.strip()]
+
+
+def pick(requested: str, available: list[str], what: str = "provider") -> list[str]:
+    """The comma-separated subset `requested` of `available` (all of it when empty); an unknown name ends the
+    script with one line listing the known ones (`srppo-fast bench` checks the same before running anything)."""
+    if not requested:
+        return list(available)
+    chosen = names(requested)
+    unknown = [n for n in chosen if n not in available]
+    if unknown or not chosen:
+        raise SystemExit(f"error: unknown {what} {', '.join(unknown) or repr(requested)}; known: "
+                         f"{', '.join(available)}")
+    return chosen

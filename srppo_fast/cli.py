@@ -71,19 +71,41 @@ def reference_markdown() -> str:
 README_MARKERS = ("<!-- config-reference:start -->", "<!-- config-reference:end -->")
 
 
-def cmd_config(args) -> int:
-    from .config import config_reference
+def update_readme(readme: str) -> None:
+    """Rewrite the config reference between the README_MARKERS of `readme` (written beside it, then renamed)."""
     from .io import atomic_write_text
 
+    if not os.path.isfile(readme):
+        what = "is a directory" if os.path.isdir(readme) else "does not exist"
+        raise SrppoError(f"--update-readme: '{readme}' {what}; give the README file that holds the config-reference "
+                         "markers.")
+    try:
+        with open(readme, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as e:
+        raise SrppoError(f"--update-readme: cannot read '{readme}': {e.strerror or e}; check its permissions.") \
+            from None
+    except UnicodeDecodeError as e:
+        raise SrppoError(f"--update-readme: '{readme}' is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                         f"{e.start}); save it as UTF-8.") from None
+    start, end = README_MARKERS
+    if start not in text or end not in text.split(start, 1)[-1]:
+        raise SrppoError(f"--update-readme: '{readme}' has no {start} ... {end} markers (start before end); add them "
+                         "where the table goes.")
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    try:
+        atomic_write_text(readme, f"{head}{start}\n{reference_markdown()}\n{end}{tail}")
+    except OSError as e:
+        raise SrppoError(f"--update-readme: cannot write '{readme}' ({e.strerror or e}: {e.filename or readme}); "
+                         "check that this user may write it and create files in its directory.") from None
+
+
+def cmd_config(args) -> int:
+    from .config import config_reference
+
     if args.update_readme:
-        text = open(args.update_readme, encoding="utf-8").read()
-        start, end = README_MARKERS
-        if start not in text or end not in text:
-            raise SrppoError(f"{args.update_readme} has no {start} ... {end} markers; add them where the table "
-                             "goes.")
-        head, rest = text.split(start, 1)
-        tail = rest.split(end, 1)[1]
-        atomic_write_text(args.update_readme, f"{head}{start}\n{reference_markdown()}\n{end}{tail}")
+        update_readme(args.update_readme)
         return 0
     if args.markdown:
         print(reference_markdown())
@@ -107,6 +129,34 @@ BENCHMARKS = {"logprobs": "bench_logprobs", "linear_logprobs": "bench_linear_log
               "ppo_loss": "bench_ppo_loss", "packing": "bench_packing"}
 
 
+def _bench_selection(args, modules: dict) -> dict[str, list[str] | None]:
+    """The argv each selected benchmark gets for --providers/--modes, checked before anything runs: a name no
+    selected benchmark knows is an error listing the known ones; with --op all each kernel benchmark gets the
+    names it knows (none: it is skipped)."""
+    if args.op == "packing" and (args.providers or args.modes):
+        raise SrppoError("bench --op packing takes neither --providers nor --modes (they pick kernel benchmark "
+                         "variants); drop them.")
+    kernels = {name: m for name, m in modules.items() if name != "packing"}
+    argv = {name: [] for name in kernels}
+    for flag, attr in (("providers", "PROVIDERS"), ("modes", "MODES")):
+        requested = getattr(args, flag)
+        if not requested:
+            continue
+        what = flag[:-1]
+        wanted = [n.strip() for n in requested.split(",") if n.strip()]
+        known = {name: list(getattr(m, attr)) for name, m in kernels.items()}
+        unknown = [n for n in wanted if not any(n in k for k in known.values())]
+        if unknown or not wanted:
+            listing = "; ".join(f"{name}: {', '.join(k)}" for name, k in known.items()) if len(known) > 1 else \
+                ", ".join(next(iter(known.values())))
+            bad = f"unknown {what} {', '.join(unknown)}" if unknown else f"'{requested}' names no {what}"
+            raise SrppoError(f"--{flag}: {bad} for bench --op {args.op}; known {flag}: {listing}.")
+        for name, k in known.items():
+            mine = [n for n in wanted if n in k]
+            argv[name] = None if argv[name] is None or not mine else argv[name] + [f"--{flag}={','.join(mine)}"]
+    return argv
+
+
 def cmd_bench(args) -> int:
     import importlib
     from pathlib import Path
@@ -116,15 +166,19 @@ def cmd_bench(args) -> int:
         raise SrppoError("srppo-fast bench runs the scripts in benchmarks/ of a source checkout; install the "
                          "package from one with `pip install -e .`.")
     sys.path.insert(0, str(root))
-    for name in (list(BENCHMARKS) if args.op == "all" else [args.op]):
-        module = importlib.import_module(f"benchmarks.{BENCHMARKS[name]}")
+    names = list(BENCHMARKS) if args.op == "all" else [args.op]
+    modules = {name: importlib.import_module(f"benchmarks.{BENCHMARKS[name]}") for name in names}
+    selection = _bench_selection(args, modules)  # every check before the first benchmark runs
+    for name, module in modules.items():
         if name == "packing":
             module.main(["--quick"] if args.quick else [])
             continue
+        if selection[name] is None:
+            print(f"bench {name}: skipped (none of the requested providers/modes is one of its own: providers "
+                  f"{', '.join(module.PROVIDERS)}; modes {', '.join(module.MODES)})")
+            continue
         argv = [flag for flag, on in (("--quick", args.quick), ("--dry", args.dry)) if on]
-        argv += [f"--providers={args.providers}"] if args.providers else []
-        argv += [f"--modes={args.modes}"] if args.modes else []
-        module.main(argv)
+        module.main(argv + selection[name])
     return 0
 
 
@@ -134,6 +188,15 @@ def cmd_report(args) -> int:
     for path in make_report(args.output_dir):
         print(path)
     return 0
+
+
+def _os_error_line(e: OSError) -> str:
+    """One line for an OSError: the path(s) and the reason when it names a file, else its message."""
+    if e.filename is not None:
+        path = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+        return f"cannot read or write {path}: {e.strerror or e}; check the path and its permissions."
+    message = e.strerror or " ".join(str(e).split()) or type(e).__name__  # library messages can span lines
+    return f"{message} ({type(e).__name__}); check the paths this command uses and the free disk space."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,6 +214,17 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit goes nowhere
         return 0
+    # Last resort for what no command turned into an SrppoError: an OS error (a file that cannot be read or
+    # written, a full disk) or a file that is not UTF-8 is the user's to fix, so one line, not a traceback.
+    # Every other exception is a bug and keeps its traceback.
+    except OSError as e:
+        print(f"srppo-fast: error: {_os_error_line(e)}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as e:
+        byte = bytes(e.object[e.start:e.start + 1]).hex()
+        print(f"srppo-fast: error: a file is not {e.encoding} text (byte 0x{byte} at offset {e.start}: {e.reason}); "
+              "save the inputs (config, data, README) as UTF-8.", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ verifier exists (with the greedy eval accuracy when logged), and the response le
 from __future__ import annotations
 
 import os
+import re
+import sys
 from pathlib import Path
+from typing import Callable
 
 from .errors import SrppoError
 from .metrics import read_metrics
@@ -48,29 +51,58 @@ def _figure(stage: str, rows: list[dict], panels: list, out: Path) -> Path | Non
         ax.legend(fontsize=7)
     fig.suptitle(stage)
     fig.tight_layout()
-    path = out / f"{stage}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = out / (re.sub(r"[^\w.-]", "_", stage) + ".png")  # a stage name is never a path
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 
-def make_report(output_dir: str | os.PathLike) -> list[Path]:
-    """Write one PNG per stage found in output_dir/metrics.jsonl; returns their paths."""
-    metrics = Path(output_dir) / "metrics.jsonl"
+def _stderr_warning(message: str) -> None:
+    print(f"srppo-fast: warning: {message}", file=sys.stderr)
+
+
+def make_report(output_dir: str | os.PathLike, warn: Callable[[str], None] = _stderr_warning) -> list[Path]:
+    """Write one PNG per stage found in output_dir/metrics.jsonl; returns their paths.
+
+    A last line cut short (a run killed mid-write) is skipped and `warn` is told, naming file:line. Everything
+    else raises SrppoError naming the path: no such run directory, no metrics.jsonl or an empty one, a
+    malformed line or a row without "stage" (error, not skip: srppo-fast writes "stage" into every row, so
+    such a row means the file was edited or is not a metrics log, and its curves cannot be trusted), a
+    report path that is not a directory, a file that cannot be read or written."""
+    run = Path(output_dir)
+    if not run.is_dir():
+        what = "is a file, not a directory" if run.exists() else "does not exist"
+        raise SrppoError(f"'{run}' {what}; give the output_dir of a run (the directory holding metrics.jsonl).")
+    metrics = run / "metrics.jsonl"
     if not metrics.is_file():
-        raise SrppoError(f"{metrics} does not exist; give the output_dir of a run (srppo-fast report RUN_DIR).")
+        what = "is not a file" if metrics.exists() else "does not exist"
+        raise SrppoError(f"{metrics} {what}; give the output_dir of a run that has logged a step "
+                         "(srppo-fast report RUN_DIR).")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise SrppoError("srppo-fast report needs matplotlib: pip install 'srppo-fast[report]'.") from None
-    rows = read_metrics(metrics)
-    out = Path(output_dir) / "report"
-    out.mkdir(exist_ok=True)
+    rows = read_metrics(metrics, require={"stage": str}, on_truncated_tail=warn)
+    if not rows:
+        raise SrppoError(f"{metrics} has no rows; the run has not logged a step yet: report it once it has.")
+    out = run / "report"
+    if out.exists() and not out.is_dir():
+        raise SrppoError(f"{out} exists and is not a directory; move or delete it, the report is written there.")
     written = []
-    for stage in dict.fromkeys(r["stage"] for r in rows):
-        stage_rows = [r for r in rows if r["stage"] == stage and "step" in r]
-        rl = any("reward/total" in r for r in stage_rows)
-        path = _figure(stage, stage_rows, RL_PANELS if rl else LM_PANELS, out)
-        if path is not None:
-            written.append(path)
+    try:
+        out.mkdir(exist_ok=True)
+        for stage in dict.fromkeys(r["stage"] for r in rows):
+            stage_rows = [r for r in rows if r["stage"] == stage and isinstance(r.get("step"), (int, float))]
+            rl = any("reward/total" in r for r in stage_rows)
+            path = _figure(stage, stage_rows, RL_PANELS if rl else LM_PANELS, out)
+            if path is not None:
+                written.append(path)
+    except OSError as e:
+        raise SrppoError(f"cannot write {e.filename or out}: {e.strerror or e}; check the permissions of {out}.") \
+            from None
+    if not written:
+        raise SrppoError(f"{metrics}: none of its {len(rows)} rows has a step and a plotted value (loss, reward, "
+                         "...); nothing to draw yet.")
     return written
