@@ -235,6 +235,17 @@ def _check_model_path(path: str, key: str, trust_remote_code: bool) -> str:
     return f"{key}: '{path}' holds a model config"
 
 
+def _check_tokenizer_path(path: str, trust_remote_code: bool) -> str:
+    from .modeling import load_tokenizer
+
+    if not _local(path):
+        return f"model.tokenizer: hub tokenizer '{path}' (loaded when the run starts)"
+    if not os.path.isdir(path):
+        raise ConfigError(f"model.tokenizer: '{path}' does not exist; give a directory with tokenizer files.")
+    tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    return f"model.tokenizer: '{path}' loads ({len(tok)} tokens)"
+
+
 def _check_data_head(spec: str, kind: str, key: str, lines: int = 8) -> str:
     from .data import iter_raw, normalise
 
@@ -263,8 +274,7 @@ def check_inputs(cfg: Config) -> list[str]:
     else:
         done.append(_check_model_path(cfg.model.base, "model.base", cfg.model.trust_remote_code))
     if cfg.model.tokenizer not in ("auto", "world"):
-        done.append(_check_model_path(cfg.model.tokenizer, "model.tokenizer", cfg.model.trust_remote_code)
-                    .replace("holds a model config", "found"))
+        done.append(_check_tokenizer_path(cfg.model.tokenizer, cfg.model.trust_remote_code))
     seen = set()
     for name in cfg.stages:
         for ref in stage_model_refs(cfg, name):

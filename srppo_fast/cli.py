@@ -45,12 +45,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from .config import load_config, to_dict
-    from .runner import describe_plan, run
+    from .runner import describe_plan, preflight, run
 
     cfg = load_config(args.config, args.overrides)
-    if args.dry_run:
+    if args.dry_run:  # every check a run makes before it writes anything, and nothing written
+        checks = preflight(cfg)
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
-        print(describe_plan(cfg))
+        print(describe_plan(cfg, checks))
         return 0
     run(cfg)
     return 0
@@ -120,6 +121,13 @@ def cmd_world(args) -> int:
     from .world import build_world
 
     cfg = load_config(None, args.overrides)
+    out = os.path.abspath(args.out)
+    parent = os.path.dirname(out)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise SrppoError(f"world --out '{args.out}': '{parent}' is a file, so no directory can be made under it; "
+                         "give another path.")
     path = build_world(cfg.world, args.out)
     print(f"world written to {path}")
     return 0

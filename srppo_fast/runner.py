@@ -135,6 +135,7 @@ def prepare(cfg: Config, checks: Preflight) -> RunContext:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", CONFIG_HEADER + yaml.safe_dump(to_dict(cfg), sort_keys=False))
     setup_logging(out)
+    log.info("srppo-fast: run in %s (stages: %s)", out, ", ".join(cfg.stages))
     for did in recover_tree(out / "checkpoints") + recover_tree(out):
         log.warning("%s", did)
     if cfg.runtime.num_threads:

@@ -109,3 +109,64 @@ def test_gradient_checkpointing_and_bf16_on_packed_batches(world_dir, tokenizer)
     assert bf16_loss != loss  # autocast really ran in bf16
     assert bf16_loss == pytest.approx(loss, rel=2e-2)
     assert all(g.dtype == torch.float32 for g in bf16_grads)  # weights and grads stay fp32
+
+
+def test_a_non_finite_step_is_skipped_and_counted(tiny_model):
+    """A NaN gradient leaves the weights and Adam's moments as they were; the schedule still advances; the
+    streak resets at the next finite step."""
+    engine = TorchEngine(tiny_model, OptimConfig(lr=1e-2, warmup_ratio=0.0, schedule="linear"), total_steps=4,
+                         device=torch.device("cpu"))
+    params = [p for p in tiny_model.parameters()]
+
+    def backward(value: float) -> None:
+        loss = sum((p * value).sum() for p in params)
+        loss.backward()
+
+    backward(1.0)
+    assert engine.step()["skipped"] == 0.0
+    before = [p.detach().clone() for p in params]
+    moments = {k: v.clone() for k, v in engine.optimizer.state[params[0]].items()}
+    backward(float("nan"))
+    stats = engine.step()
+    assert stats["skipped"] == 1.0 and not math.isfinite(stats["grad_norm"])
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
+    assert all(torch.equal(moments[k], engine.optimizer.state[params[0]][k]) for k in moments)
+    backward(1.0)
+    assert engine.step(loss_finite=False)["skipped"] == 1.0  # a non-finite loss alone also skips
+    assert (engine.nonfinite_steps, engine.nonfinite_streak, engine.steps_done) == (2, 2, 3)
+    assert engine.scheduler.get_last_lr()[0] == pytest.approx(1e-2 * (1 - 0.9 * 3 / 3))  # schedule moved on
+    backward(1.0)
+    engine.step()
+    assert (engine.nonfinite_steps, engine.nonfinite_streak) == (2, 0)
+    assert not all(torch.equal(a, b) for a, b in zip(before, params))
+    restored = TorchEngine(tiny_model, OptimConfig(), total_steps=4, device=torch.device("cpu"))
+    restored.load_state_dict(engine.state_dict())
+    assert (restored.nonfinite_steps, restored.nonfinite_streak) == (2, 0)
+
+
+def test_check_divergence_names_the_step_and_the_last_save(tiny_model):
+    from srppo_fast.engine import check_divergence
+    from srppo_fast.errors import TrainingError
+
+    engine = TorchEngine(tiny_model, OptimConfig(lr=3.0), total_steps=4, device=torch.device("cpu"))
+    engine.nonfinite_streak = 2
+    check_divergence(engine, "sft", 7, 3, "ckpt (step 5)")  # below the limit: nothing
+    engine.nonfinite_streak = 3
+    with pytest.raises(TrainingError, match=r"sft: 3 optimizer steps in a row .* at step 7.*ckpt \(step 5\).*peak 3"):
+        check_divergence(engine, "sft", 7, 3, "ckpt (step 5)")
+    check_divergence(engine, "sft", 7, 0, "ckpt")  # 0: never stop
+
+
+def test_loaded_weights_live_in_aligned_memory_of_their_own(tiny_model, tmp_path, tokenizer):
+    """safetensors leaves weights in buffers aligned only to the heap's whim (16 bytes), which MKL may round
+    differently from 64-byte aligned ones: a resumed run would then drift from an uninterrupted one."""
+    from srppo_fast.config import ModelConfig
+    from srppo_fast.modeling import load_critic, load_model
+
+    tiny_model.save_pretrained(tmp_path / "m")
+    for model in (load_model(str(tmp_path / "m"), ModelConfig()), load_critic(str(tmp_path / "m"), ModelConfig())):
+        tensors = list(model.parameters()) + list(model.buffers())
+        assert all(t.data_ptr() % 64 == 0 for t in tensors)
+        assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in model.parameters())
+    model = load_model(str(tmp_path / "m"), ModelConfig())
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied weights stay tied
