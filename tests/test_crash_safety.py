@@ -86,12 +86,14 @@ def test_the_save_sequence_is_what_the_kill_test_walks(reference):
 
 @pytest.mark.parametrize("save,position", _kill_points())
 def test_sigkill_at_every_step_of_a_save(reference, tmp_path, save, position):
-    n, label = _saves(reference["steps"])[save][position]
+    sequence = _saves(reference["steps"])[save]
+    n, label = sequence[position]
+    manifest = next(i for i, (_, x) in enumerate(sequence) if x.endswith(".srppo_manifest.json"))
     out = tmp_path / "run"
     shutil.copytree(reference["seed"], out)
     killed = _subprocess(out, SRPPO_FAST_TEST_KILL_AT=str(n))
     assert killed.returncode == -9, f"not killed at step {n} ({label}): {killed.stderr[-2000:]}"
-    manifest_written = position > 5  # positions 0-5 run before the new copy's manifest exists
+    manifest_written = position > manifest  # killed before that step: the new copy was not complete yet
     # the same command again: recovery, then resume from the last complete save
     assert main(_args(out)) == 0
     log = (out / "train.log").read_text().split("srppo-fast: run in")[-1]  # the second run's lines
@@ -100,7 +102,7 @@ def test_sigkill_at_every_step_of_a_save(reference, tmp_path, save, position):
         assert "already complete" in log, log  # the final copy was complete: nothing to redo
     else:
         assert f"resuming sft from step {last_complete}" in log, log
-    if position in (6, 7):  # killed between the manifest and the second rename: that save is finished
+    if position in (manifest + 1, manifest + 2):  # killed between the manifest and the second rename: finished
         assert "a save interrupted after it was complete was finished" in log, log
     # the result is the uninterrupted run's, bit for bit, and nothing is left behind
     ref = reference["ref"]

@@ -237,3 +237,34 @@ def test_resume_refuses_a_changed_config(sft_run, tmp_path):
 
     with pytest.raises(CheckpointError, match="unfinished run of a different config"):
         run(cfg)
+
+
+def test_rl_schedules_count_optimizer_steps(sft_run, tmp_path, monkeypatch):
+    """2 buffers x 2 PPO epochs x (8 responses / 4 per minibatch) = 8 optimizer steps: a linear decay must
+    reach its floor at the 8th (the last), not at the 2nd, and warm-up spans its share of the 8; the actor
+    sits out the critic's warm-up buffer, so its schedule spans the 4 steps it takes."""
+    from srppo_fast.engine import TorchEngine
+
+    seen: dict[int, list[float]] = {}
+    step = TorchEngine.step
+
+    def recording_step(self, *args, **kwargs):
+        stats = step(self, *args, **kwargs)
+        seen.setdefault(id(self), []).append(stats["lr"])
+        return stats
+
+    monkeypatch.setattr(TorchEngine, "step", recording_step)
+    lr = 1e-3
+    out = rl_run(sft_run, tmp_path, ["srppo.ppo.epochs=2", "srppo.optim.schedule=linear", "srppo.optim.min_lr_ratio=0.1",
+                                     "srppo.optim.warmup_ratio=0.25", "srppo.critic.optim.schedule=linear",
+                                     "srppo.critic.optim.min_lr_ratio=0.2", "srppo.critic.warmup_buffers=1",
+                                     "srppo.max_steps=3"])
+    actor, critic = sorted(seen.values(), key=len)  # the actor trains on buffers 2-3, the critic on 1-3
+    assert len(critic) == 12 and len(actor) == 8
+    # actor: 8 steps, warm-up round(0.25 * 8) = 2 steps, then linear from lr to 0.1 lr at the last step
+    assert actor[:3] == pytest.approx([lr / 3, 2 * lr / 3, lr])
+    assert actor[4] == pytest.approx(lr * (1 - 0.9 * 2 / 5)) and actor[-1] == pytest.approx(0.1 * lr)
+    assert critic[-1] == pytest.approx(0.2 * lr) and critic[0] == pytest.approx(lr)
+    assert all(a >= b for a, b in zip(actor[2:], actor[3:]))
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r["stage"] == "srppo"]
+    assert rows[-1]["actor_lr"] == pytest.approx(sum(actor[-4:]) / 4)  # the logged lr is the buffer's mean

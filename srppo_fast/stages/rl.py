@@ -106,11 +106,13 @@ def score(models: RLModels, prompt_ids: list[list[int]], gens, budget: int) -> t
     mask = response_mask(gens.responses)
     run = dict(data=seqs, mask=mask, budget=budget, device=ctx.device, autocast=models.actor.autocast)
     temperature = rl.rollout.temperature
+    # the KL compares the sampling distributions, so pi_ref is tempered like the actor; the coherent reward
+    # compares the models themselves (temperature 1): one frozen SFT forward serves both at temperature 1
     old = score_tokens(lambda b: packed_label_logprobs(models.actor.model, b, temperature), **run)
-    ref = score_tokens(lambda b: packed_label_logprobs(models.ref, b), **run)
+    ref = score_tokens(lambda b: packed_label_logprobs(models.ref, b, temperature), **run)
     scores = {}
     if models.sft is not None:
-        scores["sft"] = ref if models.sft is models.ref else \
+        scores["sft"] = ref if models.sft is models.ref and temperature == 1.0 else \
             score_tokens(lambda b: packed_label_logprobs(models.sft, b), **run)
         scores["pt"] = score_tokens(lambda b: packed_label_logprobs(models.pt, b), **run)
     else:
