@@ -71,24 +71,39 @@ def _plan_for(cu: torch.Tensor) -> _Plan:
     return _last_plan[1]
 
 
-def _attend_bucket(bucket: _Bucket, q, k, v, scaling, dropout, gqa) -> torch.Tensor:
+def window_mask(length: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """[L, L] bool (True: attend) of causal attention within a sliding window: query i sees keys j with
+    i - window < j <= i (transformers' convention). None when the window covers every position."""
+    if window is None or window >= length:
+        return None
+    i = torch.arange(length, device=device)
+    d = i[:, None] - i[None, :]
+    return (d >= 0) & (d < window)
+
+
+def _attend_bucket(bucket: _Bucket, q, k, v, scaling, dropout, gqa, window: int | None) -> torch.Tensor:
     """q/k/v: [N, h, D] packed -> [n_b tokens, H, D] for the bucket's tokens."""
     def pad(x: torch.Tensor) -> torch.Tensor:  # -> [n_b, h, L_b, D]
         out = x.new_zeros(bucket.n * bucket.max_len, x.shape[1], x.shape[2])
         out[bucket.slots] = x[bucket.tokens]
         return out.view(bucket.n, bucket.max_len, x.shape[1], x.shape[2]).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), is_causal=True, scale=scaling,
-                                         dropout_p=dropout, enable_gqa=gqa)
+    mask = window_mask(bucket.max_len, window, q.device)  # right padding is never a real query's key either way
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, is_causal=mask is None,
+                                         scale=scaling, dropout_p=dropout, enable_gqa=gqa)
     return out.transpose(1, 2).reshape(bucket.n * bucket.max_len, q.shape[1], -1)[bucket.slots]
 
 
 def varlen_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query: [1, H, N, D], key/value: [1, Hkv, N, D] -> ([1, N, H, D], None)."""
     cu = kwargs.get("cu_seq_lens_q")
+    window = kwargs.get("sliding_window")  # Mistral, Qwen2 (per layer): keys further back are not seen
     if cu is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+        if attention_mask is None and query.shape[2] == key.shape[2]:  # one sequence, no cache
+            mask = window_mask(query.shape[2], window, query.device)
+            attention_mask = mask[None, None] if mask is not None else None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if query.shape[0] != 1:
@@ -97,7 +112,7 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [N, h, D]
     gqa = key.shape[1] != query.shape[1]
     p = dropout if module.training else 0.0
-    out = torch.cat([_attend_bucket(b, q, k, v, scaling, p, gqa) for b in plan.buckets])[plan.inverse]
+    out = torch.cat([_attend_bucket(b, q, k, v, scaling, p, gqa, window) for b in plan.buckets])[plan.inverse]
     return out.unsqueeze(0), None
 
 

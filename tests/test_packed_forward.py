@@ -44,13 +44,6 @@ SEQ_IDS = np.array([3, 0, 7, 1, 12])  # ragged lengths (34-41 tokens), out of or
 VALUE_ATOL = 1e-5
 GRAD_SCALE_TOL = 1e-5
 
-VARLEN_IGNORES_WINDOW = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="varlen_sdpa drops the `sliding_window` that Mistral/Qwen2 attention passes it (packed path), and "
-           "transformers builds no mask for an attention it does not know, so its one-by-one fallback to sdpa "
-           "runs plain causal too: with a window shorter than the sequence, both compute full causal attention")
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Models this small gain nothing from threads, and on a loaded 2-core machine two OpenMP threads
@@ -133,8 +126,7 @@ def test_packed_equals_unpacked(tokenizer, demos, arch, attn):
 def reference_cases():
     for arch in ARCHS:
         for attn in ("varlen_sdpa", "sdpa"):
-            marks = VARLEN_IGNORES_WINDOW if attn == "varlen_sdpa" and arch in WINDOWED else ()
-            yield pytest.param(arch, attn, marks=marks, id=f"{attn}-{arch}")
+            yield pytest.param(arch, attn, id=f"{attn}-{arch}")
 
 
 @pytest.mark.parametrize("arch, attn", list(reference_cases()))
