@@ -74,21 +74,10 @@ README_MARKERS = ("<!-- config-reference:start -->", "<!-- config-reference:end 
 
 def update_readme(readme: str) -> None:
     """Rewrite the config reference between the README_MARKERS of `readme` (written beside it, then renamed)."""
-    from .io import atomic_write_text
+    from .io import atomic_write_text, read_text_file
 
-    if not os.path.isfile(readme):
-        what = "is a directory" if os.path.isdir(readme) else "does not exist"
-        raise SrppoError(f"--update-readme: '{readme}' {what}; give the README file that holds the config-reference "
-                         "markers.")
-    try:
-        with open(readme, encoding="utf-8") as fh:
-            text = fh.read()
-    except OSError as e:
-        raise SrppoError(f"--update-readme: cannot read '{readme}': {e.strerror or e}; check its permissions.") \
-            from None
-    except UnicodeDecodeError as e:
-        raise SrppoError(f"--update-readme: '{readme}' is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
-                         f"{e.start}); save it as UTF-8.") from None
+    text = read_text_file(readme, "--update-readme:", "give the README file that holds the config-reference "
+                          "markers.")
     start, end = README_MARKERS
     if start not in text or end not in text.split(start, 1)[-1]:
         raise SrppoError(f"--update-readme: '{readme}' has no {start} ... {end} markers (start before end); add them "

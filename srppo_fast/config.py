@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from .errors import ConfigError
+from .io import read_text_file
 
 # ---------------------------------------------------------------------------------------------
 # field helper
@@ -469,21 +470,8 @@ def load_config(path: str | None, overrides: list[str] = (), *, check_files: boo
     """Read a YAML config (or the defaults when `path` is None), apply overrides, build and validate."""
     raw: dict = {}
     if path is not None:
-        if os.path.isdir(path):
-            raise ConfigError(f"config file '{path}' is a directory; pass a YAML file to --config "
-                              "(e.g. configs/quickstart.yaml).")
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file to --config "
-                              "(e.g. configs/quickstart.yaml).")
-        try:
-            with open(path, encoding="utf-8") as fh:
-                text = fh.read()
-        except OSError as e:
-            raise ConfigError(f"config file '{path}' cannot be read ({e.strerror}); check its permissions.") from None
-        except UnicodeDecodeError as e:
-            line = text_line(path, e.start)
-            raise ConfigError(f"config file '{path}' is not UTF-8 text (at byte offset {e.start}, line {line}); save it as "
-                              "UTF-8.") from None
+        text = read_text_file(path, "config file", "pass an existing YAML file to --config (e.g. "
+                              "configs/quickstart.yaml).", ConfigError)
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -502,12 +490,6 @@ def load_config(path: str | None, overrides: list[str] = (), *, check_files: boo
     cfg = build(Config, raw)
     validate(cfg, check_files=check_files)
     return cfg
-
-
-def text_line(path: str, byte: int) -> int:
-    """The 1-based line of byte offset `byte` in a file (for decoding errors)."""
-    with open(path, "rb") as fh:
-        return fh.read(byte).count(b"\n") + 1
 
 
 def _check_data_spec(spec: str, key: str, check_files: bool) -> None:

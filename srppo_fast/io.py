@@ -86,6 +86,28 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator:
         raise
 
 
+def read_text_file(path: str | Path, label: str, fix: str, error: type = None) -> str:
+    """The whole of a UTF-8 text file, or one `error` (SrppoError) naming `label`, the path and the fix:
+    missing, a directory, unreadable, not UTF-8 (with the byte offset and line)."""
+    from .errors import SrppoError
+
+    error = error or SrppoError
+    if os.path.isdir(path):
+        raise error(f"{label} '{path}' is a directory; {fix}")
+    if not os.path.isfile(path):
+        raise error(f"{label} '{path}' does not exist; {fix}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except OSError as e:
+        raise error(f"{label} '{path}' cannot be read ({e.strerror or e}); check its permissions.") from None
+    except UnicodeDecodeError as e:
+        with open(path, "rb") as fh:
+            line = fh.read(e.start).count(b"\n") + 1
+        raise error(f"{label} '{path}' is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}, line "
+                    f"{line}); save it as UTF-8.") from None
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_file(path) as fh:
         fh.write(text)
@@ -182,15 +204,18 @@ _LEGACY = re.compile(r"^\..+\.[a-z0-9_]{8}\.(tmp|old)$")  # mkdtemp names of ver
 _FILE_LEFTOVER = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # atomic_file's mkstemp names
 
 
-def recover_tree(root: str | Path) -> list[str]:
-    """`recover_dir` for every interrupted directory save directly under `root`, and removal of the temporary
-    files of interrupted `atomic_file` writes. Returns what was done."""
+def recover_tree(root: str | Path, names: set[str] | None = None) -> list[str]:
+    """`recover_dir` for every interrupted directory save directly under `root` (only of the directories in
+    `names` when given), and removal of the temporary files of interrupted `atomic_file` writes. Returns
+    what was done."""
     root = Path(root)
     if not root.is_dir():
         return []
     done = []
     for entry in sorted(os.listdir(root)):
         m = _LEFTOVER.match(entry)
+        if names is not None and not (m and m["name"] in names) and not _FILE_LEFTOVER.match(entry):
+            continue
         if _LEGACY.match(entry) and (root / entry).is_dir():
             done.append(f"{root / entry}: left by a save that an older srppo-fast had interrupted; it may hold a "
                         "complete copy (look inside): move it into place or delete it")

@@ -136,7 +136,7 @@ def prepare(cfg: Config, checks: Preflight) -> RunContext:
     atomic_write_text(out / "config.yaml", CONFIG_HEADER + yaml.safe_dump(to_dict(cfg), sort_keys=False))
     setup_logging(out)
     log.info("srppo-fast: run in %s (stages: %s)", out, ", ".join(cfg.stages))
-    for did in recover_tree(out / "checkpoints") + recover_tree(out):
+    for did in recover_tree(out / "checkpoints") + recover_tree(out, {"world"}):
         log.warning("%s", did)
     if cfg.runtime.num_threads:
         torch.set_num_threads(cfg.runtime.num_threads)

@@ -130,7 +130,7 @@ def test_config_path_problems_are_one_line(tmp_path, capsys, kind):
         needle = "is a directory"
     else:
         path.write_bytes(b"stages: [sft]\n# caf\xe9\n")
-        needle = "is not UTF-8 text (at byte offset 19, line 2)"
+        needle = "is not UTF-8 text (byte 0xe9 at offset 19, line 2)"
     assert main(["train", "--config", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("srppo-fast: error: config file") and needle in err and err.count("\n") == 1, err

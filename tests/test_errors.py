@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import srppo_fast.io
 from srppo_fast import cli
 from srppo_fast.cli import main
 from srppo_fast.errors import DataError
@@ -421,18 +422,18 @@ def test_update_readme_markers_missing_or_reversed(tmp_path, capsys):
 def test_update_readme_not_utf8(tmp_path, capsys):
     readme = write(tmp_path / "README.md", MARKED.encode() + b"caf\xe9\n")
     assert error_line(["config", "--update-readme", str(readme)], capsys) == (
-        f"srppo-fast: error: --update-readme: '{readme}' is not UTF-8 text (byte 0xe9 at offset 80); save it as "
-        "UTF-8.")
+        f"srppo-fast: error: --update-readme: '{readme}' is not UTF-8 text (byte 0xe9 at offset 80, line 7); save "
+        "it as UTF-8.")
 
 
 def test_update_readme_unreadable(tmp_path, capsys, monkeypatch):
     readme = write(tmp_path / "README.md", MARKED)
     if ROOT:
-        deny_open(monkeypatch, cli, readme)
+        deny_open(monkeypatch, srppo_fast.io, readme)
     else:
         readme.chmod(0)
     assert error_line(["config", "--update-readme", str(readme)], capsys) == (
-        f"srppo-fast: error: --update-readme: cannot read '{readme}': Permission denied; check its permissions.")
+        f"srppo-fast: error: --update-readme: '{readme}' cannot be read (Permission denied); check its permissions.")
 
 
 def test_update_readme_unwritable(tmp_path, capsys, monkeypatch):

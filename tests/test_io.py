@@ -100,6 +100,8 @@ def test_recover_tree_sweeps_leftovers_and_nothing_else(tmp_path):
     assert len(done) == 3
     assert sorted(os.listdir(tmp_path)) == [".hidden", "a", "keep.txt"]
     assert recover_tree(tmp_path) == []  # idempotent
+    os.mkdir(tmp_path / ".notes.tmp")  # a user's own directory
+    assert recover_tree(tmp_path, {"a", "world"}) == [] and (tmp_path / ".notes.tmp").is_dir()
 
 
 def test_save_after_a_kill_recovers_first(tmp_path):
