@@ -308,7 +308,11 @@ class Preflight:
 def preflight(cfg: Config) -> Preflight:
     """Every check that can be made without training, in an order that writes nothing: the output
     directory, the inputs, then each stage's checkpoint against this config."""
+    from .world.build import check_world_config
+
     check_output_dir(cfg.output_dir)
+    if uses_world(cfg):
+        check_world_config(cfg.world)
     checks = check_inputs(cfg)
     statuses = {name: stage_status(cfg, name) for name in cfg.stages}
     return Preflight(statuses, checks)

@@ -62,7 +62,8 @@ class WorldConfig:
     num_demos_heldout: int = opt(200, "Held-out demonstrations: the SFT loss is evaluated on them.", ge=1)
     num_prompts: int = opt(4000, "Extra prompts without responses (in- and out-of-domain tasks) for RL.", ge=1)
     num_eval: int = opt(300, "Prompts in each evaluation split (eval_id, eval_ood).", ge=1)
-    vocab_size: int = opt(384, "Vocabulary size of the BPE tokenizer trained on the corpus.", ge=64)
+    vocab_size: int = opt(384, "Vocabulary size of the BPE tokenizer trained on the corpus (at least the 256 "
+                          "byte-level symbols and 4 special tokens).", ge=260)
 
 
 @dataclass
@@ -673,6 +674,17 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
     if cfg.model.tokenizer == "world" and cfg.model.base != "scratch":
         raise ConfigError(f"model.tokenizer is 'world' but model.base '{cfg.model.base}' is a pretrained model with "
                           "its own vocabulary; set model.tokenizer=auto.")
+    if cfg.model.attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        import torch
+
+        if not torch.cuda.is_available() or cfg.runtime.device == "cpu":
+            raise ConfigError("model.attn_implementation is 'flash_attention_2', which runs on CUDA only; use "
+                              "varlen_sdpa (the default) on this machine.")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("model.attn_implementation is 'flash_attention_2' but the flash-attn package is not "
+                              "installed; pip install flash-attn, or use varlen_sdpa.")
     if cfg.runtime.device == "cuda":
         import torch
 

@@ -116,9 +116,12 @@ class TorchEngine:
         self.nonfinite_streak = state.get("nonfinite_streak", 0)
 
 
-def check_divergence(engine: TorchEngine, what: str, step: int, limit: int, last_save: str) -> None:
-    """Stop the run once `limit` optimizer steps in a row were skipped as non-finite."""
-    if limit and engine.nonfinite_streak >= limit:
+def check_divergence(engine: TorchEngine, what: str, step: int, limit: int, last_save: str,
+                     final: bool = False) -> None:
+    """Stop the run once `limit` optimizer steps in a row were skipped as non-finite, or, at the end of a stage
+    (`final`), when every one of its steps was: a stage that never updated its weights has not trained."""
+    if (limit and engine.nonfinite_streak >= limit) or (final and engine.steps_done and
+                                                         engine.nonfinite_streak == engine.steps_done):
         raise TrainingError(
             f"{what}: {engine.nonfinite_streak} optimizer steps in a row had a non-finite loss or gradient norm "
             f"(the last at step {step}; they were skipped, the weights hold no NaN). The last good checkpoint: "

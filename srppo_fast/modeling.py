@@ -46,8 +46,9 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
     return tok
 
 
-def check_arch(cfg: ModelConfig) -> None:
-    """model.arch of a 'scratch' model: a transformers model type, and only fields of its config class."""
+def check_arch(cfg: ModelConfig, vocab_size: int = 512):
+    """model.arch of a 'scratch' model: a transformers model type, only fields of its config class, values
+    its config class accepts, and query heads that the key/value heads divide. Returns the config."""
     from transformers import AutoConfig
 
     arch = dict(cfg.arch)
@@ -62,6 +63,16 @@ def check_arch(cfg: ModelConfig) -> None:
     if unknown:
         raise ConfigError(f"model.arch.{unknown[0]} is not a field of {type(defaults).__name__}; remove it or "
                           "fix its name.")
+    try:  # all fields at construction, so derived ones (head_dim, rope parameters) follow them
+        hf_config = AutoConfig.for_model(model_type, **arch, vocab_size=vocab_size)
+    except Exception as e:  # noqa: BLE001 - transformers validates with several exception types
+        reason = " ".join(str(e).split())
+        raise ConfigError(f"model.arch is not a valid {type(defaults).__name__}: {reason[-300:]}; fix those fields.") \
+            from None
+    heads, kv = getattr(hf_config, "num_attention_heads", None), getattr(hf_config, "num_key_value_heads", None)
+    if heads and kv and heads % kv:
+        raise ConfigError(f"model.arch.num_key_value_heads ({kv}) must divide num_attention_heads ({heads}).")
+    return hf_config
 
 
 def own_memory(model: torch.nn.Module) -> torch.nn.Module:
@@ -106,7 +117,7 @@ def build_scratch_model(cfg: ModelConfig, tokenizer, seed: int):
     """A randomly initialised model of architecture `cfg.arch`, sized to the tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    check_arch(cfg)
+    check_arch(cfg, len(tokenizer))
     arch = dict(cfg.arch)
     model_type = arch.pop("model_type")
     # all fields at construction, so derived ones (head_dim, rope parameters) follow them

@@ -156,6 +156,12 @@ DRY = [
     (["sft.data={text_only}"], "a 'text' record has no prompt"),
     (["output_dir={file}"], "is a file"),
     (["stages=[sft,eval]", "eval.models=[sft,{notamodel}]"], "is not a Hugging Face model directory"),
+    (["model.arch.hidden_size=30"], "model.arch is not a valid LlamaConfig"),
+    (["model.arch.num_key_value_heads=2", "model.arch.num_attention_heads=3", "model.arch.hidden_size=96"],
+     "model.arch.num_key_value_heads (2) must divide num_attention_heads (3)"),
+    (["world.num_eval=5000"], "is more than half of the 8100 addition problems"),
+    (["model.attn_implementation=flash_attention_2"], "model.attn_implementation is 'flash_attention_2'"),
+    (["world.vocab_size=64"], "world.vocab_size: 64 is out of range; it must be at least 260"),
 ]
 
 
@@ -261,6 +267,15 @@ def test_divergence_stops_the_run_and_never_saves_non_finite_weights(tmp_path):
 
     weights = load_file(out / "checkpoints" / "sft" / "model.safetensors")
     assert all(bool(t.isfinite().all()) for t in weights.values())
+
+
+def test_a_stage_whose_every_step_was_non_finite_has_not_trained(tmp_path):
+    """A broken model (rope_theta < 0: NaN everywhere) over fewer steps than the stop rule's limit must not end
+    in "done" with weights that were never updated."""
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"sft: 1 optimizer steps in a row had a non-finite loss"):
+        run(cfg_for(out, "sft.max_steps=1", "model.arch.rope_theta=-1"))
+    assert checkpoint_info(out / "checkpoints" / "sft") is None
 
 
 def test_a_model_with_non_finite_weights_is_never_saved(tiny_model, tokenizer, tmp_path):

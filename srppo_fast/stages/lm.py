@@ -150,7 +150,7 @@ def run_lm_stage(ctx, name: str) -> None:
                 ctx.metrics.log({"stage": name, "step": step, "epoch": sampler.position / len(train), **stats})
             if section.eval_every and step % section.eval_every == 0 and step != steps:
                 evaluate(step)
-            check_divergence(engine, name, step, ctx.cfg.runtime.max_nonfinite_steps, last_save)
+            check_divergence(engine, name, step, ctx.cfg.runtime.max_nonfinite_steps, last_save, final=step == steps)
             if guard.requested or (section.save_every and step % section.save_every == 0 and step != steps):
                 info = {"stage": name, "step": step, "complete": False, "fingerprint": fingerprint}
                 save_checkpoint(ckpt, engine.model, tok, info, {TRAINER_STATE: {

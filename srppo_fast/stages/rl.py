@@ -404,7 +404,8 @@ def run_rl_stage(ctx, name: str) -> None:
             stats = run.step(step)
             for engine, what in ((run.models.actor, f"{name} actor"), (run.models.critic, f"{name} critic")):
                 if engine is not None:
-                    check_divergence(engine, what, step, ctx.cfg.runtime.max_nonfinite_steps, last_save)
+                    check_divergence(engine, what, step, ctx.cfg.runtime.max_nonfinite_steps, last_save,
+                                     final=step == steps)
             # 6. log, evaluate, save
             if step % rl.log_every == 0 or step == steps:
                 ctx.metrics.log({"stage": name, "step": step, **stats})

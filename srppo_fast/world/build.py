@@ -37,14 +37,25 @@ WORLD_CHAT_TEMPLATE = (
 SPECIAL_TOKENS = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
 
+def check_world_config(cfg: WorldConfig) -> None:
+    """The held-out splits must leave half of each problem family to the corpus and the RL prompts."""
+    n_add, n_sub = len(tasks.all_problems("add")), len(tasks.all_problems("sub"))
+    if cfg.num_eval + cfg.num_demos_heldout + cfg.num_demos > n_add // 2:
+        raise ConfigError(f"world.num_eval + world.num_demos_heldout + world.num_demos ({cfg.num_eval} + "
+                          f"{cfg.num_demos_heldout} + {cfg.num_demos}) is more than half of the {n_add} addition "
+                          f"problems ({n_add // 2}); lower them.")
+    if cfg.num_eval > n_sub // 2:
+        raise ConfigError(f"world.num_eval ({cfg.num_eval}) is more than half of the {n_sub} subtraction problems "
+                          f"({n_sub // 2}); lower it.")
+
+
 def _split_problems(cfg: WorldConfig, rng: random.Random) -> dict[str, list[tasks.Problem]]:
+    check_world_config(cfg)
     add = tasks.all_problems("add")
     sub = tasks.all_problems("sub")
     rng.shuffle(add)
     rng.shuffle(sub)
     n_eval, n_held, n_demo = cfg.num_eval, cfg.num_demos_heldout, cfg.num_demos
-    if n_eval + n_held + n_demo > len(add) // 2 or n_eval > len(sub) // 2:
-        raise ValueError("world sizes too large for the problem space")
     splits = {
         "eval_id": add[:n_eval],
         "demos_heldout": add[n_eval:n_eval + n_held],
