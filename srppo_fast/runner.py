@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import yaml
 
-from .checks import CONFIG_HEADER, Preflight, preflight, stage_fingerprint, uses_world  # noqa: F401 (re-exported)
+from .checks import CONFIG_HEADER, Preflight, preflight, uses_world
 from .config import STAGE_TYPES, Config, stage_model_refs, to_dict
 from .engine import resolve_device, resolve_precision
 from .errors import CheckpointError, ConfigError, SrppoError

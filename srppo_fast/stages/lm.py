@@ -99,7 +99,7 @@ def total_steps(section: LMStageConfig, n: int) -> int:
 def run_lm_stage(ctx, name: str) -> None:
     """1. data -> 2. model and engine (or the saved state of an interrupted run) -> 3. evaluate the start
     -> 4. train (saving every save_every steps, and on SIGINT/SIGTERM) -> 5. evaluate, save."""
-    from ..runner import stage_fingerprint
+    from ..checks import stage_fingerprint
 
     section: LMStageConfig = getattr(ctx.cfg, name)
     tok = ctx.tokenizer()

@@ -299,12 +299,11 @@ def stage_models(rl: RLStageConfig, name: str) -> dict[str, str]:
     return refs
 
 
-def save_rl(ctx, name: str, models: RLModels, step: int, complete: bool, extra_state: dict | None = None) -> None:
-    from ..runner import stage_fingerprint
-
+def save_rl(ctx, name: str, models: RLModels, step: int, complete: bool, fingerprint: dict,
+            extra_state: dict | None = None) -> None:
     """The actor as a Hugging Face directory, the critic in its `critic/` subdirectory, and (unfinished
-    runs only) the trainer state."""
-    info = {"stage": name, "step": step, "complete": complete, "fingerprint": stage_fingerprint(ctx.cfg, name)}
+    runs only) the trainer state. `fingerprint`: the stage's, taken when it started (what it trained on)."""
+    info = {"stage": name, "step": step, "complete": complete, "fingerprint": fingerprint}
     extra = None if complete else {TRAINER_STATE: extra_state}
     sub_models = {"critic": models.critic.model} if models.critic is not None else None
     save_checkpoint(ctx.checkpoint_dir(name), models.actor.model, ctx.tokenizer(), info, extra, sub_models)
@@ -379,7 +378,7 @@ class RLRun:
 
 def run_rl_stage(ctx, name: str) -> None:
     """Prompts -> models (or an interrupted run's state) -> steps 1-6 -> the final checkpoint."""
-    from ..runner import stage_fingerprint
+    from ..checks import stage_fingerprint
 
     rl: RLStageConfig = getattr(ctx.cfg, name)
     tok = ctx.tokenizer()
@@ -391,7 +390,8 @@ def run_rl_stage(ctx, name: str) -> None:
     ctx.check_models(name, stage_models(rl, name))
     log.info("%s: %d prompts (%d dropped as longer than %d), %d steps of %d x %d responses", name,
              len(prompts.ids), dropped, rl.max_prompt_len, steps, rl.prompts_per_step, rl.rollout.n_samples)
-    state = resumable(ctx.checkpoint_dir(name), stage_fingerprint(ctx.cfg, name))
+    fingerprint = stage_fingerprint(ctx.cfg, name)
+    state = resumable(ctx.checkpoint_dir(name), fingerprint)
     run = RLRun(ctx, rl, prompts, steps, state, str(ctx.checkpoint_dir(name)))
     start = state["step"] if state is not None else 0
     truncate_metrics(ctx.metrics.path, name, start if state is not None else None)
@@ -415,14 +415,14 @@ def run_rl_stage(ctx, name: str) -> None:
             bar.set_postfix(reward=f"{stats['reward/total']:.3f}", kl=f"{stats['kl']:.3f}",
                             acc=f"{stats.get('sample/accuracy', float('nan')):.2f}")
             if guard.requested or (rl.save_every and step % rl.save_every == 0 and step != steps):
-                save_rl(ctx, name, run.models, step, complete=False, extra_state=run.state_dict(step))
+                save_rl(ctx, name, run.models, step, False, fingerprint, run.state_dict(step))
                 last_save = f"{ctx.checkpoint_dir(name)} (step {step})"
             if guard.requested:
                 bar.close()
                 raise Interrupted(f"{name} stopped by {guard.requested} after step {step} of {steps}; its state is "
                                   f"saved in {ctx.checkpoint_dir(name)}: run the same command to resume.")
     bar.close()
-    save_rl(ctx, name, run.models, steps, complete=True)
+    save_rl(ctx, name, run.models, steps, True, fingerprint)
     log.info("%s: saved %s", name, ctx.checkpoint_dir(name))
 
 
