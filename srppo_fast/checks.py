@@ -305,14 +305,35 @@ class Preflight:
     checks: list[str]
 
 
-def preflight(cfg: Config) -> Preflight:
+def machine_problems(cfg: Config) -> list[str]:
+    """What this machine lacks for the config (a GPU config validated on a laptop is fine for --dry-run)."""
+    import importlib.util
+
+    import torch
+
+    problems = []
+    if cfg.model.attn_implementation == "flash_attention_2":
+        if not torch.cuda.is_available():
+            problems.append("model.attn_implementation is 'flash_attention_2', which runs on CUDA only, and no CUDA "
+                            "device is visible; use varlen_sdpa (the default) on this machine.")
+        elif importlib.util.find_spec("flash_attn") is None:
+            problems.append("model.attn_implementation is 'flash_attention_2' but the flash-attn package is not "
+                            "installed; pip install flash-attn, or use varlen_sdpa.")
+    return problems
+
+
+def preflight(cfg: Config, dry_run: bool = False) -> Preflight:
     """Every check that can be made without training, in an order that writes nothing: the output
-    directory, the inputs, then each stage's checkpoint against this config."""
+    directory, the inputs, then each stage's checkpoint against this config. What this machine lacks stops
+    a run; a dry run lists it and goes on."""
     from .world.build import check_world_config
 
+    problems = machine_problems(cfg)
+    if problems and not dry_run:
+        raise ConfigError(problems[0])
     check_output_dir(cfg.output_dir)
     if uses_world(cfg):
         check_world_config(cfg.world)
-    checks = check_inputs(cfg)
+    checks = [f"NOT ON THIS MACHINE: {p}" for p in problems] + check_inputs(cfg)
     statuses = {name: stage_status(cfg, name) for name in cfg.stages}
     return Preflight(statuses, checks)

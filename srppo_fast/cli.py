@@ -49,7 +49,7 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:  # every check a run makes before it writes anything, and nothing written
-        checks = preflight(cfg)
+        checks = preflight(cfg, dry_run=True)
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
         print(describe_plan(cfg, checks))
         return 0

@@ -674,17 +674,9 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
     if cfg.model.tokenizer == "world" and cfg.model.base != "scratch":
         raise ConfigError(f"model.tokenizer is 'world' but model.base '{cfg.model.base}' is a pretrained model with "
                           "its own vocabulary; set model.tokenizer=auto.")
-    if cfg.model.attn_implementation == "flash_attention_2":
-        import importlib.util
-
-        import torch
-
-        if not torch.cuda.is_available() or cfg.runtime.device == "cpu":
-            raise ConfigError("model.attn_implementation is 'flash_attention_2', which runs on CUDA only; use "
-                              "varlen_sdpa (the default) on this machine.")
-        if importlib.util.find_spec("flash_attn") is None:
-            raise ConfigError("model.attn_implementation is 'flash_attention_2' but the flash-attn package is not "
-                              "installed; pip install flash-attn, or use varlen_sdpa.")
+    if cfg.model.attn_implementation == "flash_attention_2" and cfg.runtime.device == "cpu":
+        raise ConfigError("model.attn_implementation is 'flash_attention_2', which runs on CUDA only, but "
+                          "runtime.device is 'cpu'; use varlen_sdpa (the default) on the CPU.")
     if cfg.runtime.device == "cuda":
         import torch
 

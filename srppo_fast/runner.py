@@ -211,6 +211,6 @@ def describe_plan(cfg: Config, checks: Preflight | None = None) -> str:
             line += " [complete: skipped]" if status.action == "skip" else f" [resumes after step {status.step}]"
         lines.append(f"  {i}. {line}")
     if checks:
-        lines.append("checks passed:")
+        lines.append("checks:")
         lines += [f"  - {c}" for c in [f"output_dir '{cfg.output_dir}' is writable", *checks.checks]]
     return "\n".join(lines)

@@ -160,7 +160,6 @@ DRY = [
     (["model.arch.num_key_value_heads=2", "model.arch.num_attention_heads=3", "model.arch.hidden_size=96"],
      "model.arch.num_key_value_heads (2) must divide num_attention_heads (3)"),
     (["world.num_eval=5000"], "is more than half of the 8100 addition problems"),
-    (["model.attn_implementation=flash_attention_2"], "model.attn_implementation is 'flash_attention_2'"),
     (["world.vocab_size=64"], "world.vocab_size: 64 is out of range; it must be at least 260"),
 ]
 
@@ -181,13 +180,24 @@ def test_dry_run_checks_paths_data_and_arch(tmp_path, capsys, overrides, needle)
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks what a machine without CUDA says")
+def test_a_gpu_config_dry_runs_anywhere_and_a_real_run_stops_before_writing(tmp_path, capsys):
+    args = ["train", "--config", QUICKSTART, f"output_dir={tmp_path / 'out'}", *BASE, *SFT,
+            "model.attn_implementation=flash_attention_2"]
+    assert main([*args, "--dry-run"]) == 0
+    assert "NOT ON THIS MACHINE: model.attn_implementation is 'flash_attention_2', which runs on CUDA only" in \
+        capsys.readouterr().out
+    assert main(args) == 2
+    assert "which runs on CUDA only" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_dry_run_lists_what_it_checked(tmp_path, capsys, world_dir):
     data = tmp_path / "demos.jsonl"
     shutil.copy(os.path.join(world_dir, "demos.jsonl"), data)
     assert main(["train", "--config", QUICKSTART, "--dry-run", f"output_dir={tmp_path / 'out'}", *BASE, *SFT,
                  f"sft.data={data}"]) == 0
     out = capsys.readouterr().out
-    assert "checks passed:" in out and f"'{data}' opens and its first 8 records parse" in out
+    assert "checks:" in out and f"'{data}' opens and its first 8 records parse" in out
     assert "every key is a field of the llama config" in out
     assert not (tmp_path / "out").exists()
 
