@@ -178,11 +178,13 @@ def _is_step_row(row: dict) -> bool:
     return "eval_loss" not in row and not any(k.startswith("careful_skill/") for k in row)
 
 
-def _final(metrics: Path, stage: str) -> dict:
+def _steps(metrics: Path, stage: str) -> list[dict]:
+    """Every training step's metrics of the stage (timings left out), each step once and in order."""
     rows = [r for r in read_metrics(metrics) if r["stage"] == stage and _is_step_row(r)]
     steps = [r["step"] for r in rows]
     assert steps == sorted(set(steps)), f"steps logged twice or out of order: {steps}"
-    return {k: v for k, v in rows[-1].items() if not (k.startswith("time") or k in ("samples_per_s", "tokens_per_s"))}
+    return [{k: v for k, v in r.items() if not (k.startswith("time") or k in ("samples_per_s", "tokens_per_s"))}
+            for r in rows]
 
 
 def _weights(path: Path) -> dict:
@@ -219,7 +221,7 @@ def test_killed_run_resumes_to_the_same_result(sft_run, tmp_path, stage, sig):
             assert done.returncode == 0, done.stderr[-2000:]
             assert f"resuming {stage} from step {info['step']}" in done.stderr
         runs[kind] = out
-    assert _final(runs["killed"] / "metrics.jsonl", stage) == _final(runs["straight"] / "metrics.jsonl", stage)
+    assert _steps(runs["killed"] / "metrics.jsonl", stage) == _steps(runs["straight"] / "metrics.jsonl", stage)
     a, b = _weights(runs["killed"] / "checkpoints" / "srppo"), _weights(runs["straight"] / "checkpoints" / "srppo")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
