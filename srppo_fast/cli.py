@@ -110,13 +110,6 @@ def cmd_world(args) -> int:
     from .world import build_world
 
     cfg = load_config(None, args.overrides)
-    out = os.path.abspath(args.out)
-    parent = os.path.dirname(out)
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if parent and not os.path.isdir(parent):
-        raise SrppoError(f"world --out '{args.out}': '{parent}' is a file, so no directory can be made under it; "
-                         "give another path.")
     path = build_world(cfg.world, args.out)
     print(f"world written to {path}")
     return 0

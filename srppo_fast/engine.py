@@ -70,7 +70,6 @@ class TorchEngine:
         self.optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
                                            betas=tuple(optim.betas), eps=optim.eps, **extra)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim, total_steps))
-        self.total_steps = total_steps
         self.steps_done = 0
         self.nonfinite_steps = 0  # optimizer steps skipped for a non-finite loss or gradient, in all
         self.nonfinite_streak = 0  # ... and in a row, up to the last step

@@ -103,14 +103,12 @@ def markdown_table(results: dict) -> str:
 
 def run_eval_stage(ctx, name: str) -> None:
     """1. evaluation sets -> 2. each model: greedy answers, verifier, log-likelihood -> 3. eval.json, eval.md."""
-    from .state import truncate_metrics
-
     ev: EvalConfig = getattr(ctx.cfg, name)
     tok = ctx.tokenizer()
     sets = [load_eval_set(str(spec), tok, ctx.world_dir) for spec in ev.splits]
     refs = stage_model_refs(ctx.cfg, name)
     ctx.check_models(name, {f"{name}.models[{i}] ({ref})": ref for i, ref in enumerate(refs)})
-    truncate_metrics(ctx.metrics.path, name)  # a re-run replaces the stage's rows, never doubles them
+    ctx.metrics.drop(name)  # a re-run replaces the stage's rows, never doubles them
     results = {}
     for ref in refs:
         t0 = time.perf_counter()

@@ -177,19 +177,18 @@ def recover_dir(path: str | Path) -> str | None:
     the leftovers. Returns a sentence saying what was done, or None when there was nothing to do."""
     path = Path(path)
     tmp, old = _aside(path, "tmp"), _aside(path, "old")
-    did = None
-    if is_complete(tmp):  # killed after the new copy was complete: finish that save
+    source, did = effective_dir(path), None
+    if source == tmp:  # killed after the new copy was complete: finish that save
         if path.is_dir():
             if old.exists():
                 shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
         did = f"{path}: a save interrupted after it was complete was finished (the newer copy is used)"
-    elif not path.is_dir() and is_complete(old):  # killed between its two renames, new copy incomplete
-        os.replace(old, path)
-        _fsync_dir(path.parent)
+    elif source == old:  # killed between its two renames, the new copy incomplete
         did = f"{path}: a save interrupted before it was complete was undone (the previous copy is used)"
+    if did:
+        os.replace(source, path)
+        _fsync_dir(path.parent)
     swept = [p.name for p in (tmp, old) if p.exists()]
     for p in (tmp, old):
         if p.exists():

@@ -12,6 +12,7 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from .errors import DataError
+from .io import atomic_file
 
 
 def _clean(value):
@@ -49,6 +50,18 @@ class MetricsLog:
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
+
+    def drop(self, stage: str, after_step: int | None = None) -> None:
+        """Drop the stage's rows past `after_step` (logged after the last save of a killed run), or all of them
+        when `after_step` is None (the stage starts afresh), so no (stage, step) is ever logged twice."""
+        if not self.path.is_file():
+            return
+        rows = read_metrics(self.path)
+        keep = [r for r in rows
+                if not (r.get("stage") == stage and (after_step is None or r.get("step", 0) > after_step))]
+        if len(keep) != len(rows):
+            with atomic_file(self.path) as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in keep)
 
 
 def _missing(row: dict, require: dict[str, type]) -> str | None:

@@ -9,7 +9,6 @@ stage drops `trainer_state.pt` (it is marked complete and is what later stages r
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import signal
@@ -20,7 +19,6 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, SrppoError
-from .io import atomic_file
 from .modeling import checkpoint_info
 
 log = logging.getLogger("srppo_fast")
@@ -89,31 +87,3 @@ def resumable(path: str | Path, fingerprint: dict) -> dict | None:
     state = torch.load(state_file, map_location="cpu", weights_only=False)
     log.info("resuming %s from step %d", info.get("stage"), info["step"])
     return state
-
-
-def truncate_metrics(path: str | Path, stage: str, step: int | None = None) -> None:
-    """Drop the stage's metric lines past `step` (logged after the last save of a killed run), or all of the
-    stage's lines when `step` is None (the stage starts afresh), so no (stage, step) is ever logged twice."""
-    path = Path(path)
-    if not path.is_file():
-        return
-    with open(path, encoding="utf-8") as fh:
-        lines = fh.readlines()
-    keep = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # the last line, cut short by a kill mid-write: it never was a record
-                log.warning("%s:%d: dropped a line cut short by an interrupted write", path, i + 1)
-                continue
-            raise CheckpointError(f"{path}:{i + 1} is not valid JSON; the metrics log is damaged: fix or delete "
-                                  "that line.") from None
-        if not (isinstance(record, dict) and record.get("stage") == stage
-                and (step is None or record.get("step", 0) > step)):
-            keep.append(line if line.endswith("\n") else line + "\n")
-    if keep != lines:
-        with atomic_file(path) as fh:
-            fh.writelines(keep)

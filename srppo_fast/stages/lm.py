@@ -16,7 +16,7 @@ from ..engine import TorchEngine, check_divergence
 from ..metrics import progress
 from ..modeling import load_model, save_checkpoint
 from ..experience import packed_label_logprobs
-from ..state import TRAINER_STATE, Interrupted, SignalGuard, resumable, rng_state, set_rng_state, truncate_metrics
+from ..state import TRAINER_STATE, Interrupted, SignalGuard, resumable, rng_state, set_rng_state
 
 log = logging.getLogger("srppo_fast")
 
@@ -124,7 +124,7 @@ def run_lm_stage(ctx, name: str) -> None:
         engine.load_state_dict(state["engine"])
         sampler.position, start, start_eval = state["sampler_position"], state["step"], state["start_eval"]
         set_rng_state(state["rng"])
-    truncate_metrics(ctx.metrics.path, name, start if state is not None else None)
+    ctx.metrics.drop(name, start if state is not None else None)
     last_save = f"{ckpt} (step {start})" if state is not None else f"none of this stage yet ({name}.save_every)"
 
     def evaluate(step: int) -> float | None:

@@ -33,7 +33,7 @@ from ..modeling import load_critic, load_model, load_reward_model, save_checkpoi
 from ..ops import (coherent_gae, kl_estimate, kl_shaped_rewards_ref, masked_whiten, ppo_loss, sequence_rewards_ref,
                    value_loss)
 from ..rollout import SamplingParams, make_engine
-from ..state import TRAINER_STATE, Interrupted, SignalGuard, resumable, rng_state, set_rng_state, truncate_metrics
+from ..state import TRAINER_STATE, Interrupted, SignalGuard, resumable, rng_state, set_rng_state
 from .lm import EpochSampler
 
 log = logging.getLogger("srppo_fast")
@@ -394,7 +394,7 @@ def run_rl_stage(ctx, name: str) -> None:
     state = resumable(ctx.checkpoint_dir(name), fingerprint)
     run = RLRun(ctx, rl, prompts, steps, state, str(ctx.checkpoint_dir(name)))
     start = state["step"] if state is not None else 0
-    truncate_metrics(ctx.metrics.path, name, start if state is not None else None)
+    ctx.metrics.drop(name, start if state is not None else None)
     last_save = f"{ctx.checkpoint_dir(name)} (step {start})" if state is not None else \
         f"none of this stage yet ({name}.save_every)"
     bar = progress(steps, name, ctx.cfg.runtime.progress)

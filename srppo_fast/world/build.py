@@ -141,6 +141,12 @@ def build_world(cfg: WorldConfig, world_dir: str | Path) -> Path:
     manifest_path = world_dir / "world.json"
     if world_dir.exists() and not world_dir.is_dir():
         raise ConfigError(f"{world_dir} is a file; the world is written to a directory: give another path.")
+    parent = world_dir.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"'{world_dir}': '{parent}' is a file, so no directory can be made under it; give another "
+                          "path.")
     if world_dir.is_dir() and any(world_dir.iterdir()) and not manifest_path.is_file():
         raise ConfigError(f"{world_dir} is not empty and holds no world srppo-fast wrote (no world.json); writing "
                           "the world there would delete its contents: give an empty or new directory.")
