@@ -87,6 +87,40 @@ def microbatches(data: TokenizedSet, seq_ids: np.ndarray, token_budget: int) -> 
     return [pack_sequences(data, seq_ids[idx]) for idx in plan.microbatches(0) if len(idx)]
 
 
+def dummy_batch() -> PackedBatch:
+    """A two-token micro-batch with one target: a rank with no sequences left runs it (its loss times 0) so that
+    every rank runs the same number of forwards and backwards (ZeRO gathers parameters and reduces gradients
+    in them, collectively); it adds exactly zero to every gradient."""
+    dummy = TokenizedSet(np.zeros(2, dtype=np.int32), np.array([False, True]), np.array([0, 2], dtype=np.int64))
+    return pack_sequences(dummy, np.array([0]))
+
+
+@dataclass
+class RankShare:
+    """This rank's micro-batches of a step (`None` for a dummy one) and the step's balance over the ranks."""
+
+    batches: list[PackedBatch | None]
+    rank_tokens: np.ndarray  # [W] tokens on each rank
+
+    @property
+    def imbalance(self) -> float:
+        """Most tokens on one rank over the mean (1.0: perfectly balanced)."""
+        mean = float(self.rank_tokens.mean()) if len(self.rank_tokens) else 0.0
+        return float(self.rank_tokens.max()) / mean if mean > 0 else 1.0
+
+    def real(self) -> list[PackedBatch]:
+        return [b for b in self.batches if b is not None]
+
+
+def rank_microbatches(data: TokenizedSet, seq_ids: np.ndarray, token_budget: int, rank: int,
+                      world_size: int) -> RankShare:
+    """The sequences `seq_ids` spread over `world_size` ranks, balanced by tokens (Karmarkar-Karp), each rank's
+    share packed under the budget; every rank gets the same number of micro-batches (empty ones: None)."""
+    plan = plan_batch(data, seq_ids, token_budget, world_size)
+    batches = [pack_sequences(data, seq_ids[idx]) if len(idx) else None for idx in plan.microbatches(rank)]
+    return RankShare(batches, plan.rank_tokens())
+
+
 def padded_pad_fraction(lengths_per_microbatch: list[np.ndarray]) -> float:
     """The padding that padding each micro-batch's sequences to its longest would have computed."""
     real = sum(int(l.sum()) for l in lengths_per_microbatch)

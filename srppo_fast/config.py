@@ -101,6 +101,28 @@ class RuntimeConfig:
     max_nonfinite_steps: int = opt(5, "Stop the run after this many optimizer steps in a row with a non-finite loss "
                                    "or gradient norm (each is skipped: the weights are not updated); 0: never stop.",
                                    ge=0)
+    engine: Literal["auto", "torch", "deepspeed"] = opt(
+        "auto", "Update engine: 'torch' (one process, torch AdamW) or 'deepspeed' (ZeRO, any number of processes "
+        "under torchrun / deepspeed; settings in the deepspeed section); 'auto' = deepspeed when the run was "
+        "launched with more than one process, else torch.")
+    gpu_memory_gib: float = opt(0.0, "GPU memory per device for --dry-run's memory plan; 0: the visible GPUs' own "
+                                "(80 when none is visible).", ge=0)
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed engine (runtime.engine: deepspeed). Our optim keys (lr, schedule, betas, weight decay,
+    clipping) and the stages' batch / micro-batch keys keep their meaning; bf16 follows runtime.precision and
+    activation checkpointing model.gradient_checkpointing."""
+
+    zero_stage: int = opt(2, "ZeRO stage: 0 (data parallel), 1 (optimizer state sharded), 2 (+ gradients), "
+                          "3 (+ parameters).", ge=0, le=3)
+    offload_optimizer: bool = opt(False, "Keep the optimizer state (and its update) on the CPU (ZeRO 1-3).")
+    offload_param: bool = opt(False, "Keep the parameters on the CPU between uses (ZeRO-3 only).")
+    shard_frozen: bool = opt(True, "With zero_stage 3, shard the frozen models (pi_SFT, pi_PT, the reward "
+                             "model) with ZeRO-3 too; otherwise each rank holds a whole copy.")
+    config: dict = opt({}, "Any other DeepSpeed config keys, merged over ours (e.g. {zero_optimization: "
+                       "{reduce_bucket_size: 5e8}}); the keys we set from our own are refused here.")
 
 
 @dataclass
@@ -275,7 +297,8 @@ class Config:
                        "srppo, ppo_rm, eval.")
     world: WorldConfig = sub(WorldConfig, "The embedded task world.")
     model: ModelConfig = sub(ModelConfig, "Base model and tokenizer.")
-    runtime: RuntimeConfig = sub(RuntimeConfig, "Device, precision, threads.")
+    runtime: RuntimeConfig = sub(RuntimeConfig, "Device, precision, threads, engine.")
+    deepspeed: DeepSpeedConfig = sub(DeepSpeedConfig, "The DeepSpeed engine's ZeRO settings.")
     pretrain: LMStageConfig = sub(LMStageConfig, "Pretraining the base (causal LM on all tokens).",
                                   data="world:corpus", loss_on="all", epochs=3.0, batch_size=64,
                                   micro_batch_tokens=4096, max_seq_len=256,
@@ -677,12 +700,57 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
     if cfg.model.attn_implementation == "flash_attention_2" and cfg.runtime.device == "cpu":
         raise ConfigError("model.attn_implementation is 'flash_attention_2', which runs on CUDA only, but "
                           "runtime.device is 'cpu'; use varlen_sdpa (the default) on the CPU.")
+    _validate_engine(cfg)
     if cfg.runtime.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise ConfigError("runtime.device is 'cuda' but no CUDA device is visible; set runtime.device=auto "
                               "or cpu.")
+
+
+# keys of a DeepSpeed config that come from ours: deepspeed.config may not set them
+DS_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                 "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16", "managed_gradient_accumulation")
+
+
+def resolved_engine(cfg: Config) -> str:
+    """What runtime.engine 'auto' picks: deepspeed when launched with more than one process, else torch."""
+    if cfg.runtime.engine != "auto":
+        return cfg.runtime.engine
+    from .dist import env_world_size
+
+    return "deepspeed" if env_world_size() > 1 else "torch"
+
+
+def _validate_engine(cfg: Config) -> None:
+    from .dist import env_world_size
+
+    ds = cfg.deepspeed
+    world = env_world_size()
+    if cfg.runtime.engine == "torch" and world > 1:
+        raise ConfigError(f"runtime.engine is 'torch' but the run was launched with {world} processes; the torch "
+                          "engine runs one process. Set runtime.engine=deepspeed (or auto).")
+    if ds.offload_param and ds.zero_stage != 3:
+        raise ConfigError(f"deepspeed.offload_param needs deepspeed.zero_stage 3 (it is {ds.zero_stage}): only "
+                          "ZeRO-3 partitions the parameters. Set zero_stage=3 or offload_param=false.")
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3 (it is 0).")
+    owned = [k for k in ds.config if k in DS_OWNED_KEYS]
+    if owned:
+        raise ConfigError(f"deepspeed.config sets {', '.join(owned)}, which srppo-fast sets from its own keys "
+                          "(optim.*, micro_batch_tokens, runtime.precision); set those instead.")
+    zero = ds.config.get("zero_optimization", {})
+    if not isinstance(zero, dict) or "stage" in zero:
+        raise ConfigError("deepspeed.config.zero_optimization: set the stage with deepspeed.zero_stage, and give "
+                          "zero_optimization as a mapping of other ZeRO keys.")
+    if resolved_engine(cfg) == "deepspeed":
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("runtime.engine resolves to 'deepspeed' but DeepSpeed is not installed: "
+                              "pip install 'srppo-fast[deepspeed]' (on a CPU-only machine: DS_BUILD_OPS=0 pip "
+                              "install deepspeed), or set runtime.engine=torch for one process.")
 
 
 def config_reference(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from .attention import packed_kwargs
-from .batching import PackedBatch, microbatches
+from . import dist
+from .batching import PackedBatch, dummy_batch, rank_microbatches
 from .data import TokenizedSet
 from .ops import linear_token_logprobs, token_logprobs
 
@@ -69,6 +70,8 @@ def lm_head_weight(model) -> torch.Tensor | None:
     head = model.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None or not hasattr(head, "weight"):
         return None
+    if hasattr(head.weight, "ds_id"):  # a ZeRO-3 shard, gathered only inside the head's own forward
+        return None
     for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
         if getattr(model.config, attr, None) not in (None, 1, 1.0):
             return None
@@ -96,13 +99,19 @@ def packed_response_values(critic, batch: PackedBatch) -> torch.Tensor:
 @torch.no_grad()
 def score_tokens(fn: Callable[[PackedBatch], torch.Tensor], data: TokenizedSet, mask: torch.Tensor, budget: int,
                  device: torch.device, autocast) -> torch.Tensor:
-    """Run `fn` (micro-batch -> per-response-token values) over every sequence: [B, T] fp32, 0 off-mask."""
+    """Run `fn` (micro-batch -> per-response-token values) over every sequence: [B, T] fp32, 0 off-mask. Each
+    rank runs its balanced share (a dummy micro-batch where it has none left: ZeRO-3 forwards are collective);
+    the shares are summed over the ranks, so every rank gets the whole buffer."""
     out = torch.zeros(mask.shape, dtype=torch.float32)
-    for batch in microbatches(data, np.arange(len(data)), budget):
+    share = rank_microbatches(data, np.arange(len(data)), budget, dist.rank(), dist.world_size())
+    for batch in share.batches:
         with autocast():
+            if batch is None:
+                fn(dummy_batch().to(device))
+                continue
             values = fn(batch.to(device))
         unflatten(values.float().cpu(), mask, batch.seq_ids, out)
-    return out
+    return dist.all_reduce_tensor_(out)
 
 
 @dataclass

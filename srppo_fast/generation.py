@@ -9,7 +9,42 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+
+def zero3_sharded(model) -> bool:
+    """The model's parameters are ZeRO-3 shards over more than one rank (its forwards are collective)."""
+    from . import dist
+
+    return dist.world_size() > 1 and any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def sample_seed(*key: int) -> int:
+    """A 63-bit seed for one sample, from integers (run seed, step, prompt index, sample index)."""
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class SeededSampling:
+    """A logits processor that turns greedy decoding into sampling with each row's own random stream: scores / T,
+    top-p, then Gumbel noise from the row's generator, so argmax draws from softmax(scores / T) restricted to the
+    nucleus. A sample then depends on its seed and the model only, not on which rank or batch produced it (the
+    same config samples the same responses at any world size)."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device: torch.device):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            ordered, index = scores.sort(dim=-1, descending=True)
+            probs = ordered.softmax(-1)
+            outside = probs.cumsum(-1) - probs > self.top_p  # the mass before this token already exceeds top_p
+            scores = scores.masked_fill(outside.scatter(-1, index, outside), float("-inf"))
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators])
+        tiny = torch.finfo(torch.float32).tiny
+        return scores - torch.log(-torch.log(u.clamp(tiny, 1.0 - 1e-7)))
 
 
 @dataclass
@@ -41,28 +76,51 @@ def generation_mode(model):
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, n: int = 1,
              do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64,
-             generator_seed: int | None = None) -> Generations:
-    """Sample `n` responses per prompt. Batches are formed from prompts sorted by length."""
+             generator_seed: int | None = None, seeds: list[int] | None = None, synced: bool = False,
+             calls: int = 0) -> Generations:
+    """Sample `n` responses per prompt. Batches are formed from prompts sorted by length.
+
+    seeds: one per prompt; sample k of prompt i then draws from its own stream (SeededSampling), seeded with
+    sample_seed(seeds[i], k). synced: the model's parameters are ZeRO-3 shards on several ranks; every forward
+    is collective, so `calls` (the most batches any rank has) batches run, padding ones included, and a rank
+    whose batch is done keeps stepping with the others (transformers' synced_gpus)."""
     device = next(model.parameters()).device
+    synced = synced or zero3_sharded(model)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     responses: list[list[int] | None] = [None] * (len(prompts) * n)
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
+    per_call = max(1, batch_size // n)
+    starts = list(range(0, len(order), per_call))
+    starts += [None] * max(0, calls - len(starts))  # padding batches (synced ranks): one prompt, discarded
     with generation_mode(model):
-        for start in range(0, len(order), max(1, batch_size // n)):
-            chunk = order[start:start + max(1, batch_size // n)]
+        for start in starts:
+            chunk = order[start:start + per_call] if start is not None else []
+            if not chunk:
+                model.generate(input_ids=torch.full((1, 1), eos, dtype=torch.long, device=device),
+                               attention_mask=torch.ones((1, 1), dtype=torch.long, device=device),
+                               max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, do_sample=False,
+                               synced_gpus=synced)
+                continue
             width = max(len(prompts[i]) for i in chunk)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for row, i in enumerate(chunk):  # left padding
                 ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
                 mask[row, width - len(prompts[i]):] = 1
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} \
-                if do_sample else {"do_sample": False}
+            repeat = n
+            if do_sample and seeds is not None:  # greedy on noised scores, the n samples as rows of their own
+                rows = [sample_seed(seeds[i], k) for i in chunk for k in range(n)]
+                ids, mask, repeat = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), 1
+                sampling = {"do_sample": False, "logits_processor": [SeededSampling(rows, temperature, top_p, device)]}
+            elif do_sample:
+                sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+            else:
+                sampling = {"do_sample": False}
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 max_new_tokens=max_new_tokens, num_return_sequences=n, eos_token_id=eos,
-                                 pad_token_id=pad, **sampling)
+                                 max_new_tokens=max_new_tokens, num_return_sequences=repeat, eos_token_id=eos,
+                                 pad_token_id=pad, synced_gpus=synced, **sampling)
             new = out[:, width:].tolist()  # [len(chunk) * n, <= max_new_tokens]
             for row, i in enumerate(chunk):
                 for k in range(n):

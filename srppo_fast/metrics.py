@@ -21,6 +21,16 @@ def _clean(value):
     return value
 
 
+class NullMetricsLog:
+    """What ranks other than 0 log to: nothing (rank 0 logs every record once)."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def drop(self, stage: str, after_step: int | None = None) -> None:
+        pass
+
+
 class MetricsLog:
     """Appends whole lines (each write is one line, flushed). A process killed in the middle of a write can
     still leave the last line cut short: opening the log again (a resumed run) cuts that partial line off,

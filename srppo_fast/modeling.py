@@ -152,27 +152,36 @@ def num_parameters(model: torch.nn.Module) -> int:
 
 
 def save_checkpoint(path: str | Path, model, tokenizer, info: dict, extra: dict[str, object] | None = None,
-                    sub_models: dict[str, object] | None = None) -> None:
+                    sub_models: dict[str, object] | None = None, *, state_dicts: dict[str, dict] | None = None,
+                    before=None) -> None:
     """Write a Hugging Face checkpoint atomically: into a temporary directory, then one rename.
 
     `extra` maps file names to objects saved with torch.save (optimizer state and the like);
-    `sub_models` maps subdirectory names to more models saved inside (the critic)."""
-    for label, module in [("model", model), *(sub_models or {}).items()]:
-        bad = [n for n, p in module.named_parameters() if not torch.isfinite(p).all()]
-        if bad:
-            raise TrainingError(f"refusing to save {path}: the {label}'s weights are not finite (first: {bad[0]}); "
-                                "training diverged before this step (lower the learning rate or the reward scale).")
+    `sub_models` maps subdirectory names to more models saved inside (the critic). `state_dicts` (label ->
+    state dict; the model's label is the first) replaces the modules' own (weights gathered from ZeRO-3 shards);
+    `before(tmp)` runs first inside the temporary directory (the DeepSpeed ranks' optimizer state)."""
+    modules = [("model", model), *(sub_models or {}).items()]
+    states = list(state_dicts.values()) if state_dicts is not None else [None] * len(modules)
+    if state_dicts is None:
+        for label, module in modules:
+            bad = [n for n, p in module.named_parameters() if not torch.isfinite(p).all()]
+            if bad:
+                raise TrainingError(f"refusing to save {path}: the {label}'s weights are not finite (first: "
+                                    f"{bad[0]}); training diverged before this step (lower the learning rate or the "
+                                    "reward scale).")
     with atomic_dir(path) as tmp:
+        if before is not None:
+            before(tmp)
         fs_step("write model")
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=states[0])
         fs_step("write tokenizer")
         tokenizer.save_pretrained(tmp)
         for name, obj in (extra or {}).items():
             fs_step(f"write {name}")
             torch.save(obj, os.path.join(tmp, name))
-        for name, sub_model in (sub_models or {}).items():
+        for (name, sub_model), state in zip(modules[1:], states[1:]):
             fs_step(f"write {name}/")
-            sub_model.save_pretrained(os.path.join(tmp, name), safe_serialization=True)
+            sub_model.save_pretrained(os.path.join(tmp, name), safe_serialization=True, state_dict=state)
         fs_step(f"write {CHECKPOINT_MARKER}")
         with open(os.path.join(tmp, CHECKPOINT_MARKER), "w", encoding="utf-8") as fh:
             json.dump(info, fh, indent=1, default=str)

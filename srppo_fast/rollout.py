@@ -21,6 +21,8 @@ class SamplingParams:
     top_p: float = 1.0
     max_new_tokens: int = 64
     greedy: bool = False
+    seeds: list[int] | None = None  # one per prompt: each sample's own random stream (generation.SeededSampling)
+    calls: int = 0  # generate batches to run at least (ranks whose forwards are collective must run as many)
 
 
 class RolloutEngine(Protocol):
@@ -46,7 +48,7 @@ class HFRolloutEngine:
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Generations:
         return generate(self.model, self.tokenizer, prompts, max_new_tokens=params.max_new_tokens, n=params.n,
                         do_sample=not params.greedy, temperature=params.temperature, top_p=params.top_p,
-                        batch_size=self.batch_size)
+                        batch_size=self.batch_size, seeds=params.seeds, calls=params.calls)
 
     def update_weights(self, model) -> None:
         self.model = model  # the same module: nothing to copy

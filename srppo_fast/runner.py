@@ -13,12 +13,13 @@ import numpy as np
 import torch
 import yaml
 
+from . import dist
 from .checks import CONFIG_HEADER, Preflight, preflight, uses_world
-from .config import STAGE_TYPES, Config, stage_model_refs, to_dict
-from .engine import resolve_device, resolve_precision
+from .config import STAGE_TYPES, Config, resolved_engine, stage_model_refs, to_dict
+from .engine import frozen_model, resolve_device, resolve_precision
 from .errors import CheckpointError, ConfigError, SrppoError
 from .io import atomic_write_text, recover_tree
-from .metrics import MetricsLog
+from .metrics import MetricsLog, NullMetricsLog
 from .modeling import (build_scratch_model, checkpoint_info, load_model, load_tokenizer, num_parameters,
                        tokenizer_fingerprint, tokenizer_mismatch)
 
@@ -35,6 +36,7 @@ class RunContext:
     precision: str
     metrics: MetricsLog
     world_dir: str | None
+    engine_kind: str = "torch"  # runtime.engine, resolved
     _tokenizer: object = field(default=None, repr=False)
     _checked: dict = field(default_factory=dict, repr=False)
 
@@ -97,6 +99,10 @@ class RunContext:
                 raise ConfigError(f"{stage}: {key} ('{path}') has a vocabulary of {vocab} ids but the run's tokenizer "
                                   f"('{self.tokenizer_spec()}') has {len(run_tok)}; they must share one tokenizer.")
 
+    def frozen(self, model):
+        """`model` for forwards only (engine.frozen_model)."""
+        return frozen_model(self, model)
+
     def init_model(self, init: str):
         path = self.model_path(init)
         if path == "scratch":
@@ -115,12 +121,18 @@ def seed_everything(seed: int) -> None:
 
 
 def setup_logging(out: Path) -> None:
+    """Rank 0 logs to stderr and train.log; the other ranks log warnings and errors to stderr, tagged."""
     root = logging.getLogger("srppo_fast")
-    root.setLevel(logging.INFO)
+    main = dist.is_main()
+    root.setLevel(logging.INFO if main else logging.WARNING)
     for h in list(root.handlers):
         root.removeHandler(h)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(out / "train.log", encoding="utf-8")):
+    tag = "" if dist.world_size() == 1 else f"[rank {dist.rank()}] "
+    fmt = logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(message)s", "%H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if main:
+        handlers.append(logging.FileHandler(out / "train.log", encoding="utf-8"))
+    for handler in handlers:
         handler.setFormatter(fmt)
         root.addHandler(handler)
     root.propagate = False
@@ -128,26 +140,45 @@ def setup_logging(out: Path) -> None:
 
 def prepare(cfg: Config, checks: Preflight) -> RunContext:
     """Steps before the first stage, once every check has passed: output dir, resolved config, logging,
-    recovery of interrupted saves, world, device."""
+    recovery of interrupted saves, world, device. Rank 0 writes; the other ranks wait for it."""
     from .world import build_world
 
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", CONFIG_HEADER + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    main = dist.is_main()
+    device = resolve_device(cfg.runtime.device)
+    if device.type == "cuda" and dist.world_size() > 1:
+        device = torch.device("cuda", dist.local_rank())
+    error = None
+    if main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "config.yaml", CONFIG_HEADER + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        except OSError as e:
+            error = e
+    dist.first_error(error)
     setup_logging(out)
-    log.info("srppo-fast: run in %s (stages: %s)", out, ", ".join(cfg.stages))
-    for did in recover_tree(out / "checkpoints") + recover_tree(out, {"world"}):
-        log.warning("%s", did)
+    engine = resolved_engine(cfg)
+    log.info("srppo-fast: run in %s (stages: %s; %s engine, %d process%s)", out, ", ".join(cfg.stages), engine,
+             dist.world_size(), "es" if dist.world_size() > 1 else "")
+    error = None
+    if main:
+        try:
+            for did in recover_tree(out / "checkpoints") + recover_tree(out, {"world"}):
+                log.warning("%s", did)
+            if uses_world(cfg):
+                build_world(cfg.world, out / "world")
+        except (OSError, SrppoError) as e:
+            error = e
+    dist.first_error(error)
     if cfg.runtime.num_threads:
         torch.set_num_threads(cfg.runtime.num_threads)
-    world_dir = None
-    if uses_world(cfg):
-        world_dir = str(build_world(cfg.world, out / "world"))
+    world_dir = str(out / "world") if uses_world(cfg) else None
+    if world_dir:
         log.info("embedded world in %s", world_dir)
-    device = resolve_device(cfg.runtime.device)
     precision = resolve_precision(cfg.runtime.precision, device)
     log.info("device %s, precision %s, %d CPU threads", device, precision, torch.get_num_threads())
-    return RunContext(cfg, out, device, precision, MetricsLog(out / "metrics.jsonl"), world_dir)
+    metrics = MetricsLog(out / "metrics.jsonl") if main else NullMetricsLog()
+    return RunContext(cfg, out, device, precision, metrics, world_dir, engine_kind=engine)
 
 
 def run(cfg: Config) -> RunContext:
@@ -155,7 +186,10 @@ def run(cfg: Config) -> RunContext:
     3. run each stage in order; stages completed by the same config and data are skipped."""
     from .stages import STAGES
 
+    if resolved_engine(cfg) == "deepspeed" or dist.launched():
+        dist.init(resolve_device(cfg.runtime.device))
     checks = preflight(cfg)
+    dist.barrier()  # every rank has checked before rank 0 writes
     ctx = prepare(cfg, checks)
     for index, name in enumerate(cfg.stages):
         status = checks.statuses[name]

@@ -29,7 +29,8 @@ QUICKSTART = "configs/quickstart.yaml"
 TINY_RL = ["srppo.max_steps=2", "srppo.prompts_per_step=4", "srppo.rollout.n_samples=2",
            "srppo.ppo.train_batch_size=4", "srppo.rollout.max_new_tokens=12", "srppo.max_prompt_len=32",
            "srppo.ppo.micro_batch_tokens=256", "srppo.critic.warmup_buffers=0", "srppo.eval_every=0",
-           "srppo.optim.lr=1e-3", "srppo.critic.optim.lr=1e-3", "eval.max_new_tokens=12"]
+           "srppo.optim.lr=1e-3", "srppo.critic.optim.lr=1e-3", "eval.max_new_tokens=12",
+           "srppo.reward.no_eos=keep"]  # 12 tokens rarely reach EOS: keep the coherent reward's spread
 RL_KEYS = {"reward/coherent", "reward/kl", "reward/total", "kl", "entropy", "clip_frac", "approx_kl", "pg_loss",
            "response_length", "eos_rate", "samples_per_s", "time/generate", "time/score", "time/update",
            "sample/accuracy", "log_ratio/p95"}

@@ -9,12 +9,13 @@ import time
 import numpy as np
 import torch
 
-from ..batching import PackedBatch, microbatches, padded_pad_fraction
+from .. import dist
+from ..batching import PackedBatch, dummy_batch, padded_pad_fraction, rank_microbatches
 from ..config import LMStageConfig
 from ..data import TokenizedSet, load_lm_data
-from ..engine import TorchEngine, check_divergence
+from ..engine import EngineBase, build_engine, check_divergence, save_engines
 from ..metrics import progress
-from ..modeling import load_model, save_checkpoint
+from ..modeling import load_model
 from ..experience import packed_label_logprobs
 from ..state import TRAINER_STATE, Interrupted, SignalGuard, resumable, rng_state, set_rng_state
 
@@ -51,43 +52,58 @@ def packed_token_logprobs(model, batch: PackedBatch) -> torch.Tensor:
     return out
 
 
-def lm_train_step(engine: TorchEngine, data: TokenizedSet, seq_ids: np.ndarray, budget: int) -> dict:
-    """One optimizer step on the sequences `seq_ids`: mean NLL over all their targets."""
+def lm_train_step(engine: EngineBase, data: TokenizedSet, seq_ids: np.ndarray, budget: int) -> dict:
+    """One optimizer step on the sequences `seq_ids` (the same on every rank; each rank runs its balanced share):
+    the mean NLL over all their targets, whatever the world size and however they were packed."""
     t0 = time.perf_counter()
-    batches = microbatches(data, seq_ids, budget)
-    n_targets = sum(b.num_targets for b in batches)
+    share = rank_microbatches(data, seq_ids, budget, dist.rank(), dist.world_size())
+    t_comm = time.perf_counter()
+    n_targets = int(dist.all_reduce([sum(b.num_targets for b in share.real())])[0])  # the step's, all ranks
+    comm = time.perf_counter() - t_comm
     loss_sum = 0.0
-    for batch in batches:
-        batch = batch.to(engine.device)
+    for batch in share.batches:
+        weight = 1.0 if batch is not None else 0.0
+        batch = (batch if batch is not None else dummy_batch()).to(engine.device)
         with engine.autocast():
             logp = packed_token_logprobs(engine.model, batch)
-        loss = -logp.sum() / max(n_targets, 1)
+        loss = -logp.sum() * weight / max(n_targets, 1)
         engine.backward(loss)
         loss_sum += loss.item()
+    t_comm = time.perf_counter()
+    loss_sum = float(dist.all_reduce([loss_sum])[0])
+    comm += time.perf_counter() - t_comm
+    t_step = time.perf_counter()
     stats = engine.step(loss_finite=math.isfinite(loss_sum))
-    n_tokens = sum(b.num_tokens for b in batches)
+    t_step = time.perf_counter() - t_step
+    n_tokens = int(share.rank_tokens.sum())
     elapsed = time.perf_counter() - t0
-    lengths = [data.lengths[b.seq_ids] for b in batches]
-    return {"loss": loss_sum, **stats, "nonfinite_steps": engine.nonfinite_steps, "tokens": n_tokens,
-            "tokens_per_s": n_tokens / elapsed,
-            "microbatches": len(batches), "pad_fraction": 0.0,
-            "padded_pad_fraction": padded_pad_fraction(lengths)}
+    lengths = [data.lengths[b.seq_ids] for b in share.real()]
+    out = {"loss": loss_sum, **stats, "nonfinite_steps": engine.nonfinite_steps, "tokens": n_tokens,
+           "tokens_per_s": n_tokens / elapsed, "microbatches": len(share.batches), "pad_fraction": 0.0,
+           "padded_pad_fraction": padded_pad_fraction(lengths)}
+    if dist.world_size() > 1:
+        out.update({"rank_imbalance": share.imbalance, "time/comm": comm, "time/optimizer_step": t_step})
+    return out
 
 
 @torch.no_grad()
 def lm_eval_loss(model, data: TokenizedSet, budget: int, device: torch.device, autocast) -> float:
-    """Mean NLL per target token over the whole set."""
+    """Mean NLL per target token over the whole set (each rank its share, summed over the ranks)."""
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
-    for batch in microbatches(data, np.arange(len(data)), budget):
-        batch = batch.to(device)
+    share = rank_microbatches(data, np.arange(len(data)), budget, dist.rank(), dist.world_size())
+    for batch in share.batches:
+        real = batch is not None
+        batch = (batch if real else dummy_batch()).to(device)
         with autocast():
             logp = packed_token_logprobs(model, batch)
-        nll -= float(logp.sum())
-        count += batch.num_targets
+        if real:
+            nll -= float(logp.sum())
+            count += batch.num_targets
     model.train(was_training)
-    return nll / max(count, 1)
+    nll, count = dist.all_reduce([nll, count])
+    return float(nll) / max(float(count), 1.0)
 
 
 def total_steps(section: LMStageConfig, n: int) -> int:
@@ -117,11 +133,11 @@ def run_lm_stage(ctx, name: str) -> None:
     state = resumable(ckpt, fingerprint)
     ctx.check_models(name, {f"{name}.init": section.init})
     model = load_model(str(ckpt), ctx.cfg.model) if state else ctx.init_model(section.init)
-    engine = TorchEngine(model, section.optim, steps, ctx.device, ctx.precision, ctx.cfg.model.gradient_checkpointing)
+    engine = build_engine(ctx, model, section.optim, steps, "model",
+                          resume=(str(ckpt), state["engine"]) if state is not None else None)
     sampler = EpochSampler(len(train), ctx.cfg.seed, section.shuffle)
     start, start_eval = 0, None
     if state is not None:
-        engine.load_state_dict(state["engine"])
         sampler.position, start, start_eval = state["sampler_position"], state["step"], state["start_eval"]
         set_rng_state(state["rng"])
     ctx.metrics.drop(name, start if state is not None else None)
@@ -139,7 +155,7 @@ def run_lm_stage(ctx, name: str) -> None:
     if state is None:
         start_eval = evaluate(0)
     # 4. train
-    bar = progress(steps, name, ctx.cfg.runtime.progress)
+    bar = progress(steps, name, ctx.cfg.runtime.progress and dist.is_main())
     bar.update(start)
     with SignalGuard() as guard:
         for step in range(start + 1, steps + 1):
@@ -151,16 +167,17 @@ def run_lm_stage(ctx, name: str) -> None:
             if section.eval_every and step % section.eval_every == 0 and step != steps:
                 evaluate(step)
             check_divergence(engine, name, step, ctx.cfg.runtime.max_nonfinite_steps, last_save, final=step == steps)
-            if guard.requested or (section.save_every and step % section.save_every == 0 and step != steps):
+            stop = dist.any_true(guard.requested is not None)
+            if stop or (section.save_every and step % section.save_every == 0 and step != steps):
                 info = {"stage": name, "step": step, "complete": False, "fingerprint": fingerprint}
-                save_checkpoint(ckpt, engine.model, tok, info, {TRAINER_STATE: {
+                save_engines(ckpt, {"model": engine}, tok, info, {
                     "step": step, "engine": engine.state_dict(), "sampler_position": sampler.position,
-                    "start_eval": start_eval, "rng": rng_state()}})
+                    "start_eval": start_eval, "rng": rng_state()}, TRAINER_STATE)
                 last_save = f"{ckpt} (step {step})"
-            if guard.requested:
+            if stop:
                 bar.close()
-                raise Interrupted(f"{name} stopped by {guard.requested} after step {step} of {steps}; its state is "
-                                  f"saved in {ckpt}: run the same command to resume.")
+                raise Interrupted(f"{name} stopped by {guard.requested or 'a signal to another rank'} after step {step} "
+                                  f"of {steps}; its state is saved in {ckpt}: run the same command to resume.")
     bar.close()
     # 5. evaluate the end, save
     end_eval = evaluate(steps)
@@ -168,7 +185,7 @@ def run_lm_stage(ctx, name: str) -> None:
             "eval_loss_start": start_eval, "eval_loss_end": end_eval}
     if section.data == "world:corpus" and ctx.world_dir:
         info["careful_skill"] = probe_careful_skill(ctx, name, engine.model, tok, steps)
-    save_checkpoint(ckpt, engine.model, tok, info)
+    save_engines(ckpt, {"model": engine}, tok, info)
     log.info("%s: saved %s", name, ckpt)
 
 

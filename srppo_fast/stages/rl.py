@@ -12,6 +12,7 @@ One step = one rollout buffer:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -20,16 +21,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import dist
 from ..advantages import RunningMoments, baseline_advantages, compute_advantages, explained_variance
 from ..config import RLStageConfig
 from ..data import read_records, render
-from ..engine import TorchEngine, check_divergence
+from ..engine import backward_together, build_engine, check_divergence, save_engines
 from ..errors import ConfigError, DataError
-from ..batching import microbatches
+from ..batching import dummy_batch, rank_microbatches
+from ..generation import Generations, sample_seed
 from ..experience import (Experience, build_sequences, flat, packed_label_logprobs, packed_response_values,
                           packed_sequence_scores, response_mask, score_tokens)
 from ..metrics import progress
-from ..modeling import load_critic, load_model, load_reward_model, save_checkpoint
+from ..modeling import load_critic, load_model, load_reward_model
 from ..ops import (coherent_gae, kl_estimate, kl_shaped_rewards_ref, masked_whiten, ppo_loss, sequence_rewards_ref,
                    value_loss)
 from ..rollout import SamplingParams, make_engine
@@ -66,8 +69,9 @@ def load_prompts(spec: str, tokenizer, world_dir: str | None, max_len: int, key:
 class RLModels:
     """The actor and critic (trainable, each with its engine) and the frozen models, loaded once each."""
 
-    def __init__(self, ctx, rl: RLStageConfig, steps: int, resume_dir: str | None = None):
-        """`steps` rollout buffers; the engines' schedules count optimizer steps (optimizer_steps)."""
+    def __init__(self, ctx, rl: RLStageConfig, steps: int, resume_dir: str | None = None, state: dict | None = None):
+        """`steps` rollout buffers; the engines' schedules count optimizer steps (optimizer_steps). `state`: an
+        interrupted run's trainer state, saved in `resume_dir`."""
         cfg = ctx.cfg
         self.ctx, self.rl = ctx, rl
         frozen: dict[str, torch.nn.Module] = {}
@@ -75,24 +79,24 @@ class RLModels:
         def frozen_model(ref: str):
             path = ctx.model_path(ref)
             if path not in frozen:
-                frozen[path] = load_model(path, cfg.model).to(ctx.device).eval().requires_grad_(False)
+                frozen[path] = ctx.frozen(load_model(path, cfg.model))
             return frozen[path]
 
-        actor = load_model(resume_dir, cfg.model) if resume_dir else ctx.init_model(rl.init)
+        actor = load_model(resume_dir, cfg.model) if state else ctx.init_model(rl.init)
         actor_steps, critic_steps = optimizer_steps(rl, steps)
-        self.actor = TorchEngine(actor, rl.optim, actor_steps, ctx.device, ctx.precision,
-                                 cfg.model.gradient_checkpointing)
+        self.actor = build_engine(ctx, actor, rl.optim, actor_steps, "actor",
+                                  resume=(resume_dir, state["actor"]) if state else None)
         self.critic = None
         if rl.advantage.estimator == "gae":
-            critic_path = f"{resume_dir}/critic" if resume_dir else ctx.model_path(rl.critic.init)
-            self.critic = TorchEngine(load_critic(critic_path, cfg.model), rl.critic.optim, critic_steps, ctx.device,
-                                      ctx.precision, cfg.model.gradient_checkpointing)
+            critic_path = f"{resume_dir}/critic" if state else ctx.model_path(rl.critic.init)
+            self.critic = build_engine(ctx, load_critic(critic_path, cfg.model), rl.critic.optim, critic_steps,
+                                       "critic", resume=(resume_dir, state["critic"]) if state else None)
         self.ref = frozen_model(rl.kl.reference or rl.reward.sft)
         self.sft = self.pt = self.reward_model = None
         if rl.reward.type == "coherent":
             self.sft, self.pt = frozen_model(rl.reward.sft), frozen_model(rl.reward.pretrained)
         else:
-            self.reward_model = load_reward_model(rl.reward.model_path, cfg.model).to(ctx.device)
+            self.reward_model = ctx.frozen(load_reward_model(rl.reward.model_path, cfg.model))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,11 +130,16 @@ def score(models: RLModels, prompt_ids: list[list[int]], gens, budget: int) -> t
 
 @torch.no_grad()
 def score_sequences(reward_model, seqs, budget, device, autocast) -> torch.Tensor:
+    """The reward model's score of every sequence (each rank its share, summed over the ranks): [B]."""
     out = torch.zeros(len(seqs))
-    for batch in microbatches(seqs, np.arange(len(seqs)), budget):
+    share = rank_microbatches(seqs, np.arange(len(seqs)), budget, dist.rank(), dist.world_size())
+    for batch in share.batches:
         with autocast():
+            if batch is None:
+                packed_sequence_scores(reward_model, dummy_batch().to(device))
+                continue
             out[torch.as_tensor(batch.seq_ids)] = packed_sequence_scores(reward_model, batch.to(device)).cpu()
-    return out
+    return dist.all_reduce_tensor_(out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -234,26 +243,52 @@ def minibatch_losses(models: RLModels, exp: Experience, batch, rows: np.ndarray,
     else:
         actor_loss = None
         critic_loss, stats = value_loss(values, mask=ones, normalizer=n_tokens, **critic)
-    losses = [loss for loss in (actor_loss, critic_loss) if loss is not None]
-    torch.autograd.backward(losses)  # one pass: the fused op computes both gradients at once
+    # one pass when the engines allow it: the fused op computes both gradients at once
+    backward_together([(engine, loss) for engine, loss in ((models.actor, actor_loss), (models.critic, critic_loss))
+                       if loss is not None])
     return stats
 
 
-def ppo_update(models: RLModels, exp: Experience, train_actor: bool) -> dict:
-    """PPO epochs over minibatches of the buffer; token-mean losses over each minibatch."""
+def dummy_losses(models: RLModels, train_actor: bool) -> None:
+    """A rank with no sequences left in this minibatch: forward and backward a dummy micro-batch with weight 0
+    (the collectives of ZeRO need every rank in every forward and backward)."""
+    batch = dummy_batch().to(models.ctx.device)
+    losses = []
+    if train_actor:
+        with models.actor.autocast():
+            losses.append(packed_label_logprobs(models.actor.model, batch).sum() * 0.0)
+    if models.critic is not None:
+        with models.critic.autocast():
+            losses.append(packed_response_values(models.critic.model, batch).sum() * 0.0)
+    engines = [e for e in (models.actor if train_actor else None, models.critic) if e is not None]
+    backward_together(list(zip(engines, losses)))
+
+
+def ppo_update(models: RLModels, exp: Experience, train_actor: bool, seed: int = 0) -> dict:
+    """PPO epochs over minibatches of the buffer (the same minibatches on every rank, each rank running its
+    balanced share of each); token-mean losses over each minibatch, whatever the world size."""
     ppo = models.rl.ppo
     sums: dict[str, float] = {}
     n_minibatches = 0
+    rng = np.random.default_rng(seed)
+    imbalance = []
     for _ in range(ppo.epochs):
-        order = np.random.permutation(len(exp.sequences))
+        order = rng.permutation(len(exp.sequences))
         for start in range(0, len(order), ppo.train_batch_size):
             ids = order[start:start + ppo.train_batch_size]
             n_tokens = int(exp.mask[torch.as_tensor(ids)].sum())
             minibatch: dict[str, float] = {}
-            for batch in microbatches(exp.sequences, ids, ppo.micro_batch_tokens):
-                rows = batch.seq_ids
-                _accumulate(minibatch, minibatch_losses(models, exp, batch.to(models.ctx.device), rows, n_tokens,
-                                                        train_actor))
+            share = rank_microbatches(exp.sequences, ids, ppo.micro_batch_tokens, dist.rank(), dist.world_size())
+            imbalance.append(share.imbalance)
+            for batch in share.batches:
+                if batch is None:
+                    dummy_losses(models, train_actor)
+                    continue
+                _accumulate(minibatch, minibatch_losses(models, exp, batch.to(models.ctx.device), batch.seq_ids,
+                                                        n_tokens, train_actor))
+            if dist.world_size() > 1:  # token sums / n_tokens: summed over the ranks, the minibatch's
+                keys = sorted(set().union(*dist.all_gather_object(sorted(minibatch))))
+                minibatch = dist.all_reduce_dict({k: minibatch.get(k, 0.0) for k in keys})
             _accumulate(sums, minibatch)
             if train_actor:
                 actor_ok = all(math.isfinite(minibatch.get(k, 0.0)) for k in ("pg_loss", "kl_loss", "entropy"))
@@ -262,7 +297,10 @@ def ppo_update(models: RLModels, exp: Experience, train_actor: bool) -> dict:
                 critic_ok = math.isfinite(minibatch.get("value_loss", 0.0))
                 _accumulate(sums, {f"critic_{k}": v for k, v in models.critic.step(critic_ok).items()})
             n_minibatches += 1
-    return {k: v / max(n_minibatches, 1) for k, v in sums.items()}
+    out = {k: v / max(n_minibatches, 1) for k, v in sums.items()}
+    if dist.world_size() > 1:
+        out["rank_imbalance"] = float(np.mean(imbalance))
+    return out
 
 
 def _accumulate(sums: dict, stats: dict) -> None:
@@ -304,9 +342,11 @@ def save_rl(ctx, name: str, models: RLModels, step: int, complete: bool, fingerp
     """The actor as a Hugging Face directory, the critic in its `critic/` subdirectory, and (unfinished
     runs only) the trainer state. `fingerprint`: the stage's, taken when it started (what it trained on)."""
     info = {"stage": name, "step": step, "complete": complete, "fingerprint": fingerprint}
-    extra = None if complete else {TRAINER_STATE: extra_state}
-    sub_models = {"critic": models.critic.model} if models.critic is not None else None
-    save_checkpoint(ctx.checkpoint_dir(name), models.actor.model, ctx.tokenizer(), info, extra, sub_models)
+    engines = {"actor": models.actor}
+    if models.critic is not None:
+        engines["critic"] = models.critic  # saved in the critic/ subdirectory
+    save_engines(ctx.checkpoint_dir(name), engines, ctx.tokenizer(), info, None if complete else extra_state,
+                 TRAINER_STATE)
 
 
 class RLRun:
@@ -314,7 +354,7 @@ class RLRun:
 
     def __init__(self, ctx, rl: RLStageConfig, prompts: Prompts, steps: int, state: dict | None, resume_dir: str):
         self.ctx, self.rl, self.prompts = ctx, rl, prompts
-        self.models = RLModels(ctx, rl, steps, resume_dir=resume_dir if state else None)
+        self.models = RLModels(ctx, rl, steps, resume_dir=resume_dir if state else None, state=state)
         self.sampler = EpochSampler(len(prompts.ids), ctx.cfg.seed, shuffle=True)
         self.moments = RunningMoments()
         self.engine = make_engine(rl.rollout.engine, self.models.actor.model, ctx.tokenizer(), rl.rollout.batch_size)
@@ -335,13 +375,33 @@ class RLRun:
                 "sampler_position": self.sampler.position, "reward_moments": self.moments.state_dict(),
                 "rng": rng_state()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.models.actor.load_state_dict(state["actor"])
-        if self.models.critic is not None:
-            self.models.critic.load_state_dict(state["critic"])
+    def load_state_dict(self, state: dict) -> None:  # the engines' states were loaded with them (RLModels)
         self.sampler.position = state["sampler_position"]
         self.moments.load_state_dict(state["reward_moments"])
         set_rng_state(state["rng"])
+
+    def generate(self, step: int, chosen: np.ndarray, prompt_ids: list[list[int]]) -> tuple[Generations, float]:
+        """Each rank samples for its share of the step's prompts (every W-th: a prompt's n samples stay on one
+        rank); the shares are gathered so every rank holds the whole buffer in prompt order. Each sample draws
+        from its own stream (seed, step, prompt, sample), so the buffer does not depend on the world size."""
+        rank, world = dist.rank(), dist.world_size()
+        mine = list(range(rank, len(prompt_ids), world))
+        seeds = [sample_seed(self.ctx.cfg.seed, step, int(chosen[i])) for i in mine]
+        per_call = max(1, self.rl.rollout.batch_size // self.params.n)
+        calls = int(dist.all_reduce([math.ceil(len(mine) / per_call)], "max")[0])
+        params = dataclasses.replace(self.params, seeds=seeds, calls=calls)
+        local = self.engine.generate([prompt_ids[i] for i in mine], params)
+        t = time.perf_counter()
+        shares = dist.all_gather_object((mine, local.responses, local.ended))
+        comm = time.perf_counter() - t
+        n = self.params.n
+        responses: list = [None] * (len(prompt_ids) * n)
+        ended: list = [None] * (len(prompt_ids) * n)
+        for prompts_of_rank, rs, es in shares:
+            for j, i in enumerate(prompts_of_rank):
+                responses[i * n:(i + 1) * n] = rs[j * n:(j + 1) * n]
+                ended[i * n:(i + 1) * n] = es[j * n:(j + 1) * n]
+        return Generations(responses, ended, [i for i in range(len(prompt_ids)) for _ in range(n)]), comm
 
     def step(self, step: int) -> dict:
         """Steps 1-5 on one rollout buffer; returns its statistics."""
@@ -351,7 +411,7 @@ class RLRun:
         chosen = self.sampler.take(rl.prompts_per_step)
         prompt_ids = [self.prompts.ids[i] for i in chosen]
         # 2. generate
-        gens = self.engine.generate(prompt_ids, self.params)
+        gens, comm = self.generate(step, chosen, prompt_ids)
         times["generate"], t = time.perf_counter() - t, time.perf_counter()
         # 3. score
         exp, scores = score(models, [prompt_ids[i] for i in gens.prompt_index], gens, rl.ppo.micro_batch_tokens)
@@ -361,7 +421,7 @@ class RLRun:
         times["advantages"], t = time.perf_counter() - t, time.perf_counter()
         # 5. update
         train_actor = models.critic is None or step > rl.critic.warmup_buffers
-        stats.update(ppo_update(models, exp, train_actor))
+        stats.update(ppo_update(models, exp, train_actor, seed=sample_seed(self.ctx.cfg.seed, step, 1 << 40)))
         self.engine.update_weights(models.actor.model)
         times["update"] = time.perf_counter() - t
         questions = [self.prompts.questions[chosen[i]] for i in gens.prompt_index]
@@ -373,6 +433,8 @@ class RLRun:
             stats["critic_nonfinite_steps"] = models.critic.nonfinite_steps
         stats.update({"time/step": total, "samples_per_s": len(exp.sequences) / total,
                       "actor_trained": float(train_actor)})
+        if dist.world_size() > 1:
+            stats["time/comm_gather"] = comm
         return stats
 
 
@@ -397,7 +459,7 @@ def run_rl_stage(ctx, name: str) -> None:
     ctx.metrics.drop(name, start if state is not None else None)
     last_save = f"{ctx.checkpoint_dir(name)} (step {start})" if state is not None else \
         f"none of this stage yet ({name}.save_every)"
-    bar = progress(steps, name, ctx.cfg.runtime.progress)
+    bar = progress(steps, name, ctx.cfg.runtime.progress and dist.is_main())
     bar.update(start)
     with SignalGuard() as guard:
         for step in range(start + 1, steps + 1):
@@ -414,13 +476,15 @@ def run_rl_stage(ctx, name: str) -> None:
             bar.update(1)
             bar.set_postfix(reward=f"{stats['reward/total']:.3f}", kl=f"{stats['kl']:.3f}",
                             acc=f"{stats.get('sample/accuracy', float('nan')):.2f}")
-            if guard.requested or (rl.save_every and step % rl.save_every == 0 and step != steps):
+            stop = dist.any_true(guard.requested is not None)
+            if stop or (rl.save_every and step % rl.save_every == 0 and step != steps):
                 save_rl(ctx, name, run.models, step, False, fingerprint, run.state_dict(step))
                 last_save = f"{ctx.checkpoint_dir(name)} (step {step})"
-            if guard.requested:
+            if stop:
                 bar.close()
-                raise Interrupted(f"{name} stopped by {guard.requested} after step {step} of {steps}; its state is "
-                                  f"saved in {ctx.checkpoint_dir(name)}: run the same command to resume.")
+                raise Interrupted(f"{name} stopped by {guard.requested or 'a signal to another rank'} after step {step} "
+                                  f"of {steps}; its state is saved in {ctx.checkpoint_dir(name)}: run the same "
+                                  "command to resume.")
     bar.close()
     save_rl(ctx, name, run.models, steps, True, fingerprint)
     log.info("%s: saved %s", name, ctx.checkpoint_dir(name))

@@ -1,0 +1,184 @@
+"""The DeepSpeed engine: ZeRO 0-3 data parallelism over any number of processes (torchrun / deepspeed), with
+our optimizer (torch AdamW, so nothing compiles), our schedule and our accumulation.
+
+How our keys map onto DeepSpeed's:
+  - accumulation: `managed_gradient_accumulation: false`: every micro-batch's backward accumulates and
+    `step()` is the boundary, so a step may hold any number of packed micro-batches (the same on every rank).
+  - loss normalisation: the stages divide each loss by the whole step's target tokens over all ranks;
+    DeepSpeed averages gradients over the ranks, so `backward` multiplies by the world size.
+  - schedule: the engine sets the lr of every param group before each step from lr_lambda (a skipped
+    step still advances it, as under the torch engine); gradient_clipping = optim.grad_clip.
+  - non-finite steps: ZeRO 1-3 check the reduced gradients and skip the update (DeepSpeed's overflow check);
+    under ZeRO 0 we reduce, check the norm and skip the step ourselves.
+  - checkpoints: `save_state` writes DeepSpeed's own resumable state (every rank its shards);
+    `full_state_dict` gathers ZeRO-3 shards onto rank 0 for the Hugging Face directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+
+from .. import dist
+from ..config import DeepSpeedConfig, OptimConfig
+from .common import EngineBase, make_adamw
+
+log = logging.getLogger("srppo_fast")
+STATE_TAG = "state"
+
+
+def import_deepspeed(device: torch.device):
+    """Import DeepSpeed for `device`: its CPU accelerator when the run computes on the CPU; without building
+    the CPU's shared-memory all-reduce op (~60 s of g++ on a cold cache, a speed-up only;
+    SRPPO_FAST_DS_SHM=1 keeps it); its INFO chatter off."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.ops
+
+    if device.type == "cpu" and os.environ.get("SRPPO_FAST_DS_SHM") != "1":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return deepspeed
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def ds_config(ds: DeepSpeedConfig, precision: str, *, optim: OptimConfig | None = None, zero_stage: int | None = None,
+              universal: bool = False) -> dict:
+    """The DeepSpeed config of one engine: a trainable one (`optim` given) or a frozen, inference-only one."""
+    stage = ds.zero_stage if zero_stage is None else zero_stage
+    zero: dict = {"stage": stage}
+    if optim is not None and ds.offload_optimizer and stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload_param and stage == 3:
+        zero["offload_param"] = {"device": "cpu"}
+    cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "steps_per_print": 2**31 - 1,
+           "wall_clock_breakdown": False, "zero_optimization": zero, "bf16": {"enabled": precision == "bf16"},
+           "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
+    if optim is not None:
+        cfg.update(managed_gradient_accumulation=False, gradient_clipping=float(optim.grad_clip))
+    if universal:
+        cfg["checkpoint"] = {"load_universal": True}
+    return _merge(cfg, ds.config)
+
+
+class DeepSpeedEngine(EngineBase):
+    name = "deepspeed"
+
+    def __init__(self, model: torch.nn.Module, optim: OptimConfig, total_steps: int, device: torch.device,
+                 precision: str, gradient_checkpointing: bool, ds: DeepSpeedConfig, universal: bool = False):
+        super().__init__(optim, total_steps, device, precision)
+        deepspeed = import_deepspeed(device)
+        dist.init(device)
+        if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        self.zero_stage = ds.zero_stage
+        optimizer = make_adamw(model, optim, torch.device("cpu") if ds.offload_optimizer else device)
+        self.config = ds_config(ds, precision, optim=optim, universal=universal)
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
+        self.model = self.ds.module
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        self.ds.backward(self.scale_loss(loss), retain_graph=retain_graph, scale_wrt_gas=False)
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * dist.world_size()  # DeepSpeed averages the ranks' gradients; our losses are global shares
+
+    # DeepSpeed's bookkeeping around a backward (ZeRO's gradient hooks, the accumulation epilogue) runs in its
+    # own backward(): one engine at a time (0.19.8's torch-style backward left ZeRO-2 without the actor's grads)
+    joint_backward = False
+
+    def _set_lr(self) -> float:
+        lr = self.optim_cfg.lr * self.lr_at(self.steps_done)
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def step(self, loss_finite: bool = True) -> dict:
+        lr = self._set_lr()
+        if self.zero_stage == 0:
+            ok, grad_norm = self._step_zero0(loss_finite)
+        else:
+            before = self.ds.skipped_steps
+            self.ds.step()
+            norm = self.ds.get_global_grad_norm()
+            grad_norm = float(norm) if norm is not None else float("nan")
+            ok = self.ds.skipped_steps == before and math.isfinite(grad_norm)
+        self._record(ok)
+        return {"grad_norm": grad_norm, "lr": lr, "skipped": float(not ok)}
+
+    def _step_zero0(self, loss_finite: bool) -> tuple[bool, float]:
+        """ZeRO 0 checks nothing: reduce the gradients here, take their norm, and step only when it is finite."""
+        self.ds.allreduce_gradients()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        ok = dist.agree(loss_finite and math.isfinite(grad_norm))
+        if ok:
+            self.ds.enable_backward_allreduce = False  # reduced above
+            try:
+                self.ds.step()
+            finally:
+                self.ds.enable_backward_allreduce = True
+        else:
+            self.ds.zero_grad()
+        return ok, grad_norm
+
+    def state_dict(self) -> dict:
+        return {"deepspeed": {"world_size": dist.world_size(), "zero_stage": self.zero_stage}, **self.counters()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.load_counters(state)
+
+    def save_state(self, directory: str) -> None:
+        """Collective: DeepSpeed's resumable state (optimizer shards, every rank) under `directory`."""
+        self.ds.save_checkpoint(directory, tag=STATE_TAG, save_latest=False)
+
+    def load_state(self, directory: str, tag: str = STATE_TAG) -> None:
+        path, _ = self.ds.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed state in {directory}/{tag}")
+
+    def full_state_dict(self) -> dict | None:
+        """Collective under ZeRO-3 (the shards are gathered one layer at a time onto rank 0); rank 0 gets the
+        whole model's state dict, the other ranks None."""
+        if self.zero_stage == 3:
+            state = self.ds._zero3_consolidated_16bit_state_dict()
+            return state if dist.is_main() else None
+        return self.model.state_dict() if dist.is_main() else None
+
+
+def frozen_deepspeed(model: torch.nn.Module, device: torch.device, precision: str, ds: DeepSpeedConfig):
+    """A frozen model sharded with ZeRO-3 (inference only): returns the module to run forwards on."""
+    deepspeed = import_deepspeed(device)
+    dist.init(device)
+    engine, *_ = deepspeed.initialize(model=model.eval().requires_grad_(False),
+                                      config=ds_config(ds, precision, zero_stage=3))
+    engine.eval()
+    return engine.module
+
+
+def convert_to_universal(src: str, dst: str, zero_stage: int) -> None:
+    """DeepSpeed's universal checkpoint of `src/state` in `dst/state_universal` (rank 0 only)."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=os.path.join(src, STATE_TAG),
+                              output_folder=os.path.join(dst, UNIVERSAL_TAG), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, no_strict=False,
+                              inject_missing_state=zero_stage < 3)
+    ds_to_universal.main(args)
+
+
+UNIVERSAL_TAG = STATE_TAG + "_universal"
