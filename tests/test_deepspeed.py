@@ -1,0 +1,189 @@
+"""The DeepSpeed engine, for real: DeepSpeed 0.19.8 with its CPU accelerator and gloo, one process and two
+(`torchrun --standalone --nproc_per_node 2`), ZeRO-2 and ZeRO-3, against the torch engine.
+
+Every run is the CLI in a subprocess (a process group cannot be torn down and rebuilt inside pytest). fp32
+throughout (PLATFORM.md: bf16 differs by ~5e-5 between world sizes). Adam's eps is 1e-6 in these runs: with
+1e-8, a coordinate whose gradient is ~0 turns rounding noise in the reduced gradient (another summation
+order) into a full-size lr step of either sign, a difference of the order of lr that says nothing about the
+engine; 1e-6 keeps such coordinates still and leaves every real update as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+pytestmark = pytest.mark.deepspeed
+
+from safetensors.torch import load_file  # noqa: E402
+
+from .conftest import TINY_ARCH, TINY_WORLD  # noqa: E402
+
+QUICKSTART = "configs/quickstart.yaml"
+TOL = 1e-5
+RUN = [*(f"world.{k}={v}" for k, v in TINY_WORLD.items()), *(f"model.arch.{k}={v}" for k, v in TINY_ARCH.items()),
+       "runtime.progress=false", "runtime.device=cpu", "runtime.precision=fp32",
+       "stages=[pretrain,sft,srppo]", "pretrain.max_steps=3", "pretrain.batch_size=16",
+       "pretrain.micro_batch_tokens=512", "sft.max_steps=2", "sft.batch_size=4", "sft.micro_batch_tokens=256",
+       "sft.optim.lr=1e-3", "srppo.max_steps=1", "srppo.prompts_per_step=4", "srppo.rollout.n_samples=2",
+       "srppo.ppo.train_batch_size=4", "srppo.rollout.max_new_tokens=12", "srppo.max_prompt_len=32",
+       "srppo.ppo.micro_batch_tokens=256", "srppo.critic.warmup_buffers=0", "srppo.eval_every=0",
+       "srppo.optim.lr=1e-4", "srppo.critic.optim.lr=1e-4", "srppo.reward.no_eos=keep",
+       *(f"{s}.optim.eps=1e-6" for s in ("pretrain", "sft", "srppo", "srppo.critic"))]
+METRICS = ("loss", "eval_loss", "grad_norm", "pg_loss", "value_loss", "reward/total", "kl", "actor_grad_norm",
+           "critic_grad_norm")
+
+
+def launch(out: Path, extra: list[str], nproc: int = 1, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`srppo-fast train` in 1 process, or under torchrun in `nproc`."""
+    cli = ["-m", "srppo_fast", "train", "--config", QUICKSTART, f"output_dir={out}", *RUN, *extra]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cli]
+    else:
+        cmd = [sys.executable, *cli]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600)
+
+
+def ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def metrics(out: Path) -> dict:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r["stage"], r["step"], tuple(sorted(k for k in r if k in METRICS))) for r in rows]
+    assert len(keys) == len(set(keys)), "a (stage, step) row was logged twice (every rank logging?)"
+    return {(r["stage"], r["step"], i): r for i, r in enumerate(rows)}
+
+
+def weights(out: Path, stage: str) -> dict[str, torch.Tensor]:
+    return load_file(out / "checkpoints" / stage / "model.safetensors")
+
+
+def assert_same_run(a: Path, b: Path, stages=("pretrain", "sft", "srppo", "srppo/critic"), tol: float = TOL):
+    ra, rb = metrics(a), metrics(b)
+    assert [k[:2] for k in ra] == [k[:2] for k in rb]
+    compared = 0
+    for key, row in ra.items():
+        for m in METRICS:
+            if m in row:
+                assert abs(row[m] - rb[key][m]) <= tol * max(1.0, abs(row[m])), (key, m, row[m], rb[key][m])
+                compared += 1
+    assert compared >= 10
+    for stage in stages:
+        wa, wb = weights(a, stage), weights(b, stage)
+        assert wa.keys() == wb.keys()
+        worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+        assert worst <= tol, (stage, worst)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Runs by name, made on first use: 'torch' (the reference) and 'ds-<processes>-zero<stage>'."""
+    root = tmp_path_factory.mktemp("ds")
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            out = root / name
+            if name == "torch":
+                ok(launch(out, ["runtime.engine=torch"]))
+            else:
+                _, nproc, zero = name.split("-")
+                ok(launch(out, ["runtime.engine=deepspeed", f"deepspeed.zero_stage={zero[4:]}"], int(nproc)))
+            made[name] = out
+        return made[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", ["ds-1-zero2", "ds-2-zero2", "ds-2-zero3"])
+def test_deepspeed_matches_the_torch_engine(runs, name):
+    """Pretrain, SFT and an SRPPO step (rollout, scoring with frozen models, GAE with a critic, PPO update) give
+    the torch engine's losses and weights, whatever the world size and ZeRO stage (the same global batches)."""
+    assert_same_run(runs("torch"), runs(name))
+    log = (runs(name) / "train.log").read_text()
+    assert "deepspeed engine" in log
+    if name.startswith("ds-2"):
+        rows = [r for r in metrics(runs(name)).values() if r["stage"] == "pretrain" and "loss" in r]
+        assert all(1.0 <= r["rank_imbalance"] < 1.5 and r["time/comm"] >= 0 for r in rows)
+
+
+def test_zero3_checkpoint_is_a_plain_hf_directory(runs):
+    """The Hugging Face directory written under ZeRO-3 (gathered from the shards) loads in plain transformers
+    and gives the torch engine's log-probs; so does the critic's."""
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+
+    ids = torch.arange(3, 40).unsqueeze(0)
+    for stage in ("sft", "srppo"):
+        a = AutoModelForCausalLM.from_pretrained(runs("torch") / "checkpoints" / stage)
+        b = AutoModelForCausalLM.from_pretrained(runs("ds-2-zero3") / "checkpoints" / stage)
+        la, lb = (m(ids).logits.log_softmax(-1) for m in (a, b))
+        assert float((la - lb).abs().max()) <= 1e-4
+    critic = AutoModelForTokenClassification.from_pretrained(runs("ds-2-zero3") / "checkpoints" / "srppo" / "critic")
+    assert critic(ids).logits.shape == (1, ids.shape[1], 1)
+    assert not (runs("ds-2-zero3") / "checkpoints" / "srppo" / "deepspeed").exists()  # final: no resumable state
+
+
+def test_kill_and_resume_at_world_size_2_then_at_world_size_1(tmp_path):
+    """Two processes, ZeRO-2, a save every 2 steps: SIGKILL rank 0 while it writes the second save (after every
+    rank wrote its DeepSpeed shards into the temporary directory); the same command resumes from the first save
+    and ends where an uninterrupted run does. The same interrupted run resumed by one process goes through
+    DeepSpeed's universal checkpoint, says so, and reaches the same place within rounding."""
+    extra = ["stages=[pretrain]", "pretrain.max_steps=6", "pretrain.save_every=2", "runtime.engine=deepspeed",
+             "deepspeed.zero_stage=2"]
+    whole, trace = tmp_path / "whole", tmp_path / "trace"
+    ok(launch(whole, extra, 2, {"SRPPO_FAST_TEST_FS_TRACE": str(trace)}))
+    steps = [line.split(" ", 1) for line in trace.read_text().splitlines()]
+    writes = [int(n) for n, label in steps if label == "write model"]
+    assert len(writes) >= 3  # saves after steps 2 and 4, and the final one
+    killed = tmp_path / "killed"
+    proc = launch(killed, extra, 2, {"SRPPO_FAST_TEST_KILL_AT": str(writes[1])})
+    assert proc.returncode != 0
+    leftovers = sorted(p.name for p in (killed / "checkpoints").iterdir())
+    assert ".pretrain.tmp" in leftovers  # killed mid-save: the half-written directory is there
+    assert list((killed / "checkpoints" / ".pretrain.tmp" / "deepspeed" / "model" / "state").iterdir())
+    single = tmp_path / "single"
+    shutil.copytree(killed, single)
+
+    ok(launch(killed, extra, 2))
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["pretrain"]
+    assert "resuming pretrain from step 2" in (killed / "train.log").read_text()
+    assert_same_run(whole, killed, stages=("pretrain",), tol=1e-6)
+
+    ok(launch(single, extra, 1))
+    log = (single / "train.log").read_text()
+    assert "resuming pretrain from step 2" in log and "universal checkpoint" in log
+    assert_same_run(whole, single, stages=("pretrain",), tol=1e-5)
+
+
+def test_engine_choices_that_contradict_are_refused(tmp_path):
+    proc = launch(tmp_path / "a", ["runtime.engine=torch", "stages=[pretrain]"], 2)
+    assert proc.returncode != 0 and "runtime.engine is 'torch' but the run was launched with 2" in proc.stderr
+    proc = launch(tmp_path / "b", ["runtime.engine=deepspeed", "deepspeed.offload_param=true", "stages=[pretrain]"])
+    assert proc.returncode != 0 and "offload_param needs deepspeed.zero_stage 3" in proc.stderr
+    proc = launch(tmp_path / "c", ["runtime.engine=deepspeed", "deepspeed.config={gradient_clipping: 2}",
+                                   "stages=[pretrain]"])
+    assert proc.returncode != 0 and "deepspeed.config sets gradient_clipping" in proc.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_torch_checkpoint_is_not_resumed_by_the_deepspeed_engine(tmp_path):
+    extra = ["stages=[pretrain]", "pretrain.max_steps=4", "pretrain.save_every=2"]
+    out = tmp_path / "run"
+    trace = tmp_path / "trace"
+    ok(launch(out, [*extra, "runtime.engine=torch"], env={"SRPPO_FAST_TEST_FS_TRACE": str(trace)}))
+    writes = [int(line.split(" ", 1)[0]) for line in trace.read_text().splitlines()
+              if line.split(" ", 1)[1] == "write model"]
+    shutil.rmtree(out)
+    assert launch(out, [*extra, "runtime.engine=torch"], env={"SRPPO_FAST_TEST_KILL_AT": str(writes[1])}).returncode
+    proc = launch(out, [*extra, "runtime.engine=deepspeed"])
+    assert proc.returncode != 0 and "saved by the torch engine but this run uses the deepspeed engine" in proc.stderr
