@@ -198,6 +198,12 @@ def run(cfg: Config) -> RunContext:
             continue
         seed_everything(cfg.seed + 1000 * index)
         log.info("stage %d/%d: %s", index + 1, len(cfg.stages), name)
+        if STAGE_TYPES[name] == "eval":  # plain models, no engine: rank 0 evaluates, the others wait for it
+            if dist.is_main():
+                STAGES[name](ctx, name)
+            if index + 1 < len(cfg.stages):
+                dist.barrier()
+            continue
         STAGES[name](ctx, name)
     log.info("done: %s", summary(ctx))
     return ctx
@@ -247,4 +253,9 @@ def describe_plan(cfg: Config, checks: Preflight | None = None) -> str:
     if checks:
         lines.append("checks:")
         lines += [f"  - {c}" for c in [f"output_dir '{cfg.output_dir}' is writable", *checks.checks]]
+    if resolved_engine(cfg) == "deepspeed" or (cfg.runtime.engine == "auto" and cfg.runtime.device != "cpu"
+                                               and cfg.model.base != "scratch"):
+        from .engine.memory import describe_memory
+
+        lines.append(describe_memory(cfg))
     return "\n".join(lines)
