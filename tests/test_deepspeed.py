@@ -187,3 +187,33 @@ def test_a_torch_checkpoint_is_not_resumed_by_the_deepspeed_engine(tmp_path):
     assert launch(out, [*extra, "runtime.engine=torch"], env={"SRPPO_FAST_TEST_KILL_AT": str(writes[1])}).returncode
     proc = launch(out, [*extra, "runtime.engine=deepspeed"])
     assert proc.returncode != 0 and "saved by the torch engine but this run uses the deepspeed engine" in proc.stderr
+
+
+def test_sigterm_to_the_launcher_saves_every_rank_and_the_same_command_resumes(tmp_path):
+    """SIGTERM to torchrun reaches both ranks: they finish the step, save together (DeepSpeed state included)
+    and stop with code 130 before the end; the same command resumes and logs every step exactly once."""
+    import signal
+    import time
+
+    extra = ["stages=[pretrain]", "pretrain.max_steps=200", "pretrain.log_every=1", "runtime.engine=deepspeed"]
+    out = tmp_path / "run"
+    cli = ["-m", "srppo_fast", "train", "--config", QUICKSTART, f"output_dir={out}", *RUN, *extra]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             *cli], env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        log = out / "metrics.jsonl"
+        if log.is_file() and '"loss"' in log.read_text():
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0, "the run ended before the signal: raise pretrain.max_steps"
+    info = json.loads((out / "checkpoints" / "pretrain" / "srppo_checkpoint.json").read_text())
+    assert not info["complete"] and 1 <= info["step"] < 200, err[-3000:]
+    assert (out / "checkpoints" / "pretrain" / "deepspeed" / "model" / "state").is_dir()
+    assert "SIGTERM received" in (out / "train.log").read_text()
+    ok(launch(out, extra, 2))
+    steps = [r["step"] for r in metrics(out).values() if r["stage"] == "pretrain" and "loss" in r]
+    assert steps == list(range(1, 201))

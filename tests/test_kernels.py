@@ -280,6 +280,20 @@ def _ppo_inputs(N, seed):
     return logp, {k: v.to(DEVICE) for k, v in d.items()}
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_ppo_loss_backward_from_one_loss_reaches_only_its_model(impl):
+    """Backpropagating the actor's loss alone must not send gradients (zeros) into the critic's graph, nor the
+    critic's into the actor's: the DeepSpeed engine backpropagates the two losses one engine at a time."""
+    logp0, d = _ppo_inputs(64, seed=3)
+    for which in ("actor", "critic"):
+        logp = logp0.to(DEVICE).clone().requires_grad_()
+        values = d["values"].clone().requires_grad_()
+        actor, critic, _ = ppo_loss(logp, d["old_logp"], d["advantages"], d["mask"], impl=impl, values=values,
+                                    old_values=d["old_values"], returns=d["returns"])
+        (actor if which == "actor" else critic).backward()
+        assert (logp.grad is not None) == (which == "actor") and (values.grad is not None) == (which == "critic")
+
+
 @pytest.mark.parametrize("N", [1, 7, 1024, 1025, 3000])
 @pytest.mark.parametrize("kl", ["k1", "k2", "k3"])
 @pytest.mark.parametrize("options", ["all", "policy_only", "no_value_clip"])

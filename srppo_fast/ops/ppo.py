@@ -265,6 +265,7 @@ class PPOLossFunction(torch.autograd.Function):
         ctx.save_for_backward(*args[:4], args[5], *args[6:])
         ctx.cfg, ctx.flags, ctx.N = cfg, flags, N
         ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)  # a backward from one loss only: None, not zeros, for the other
         return actor, critic, stats
 
     @staticmethod
@@ -284,6 +285,10 @@ class PPOLossFunction(torch.autograd.Function):
                 fill if grad_logp is None else grad_logp, fill if grad_entropy is None else grad_entropy,
                 fill if grad_values is None else grad_values, N, cfg["clip_low"], cfg["clip_high"], cfg["value_clip"],
                 cfg["inv_norm"], cfg["entropy_coef"], cfg["kl_coef"], BLOCK=PPO_BLOCK, **flags)
+        if grad_actor is None:  # backward from the critic's loss alone: stop here, the actor's graph gets nothing
+            grad_logp = grad_entropy = None
+        if grad_critic is None:  # ... and the other way round: no pass of zeros through the critic
+            grad_values = None
         return grad_logp, grad_entropy, grad_values, None, None, None, None, None, None, None
 
 
