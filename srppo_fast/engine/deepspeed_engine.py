@@ -106,7 +106,7 @@ class DeepSpeedEngine(EngineBase):
 
     def step(self, loss_finite: bool = True) -> dict:
         lr = self._set_lr()
-        if self.zero_stage == 0:
+        if self.zero_stage == 0 and self.precision != "bf16":  # plain data parallelism, torch's optimizer
             ok, grad_norm = self._step_zero0(loss_finite)
         else:
             before = self.ds.skipped_steps
@@ -118,8 +118,10 @@ class DeepSpeedEngine(EngineBase):
         return {"grad_norm": grad_norm, "lr": lr, "skipped": float(not ok)}
 
     def _step_zero0(self, loss_finite: bool) -> tuple[bool, float]:
-        """ZeRO 0 checks nothing: reduce the gradients here, take their norm, and step only when it is finite."""
-        self.ds.allreduce_gradients()
+        """ZeRO 0 in fp32 checks nothing and reports no norm: average the gradients over the ranks here (DeepSpeed's
+        own bucketed all-reduce; its allreduce_gradients() reduces only inside step() in this mode), take their
+        norm, and step (without reducing again) only when it is finite."""
+        self.ds.buffered_allreduce_fallback(elements_per_buffer=500_000_000)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         ok = dist.agree(loss_finite and math.isfinite(grad_norm))
