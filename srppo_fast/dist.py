@@ -9,14 +9,39 @@ world, metrics, checkpoints' Hugging Face directories); every rank computes.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import socket
+import time
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 
 from .errors import ConfigError
+
+
+_comm_seconds = 0.0  # wall time spent in the collectives below (the stages' own; not DeepSpeed's)
+
+
+def comm_seconds() -> float:
+    """Seconds spent so far in this module's collectives (waiting for slower ranks included)."""
+    return _comm_seconds
+
+
+def _timed(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        global _comm_seconds
+        if world_size() == 1:
+            return fn(*args, **kwargs)
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _comm_seconds += time.perf_counter() - t
+
+    return wrapper
 
 
 def launched() -> bool:
@@ -76,6 +101,7 @@ def destroy() -> None:
         tdist.destroy_process_group()
 
 
+@_timed
 def barrier() -> None:
     if world_size() > 1:
         tdist.barrier()
@@ -85,6 +111,7 @@ def _reduce_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu")
 
 
+@_timed
 def all_reduce(values, op: str = "sum") -> np.ndarray:
     """Element-wise sum (or max / min) of a float64 vector over the ranks (world size 1: unchanged)."""
     arr = np.asarray(values, dtype=np.float64)
@@ -95,6 +122,7 @@ def all_reduce(values, op: str = "sum") -> np.ndarray:
     return t.cpu().numpy()
 
 
+@_timed
 def all_reduce_tensor_(t: torch.Tensor) -> torch.Tensor:
     """Sum a (CPU) tensor over the ranks, in place."""
     if world_size() > 1:
@@ -114,6 +142,7 @@ def all_reduce_dict(stats: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in zip(keys, summed)}
 
 
+@_timed
 def all_gather_object(obj) -> list:
     if world_size() == 1:
         return [obj]
@@ -122,6 +151,7 @@ def all_gather_object(obj) -> list:
     return out
 
 
+@_timed
 def broadcast_object(obj, src: int = 0):
     if world_size() == 1:
         return obj

@@ -57,9 +57,8 @@ def lm_train_step(engine: EngineBase, data: TokenizedSet, seq_ids: np.ndarray, b
     the mean NLL over all their targets, whatever the world size and however they were packed."""
     t0 = time.perf_counter()
     share = rank_microbatches(data, seq_ids, budget, dist.rank(), dist.world_size())
-    t_comm = time.perf_counter()
+    comm0 = dist.comm_seconds()
     n_targets = int(dist.all_reduce([sum(b.num_targets for b in share.real())])[0])  # the step's, all ranks
-    comm = time.perf_counter() - t_comm
     loss_sum = 0.0
     for batch in share.batches:
         weight = 1.0 if batch is not None else 0.0
@@ -69,9 +68,7 @@ def lm_train_step(engine: EngineBase, data: TokenizedSet, seq_ids: np.ndarray, b
         loss = -logp.sum() * weight / max(n_targets, 1)
         engine.backward(loss)
         loss_sum += loss.item()
-    t_comm = time.perf_counter()
     loss_sum = float(dist.all_reduce([loss_sum])[0])
-    comm += time.perf_counter() - t_comm
     t_step = time.perf_counter()
     stats = engine.step(loss_finite=math.isfinite(loss_sum))
     t_step = time.perf_counter() - t_step
@@ -82,7 +79,8 @@ def lm_train_step(engine: EngineBase, data: TokenizedSet, seq_ids: np.ndarray, b
            "tokens_per_s": n_tokens / elapsed, "microbatches": len(share.batches), "pad_fraction": 0.0,
            "padded_pad_fraction": padded_pad_fraction(lengths)}
     if dist.world_size() > 1:
-        out.update({"rank_imbalance": share.imbalance, "time/comm": comm, "time/optimizer_step": t_step})
+        out.update({"rank_imbalance": share.imbalance, "time/comm": dist.comm_seconds() - comm0,
+                    "time/optimizer_step": t_step})
     return out
 
 

@@ -380,7 +380,7 @@ class RLRun:
         self.moments.load_state_dict(state["reward_moments"])
         set_rng_state(state["rng"])
 
-    def generate(self, step: int, chosen: np.ndarray, prompt_ids: list[list[int]]) -> tuple[Generations, float]:
+    def generate(self, step: int, chosen: np.ndarray, prompt_ids: list[list[int]]) -> Generations:
         """Each rank samples for its share of the step's prompts (every W-th: a prompt's n samples stay on one
         rank); the shares are gathered so every rank holds the whole buffer in prompt order. Each sample draws
         from its own stream (seed, step, prompt, sample), so the buffer does not depend on the world size."""
@@ -391,9 +391,7 @@ class RLRun:
         calls = int(dist.all_reduce([math.ceil(len(mine) / per_call)], "max")[0])
         params = dataclasses.replace(self.params, seeds=seeds, calls=calls)
         local = self.engine.generate([prompt_ids[i] for i in mine], params)
-        t = time.perf_counter()
         shares = dist.all_gather_object((mine, local.responses, local.ended))
-        comm = time.perf_counter() - t
         n = self.params.n
         responses: list = [None] * (len(prompt_ids) * n)
         ended: list = [None] * (len(prompt_ids) * n)
@@ -401,7 +399,7 @@ class RLRun:
             for j, i in enumerate(prompts_of_rank):
                 responses[i * n:(i + 1) * n] = rs[j * n:(j + 1) * n]
                 ended[i * n:(i + 1) * n] = es[j * n:(j + 1) * n]
-        return Generations(responses, ended, [i for i in range(len(prompt_ids)) for _ in range(n)]), comm
+        return Generations(responses, ended, [i for i in range(len(prompt_ids)) for _ in range(n)])
 
     def step(self, step: int) -> dict:
         """Steps 1-5 on one rollout buffer; returns its statistics."""
@@ -411,7 +409,8 @@ class RLRun:
         chosen = self.sampler.take(rl.prompts_per_step)
         prompt_ids = [self.prompts.ids[i] for i in chosen]
         # 2. generate
-        gens, comm = self.generate(step, chosen, prompt_ids)
+        comm0 = dist.comm_seconds()
+        gens = self.generate(step, chosen, prompt_ids)
         times["generate"], t = time.perf_counter() - t, time.perf_counter()
         # 3. score
         exp, scores = score(models, [prompt_ids[i] for i in gens.prompt_index], gens, rl.ppo.micro_batch_tokens)
@@ -434,7 +433,7 @@ class RLRun:
         stats.update({"time/step": total, "samples_per_s": len(exp.sequences) / total,
                       "actor_trained": float(train_actor)})
         if dist.world_size() > 1:
-            stats["time/comm_gather"] = comm
+            stats["time/comm"] = dist.comm_seconds() - comm0  # gathers, score sums, statistics, agreement
         return stats
 
 
