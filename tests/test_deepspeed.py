@@ -191,7 +191,9 @@ def test_engine_choices_that_contradict_are_refused(tmp_path):
     proc = launch(tmp_path / "c", ["runtime.engine=deepspeed", "deepspeed.config={gradient_clipping: 2}",
                                    "stages=[pretrain]"])
     assert proc.returncode != 0 and "deepspeed.config sets gradient_clipping" in proc.stderr
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    proc = launch(tmp_path / "d", ["stages=[pretrain]"], env={"WORLD_SIZE": "2", "RANK": "0"})  # no launcher
+    assert proc.returncode != 0 and "MASTER_ADDR / MASTER_PORT are not" in proc.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "d").exists()
 
 
 def test_a_torch_checkpoint_is_not_resumed_by_the_deepspeed_engine(tmp_path):
