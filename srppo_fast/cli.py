@@ -14,6 +14,8 @@ from .errors import SrppoError
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="srppo-fast", description="Self-Rewarding PPO: SFT, then PPO with the "
                                 "coherent reward log pi_SFT - log pi_PT.")
+    # the `deepspeed` launcher passes --local_rank=N before the command; the rank comes from the environment
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="run the stages of a config")

@@ -237,3 +237,30 @@ def test_sigterm_to_the_launcher_saves_every_rank_and_the_same_command_resumes(t
     ok(launch(out, extra, 2))
     steps = [r["step"] for r in metrics(out).values() if r["stage"] == "pretrain" and "loss" in r]
     assert steps == list(range(1, 201))
+
+
+def test_the_deepspeed_launcher_runs_the_same_training(runs, tmp_path):
+    """`deepspeed --num_gpus 2 --module srppo_fast train ...` (the README's command; the launcher passes
+    --local_rank before the subcommand) trains like torchrun: the torch engine's pretraining, to 1e-5."""
+    import socket
+
+    launcher = Path(sys.executable).parent / "deepspeed"
+    if not launcher.is_file():
+        pytest.skip("no deepspeed launcher script beside this Python")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(port), "--module", "srppo_fast", "train",
+           "--config", QUICKSTART, f"output_dir={out}", *RUN, "stages=[pretrain]"]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                    "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"},
+                          capture_output=True, text=True, timeout=600)
+    ok(proc)
+    ref = {k: r for k, r in metrics(runs("torch")).items() if r["stage"] == "pretrain"}
+    got = metrics(out)
+    assert [k[:2] for k in ref] == [k[:2] for k in got]
+    pairs = [(a, b) for a, b in zip(ref.values(), got.values()) if "loss" in a]
+    assert len(pairs) == 3 and all(abs(a["loss"] - b["loss"]) <= TOL for a, b in pairs)
+    wa, wb = weights(runs("torch"), "pretrain"), weights(out, "pretrain")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= TOL
