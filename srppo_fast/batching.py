@@ -111,6 +111,11 @@ class RankShare:
     def real(self) -> list[PackedBatch]:
         return [b for b in self.batches if b is not None]
 
+    def on_device(self, device: torch.device):
+        """(micro-batch on `device`, real) for each micro-batch of the rank, a dummy_batch() where it has none."""
+        for batch in self.batches:
+            yield (batch if batch is not None else dummy_batch()).to(device), batch is not None
+
 
 def rank_microbatches(data: TokenizedSet, seq_ids: np.ndarray, token_budget: int, rank: int,
                       world_size: int) -> RankShare:

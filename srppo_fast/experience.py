@@ -17,7 +17,7 @@ import torch
 
 from .attention import packed_kwargs
 from . import dist
-from .batching import PackedBatch, dummy_batch, rank_microbatches
+from .batching import PackedBatch, rank_microbatches
 from .data import TokenizedSet
 from .ops import linear_token_logprobs, token_logprobs
 
@@ -104,13 +104,11 @@ def score_tokens(fn: Callable[[PackedBatch], torch.Tensor], data: TokenizedSet, 
     the shares are summed over the ranks, so every rank gets the whole buffer."""
     out = torch.zeros(mask.shape, dtype=torch.float32)
     share = rank_microbatches(data, np.arange(len(data)), budget, dist.rank(), dist.world_size())
-    for batch in share.batches:
+    for batch, real in share.on_device(device):
         with autocast():
-            if batch is None:
-                fn(dummy_batch().to(device))
-                continue
-            values = fn(batch.to(device))
-        unflatten(values.float().cpu(), mask, batch.seq_ids, out)
+            values = fn(batch)
+        if real:
+            unflatten(values.float().cpu(), mask, batch.seq_ids, out)
     return dist.all_reduce_tensor_(out)
 
 

@@ -93,7 +93,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
         torch.manual_seed(generator_seed)
     per_call = max(1, batch_size // n)
     starts = list(range(0, len(order), per_call))
-    starts += [None] * max(0, calls - len(starts))  # padding batches (synced ranks): one prompt, discarded
+    if synced:  # padding batches, so every rank runs as many collective forwards: one prompt, discarded
+        starts += [None] * max(0, calls - len(starts))
     with generation_mode(model):
         for start in starts:
             chunk = order[start:start + per_call] if start is not None else []

@@ -161,14 +161,13 @@ def save_checkpoint(path: str | Path, model, tokenizer, info: dict, extra: dict[
     state dict; the model's label is the first) replaces the modules' own (weights gathered from ZeRO-3 shards);
     `before(tmp)` runs first inside the temporary directory (the DeepSpeed ranks' optimizer state)."""
     modules = [("model", model), *(sub_models or {}).items()]
-    states = list(state_dicts.values()) if state_dicts is not None else [None] * len(modules)
-    if state_dicts is None:
-        for label, module in modules:
-            bad = [n for n, p in module.named_parameters() if not torch.isfinite(p).all()]
-            if bad:
-                raise TrainingError(f"refusing to save {path}: the {label}'s weights are not finite (first: "
-                                    f"{bad[0]}); training diverged before this step (lower the learning rate or the "
-                                    "reward scale).")
+    states = list(state_dicts.values()) if state_dicts is not None else [m.state_dict() for _, m in modules]
+    for (label, _), state in zip(modules, states):
+        bad = [n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise TrainingError(f"refusing to save {path}: the {label}'s weights are not finite (first: "
+                                f"{bad[0]}); training diverged before this step (lower the learning rate or the "
+                                "reward scale).")
     with atomic_dir(path) as tmp:
         if before is not None:
             before(tmp)

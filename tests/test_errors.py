@@ -56,6 +56,14 @@ def deny_open(monkeypatch, module, path) -> None:
     monkeypatch.setattr(module, "open", fake, raising=False)
 
 
+def make_unreadable(monkeypatch, module, path) -> None:
+    """`path` cannot be read by this user: mode 0, or (root reads anything) `open` in `module` refuses it."""
+    if ROOT:
+        deny_open(monkeypatch, module, path)
+    else:
+        path.chmod(0)
+
+
 # ---------------------------------------------------------------------------------------------
 # A. data files, through `srppo-fast train` (the data is read before any model is built)
 
@@ -98,10 +106,7 @@ def test_data_file_unreadable(tmp_path, capsys, monkeypatch):
     import srppo_fast.data
 
     path = write(tmp_path / "d.jsonl", GOOD)
-    if ROOT:
-        deny_open(monkeypatch, srppo_fast.data, path)
-    else:
-        path.chmod(0)
+    make_unreadable(monkeypatch, srppo_fast.data, path)
     assert train_on(path, tmp_path, capsys) == (f"srppo-fast: error: cannot read the data file '{path}': Permission "
                                                 "denied; check that this user may read it.")
 
@@ -265,10 +270,7 @@ def test_report_metrics_unreadable(tmp_path, capsys, monkeypatch):
 
     pytest.importorskip("matplotlib")
     metrics = run_dir(tmp_path, lines(ROWS)) / "metrics.jsonl"
-    if ROOT:
-        deny_open(monkeypatch, srppo_fast.metrics, metrics)
-    else:
-        metrics.chmod(0)
+    make_unreadable(monkeypatch, srppo_fast.metrics, metrics)
     assert error_line(["report", str(tmp_path / "run")], capsys) == (
         f"srppo-fast: error: cannot read {metrics}: Permission denied; check that this user may read it.")
 
@@ -428,10 +430,7 @@ def test_update_readme_not_utf8(tmp_path, capsys):
 
 def test_update_readme_unreadable(tmp_path, capsys, monkeypatch):
     readme = write(tmp_path / "README.md", MARKED)
-    if ROOT:
-        deny_open(monkeypatch, srppo_fast.io, readme)
-    else:
-        readme.chmod(0)
+    make_unreadable(monkeypatch, srppo_fast.io, readme)
     assert error_line(["config", "--update-readme", str(readme)], capsys) == (
         f"srppo-fast: error: --update-readme: '{readme}' cannot be read (Permission denied); check its permissions.")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import dist
-from ..errors import CheckpointError, TrainingError
+from ..errors import CheckpointError
 from .common import EngineBase, backward_together, check_divergence, lr_lambda, param_groups, resolve_device, resolve_precision
 from .torch_engine import TorchEngine
 
@@ -95,31 +95,18 @@ def frozen_model(ctx, model: torch.nn.Module) -> torch.nn.Module:
     return model.to(ctx.device).eval().requires_grad_(False)
 
 
-def _check_finite(path, states: dict[str, dict]) -> None:
-    for label, state in states.items():
-        bad = [n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-        if bad:
-            raise TrainingError(f"refusing to save {path}: the {label}'s weights are not finite (first: {bad[0]}); "
-                                "training diverged before this step (lower the learning rate or the reward scale).")
-
-
-def save_engines(path, engines: dict[str, EngineBase], tokenizer, info: dict, trainer_state: dict | None = None,
-                 trainer_state_name: str = "trainer_state.pt") -> None:
+def save_engines(path, engines: dict[str, EngineBase], tokenizer, info: dict, trainer_state: dict | None = None
+                 ) -> None:
     """Collective: a stage's checkpoint, atomically. Rank 0 writes the Hugging Face directory of the first
     engine's model (gathered from ZeRO-3 shards) with the others in subdirectories named by their labels, the
     marker, and `trainer_state` (a resumable save); every DeepSpeed rank adds its optimizer shards under
-    deepspeed/<label>/ (resumable saves only). An error on any rank is raised on every rank."""
+    deepspeed/<label>/ (resumable saves only). An error on any rank (weights that are not finite included) is
+    raised on every rank."""
     from ..modeling import save_checkpoint
+    from ..state import TRAINER_STATE
 
     labels = list(engines)
     states = {label: engines[label].full_state_dict() for label in labels}  # collective under ZeRO-3
-    error = None
-    if dist.is_main():
-        try:
-            _check_finite(path, states)
-        except TrainingError as e:
-            error = e
-    dist.first_error(error)
     ds_states = trainer_state is not None and any(e.name == "deepspeed" for e in engines.values())
 
     def write_engine_states(tmp: str) -> None:
@@ -144,7 +131,7 @@ def save_engines(path, engines: dict[str, EngineBase], tokenizer, info: dict, tr
         try:
             first, rest = labels[0], labels[1:]
             save_checkpoint(path, engines[first].model, tokenizer, info,
-                            {trainer_state_name: trainer_state} if trainer_state is not None else None,
+                            {TRAINER_STATE: trainer_state} if trainer_state is not None else None,
                             {label: engines[label].model for label in rest} or None,
                             state_dicts=states, before=before if ds_states else None)
         except Exception as e:  # noqa: BLE001 - re-raised on every rank below

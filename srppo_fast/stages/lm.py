@@ -10,14 +10,14 @@ import numpy as np
 import torch
 
 from .. import dist
-from ..batching import PackedBatch, dummy_batch, padded_pad_fraction, rank_microbatches
+from ..batching import PackedBatch, padded_pad_fraction, rank_microbatches
 from ..config import LMStageConfig
 from ..data import TokenizedSet, load_lm_data
 from ..engine import EngineBase, build_engine, check_divergence, save_engines
 from ..metrics import progress
 from ..modeling import load_model
 from ..experience import packed_label_logprobs
-from ..state import TRAINER_STATE, Interrupted, SignalGuard, resumable, rng_state, set_rng_state
+from ..state import Interrupted, SignalGuard, resumable, rng_state, set_rng_state
 
 log = logging.getLogger("srppo_fast")
 
@@ -60,12 +60,10 @@ def lm_train_step(engine: EngineBase, data: TokenizedSet, seq_ids: np.ndarray, b
     comm0 = dist.comm_seconds()
     n_targets = int(dist.all_reduce([sum(b.num_targets for b in share.real())])[0])  # the step's, all ranks
     loss_sum = 0.0
-    for batch in share.batches:
-        weight = 1.0 if batch is not None else 0.0
-        batch = (batch if batch is not None else dummy_batch()).to(engine.device)
+    for batch, real in share.on_device(engine.device):
         with engine.autocast():
             logp = packed_token_logprobs(engine.model, batch)
-        loss = -logp.sum() * weight / max(n_targets, 1)
+        loss = -logp.sum() * float(real) / max(n_targets, 1)
         engine.backward(loss)
         loss_sum += loss.item()
     loss_sum = float(dist.all_reduce([loss_sum])[0])
@@ -91,9 +89,7 @@ def lm_eval_loss(model, data: TokenizedSet, budget: int, device: torch.device, a
     model.eval()
     nll, count = 0.0, 0
     share = rank_microbatches(data, np.arange(len(data)), budget, dist.rank(), dist.world_size())
-    for batch in share.batches:
-        real = batch is not None
-        batch = (batch if real else dummy_batch()).to(device)
+    for batch, real in share.on_device(device):
         with autocast():
             logp = packed_token_logprobs(model, batch)
         if real:
@@ -170,7 +166,7 @@ def run_lm_stage(ctx, name: str) -> None:
                 info = {"stage": name, "step": step, "complete": False, "fingerprint": fingerprint}
                 save_engines(ckpt, {"model": engine}, tok, info, {
                     "step": step, "engine": engine.state_dict(), "sampler_position": sampler.position,
-                    "start_eval": start_eval, "rng": rng_state()}, TRAINER_STATE)
+                    "start_eval": start_eval, "rng": rng_state()})
                 last_save = f"{ckpt} (step {step})"
             if stop:
                 bar.close()

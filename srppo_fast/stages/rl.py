@@ -36,7 +36,7 @@ from ..modeling import load_critic, load_model, load_reward_model
 from ..ops import (coherent_gae, kl_estimate, kl_shaped_rewards_ref, masked_whiten, ppo_loss, sequence_rewards_ref,
                    value_loss)
 from ..rollout import SamplingParams, make_engine
-from ..state import TRAINER_STATE, Interrupted, SignalGuard, resumable, rng_state, set_rng_state
+from ..state import Interrupted, SignalGuard, resumable, rng_state, set_rng_state
 from .lm import EpochSampler
 
 log = logging.getLogger("srppo_fast")
@@ -133,12 +133,11 @@ def score_sequences(reward_model, seqs, budget, device, autocast) -> torch.Tenso
     """The reward model's score of every sequence (each rank its share, summed over the ranks): [B]."""
     out = torch.zeros(len(seqs))
     share = rank_microbatches(seqs, np.arange(len(seqs)), budget, dist.rank(), dist.world_size())
-    for batch in share.batches:
+    for batch, real in share.on_device(device):
         with autocast():
-            if batch is None:
-                packed_sequence_scores(reward_model, dummy_batch().to(device))
-                continue
-            out[torch.as_tensor(batch.seq_ids)] = packed_sequence_scores(reward_model, batch.to(device)).cpu()
+            scores = packed_sequence_scores(reward_model, batch)
+        if real:
+            out[torch.as_tensor(batch.seq_ids)] = scores.cpu()
     return dist.all_reduce_tensor_(out)
 
 
@@ -345,8 +344,7 @@ def save_rl(ctx, name: str, models: RLModels, step: int, complete: bool, fingerp
     engines = {"actor": models.actor}
     if models.critic is not None:
         engines["critic"] = models.critic  # saved in the critic/ subdirectory
-    save_engines(ctx.checkpoint_dir(name), engines, ctx.tokenizer(), info, None if complete else extra_state,
-                 TRAINER_STATE)
+    save_engines(ctx.checkpoint_dir(name), engines, ctx.tokenizer(), info, None if complete else extra_state)
 
 
 class RLRun:
