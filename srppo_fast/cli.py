@@ -55,7 +55,15 @@ def cmd_train(args) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
         print(describe_plan(cfg, checks))
         return 0
-    run(cfg)
+    from . import dist
+
+    try:
+        run(cfg)
+        dist.barrier()  # no rank tears down its end while another still talks to it
+    finally:
+        # A process group left to the interpreter's exit can abort it ("terminate called without an active
+        # exception" from gloo's worker threads), failing a run that finished; tear it down while Python is alive.
+        dist.destroy()
     return 0
 
 
