@@ -25,7 +25,7 @@ RL = ["stages=[pretrain,sft,srppo]", "srppo.max_steps=2", "srppo.prompts_per_ste
       "srppo.ppo.micro_batch_tokens=256", "srppo.critic.warmup_buffers=0", "srppo.eval_every=0",
       "srppo.optim.lr=1e-3", "srppo.critic.optim.lr=1e-3", "srppo.reward.no_eos=keep", "runtime.device=cpu",
       "runtime.precision=fp32"]
-TIMING = ("time/", "samples_per_s", "tokens_per_s")
+TIMING = ("time", "samples_per_s", "tokens_per_s")  # wall clock: "time", "time/generate", ...
 
 
 def srppo_metrics(out: Path, extra: list[str]) -> list[dict]:
