@@ -208,7 +208,7 @@ class RolloutConfig:
     sync_check_tol: Optional[float] = opt(None, "vllm: largest mean |log-prob difference| per probe token "
                                           "(nats) the check accepts (default: 1e-3 in float32, 3e-2 in 16 bits).",
                                           gt=0)
-    timeout_s: float = opt(1800.0, "vllm: longest any call into the sampler (generate, weight sync, probe) may "
+    timeout_s: float = opt(900.0, "vllm: longest any call into the sampler (generate, weight sync, probe) may "
                            "take; a dead or hung sampler ends the run after a resumable save.", gt=0)
     tis_cap: Optional[float] = opt(None, "Truncated importance sampling: weight each token's policy-gradient "
                                    "term by min(pi_old / pi_sampler, cap), correcting for sampler/trainer "

@@ -178,4 +178,9 @@ def first_error(error: BaseException | None):
         if e is not None:
             if error is not None:
                 raise error
+            from . import errors
+
+            cls = getattr(errors, e[0], None)  # a user-facing error stays one (the stage handles it by class)
+            if isinstance(cls, type) and issubclass(cls, errors.SrppoError):
+                raise cls(f"rank {r}: {e[1]}")
             raise RuntimeError(f"rank {r} failed: {e[0]}: {e[1]}")

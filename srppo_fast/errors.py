@@ -19,3 +19,7 @@ class CheckpointError(SrppoError):
 
 class TrainingError(SrppoError):
     """Training diverged (non-finite losses, gradients or weights): the run stops before saving garbage."""
+
+
+class SamplerError(SrppoError):
+    """The rollout sampler (vLLM) failed, hung past its timeout, or serves weights other than the trainer's."""

@@ -123,6 +123,7 @@ class Experience:
     old_logp: torch.Tensor  # [B, T] actor at sampling time
     ref_logp: torch.Tensor  # [B, T] KL reference (pi_SFT by default)
     values: torch.Tensor | None = None  # [B, T] critic (gae)
+    sampler_logp: torch.Tensor | None = None  # [B, T] the sampler's own log-probs (vllm)
     rewards: torch.Tensor | None = None  # [B, T] shaped per-token rewards
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None

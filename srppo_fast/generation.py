@@ -52,6 +52,9 @@ class Generations:
     responses: list[list[int]]  # per sample, EOS included when produced
     ended: list[bool]  # produced an EOS within max_new_tokens
     prompt_index: list[int]  # which prompt each sample answers (n samples per prompt, consecutive)
+    logprobs: list[list[float]] | None = None  # the sampler's own log-prob of each response token (vllm)
+    versions: list[int] | None = None  # per sample: the actor update whose weights drew it
+    seconds: float | None = None  # the sampler's own time on them (it may have run during an update)
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import sys
@@ -187,7 +188,9 @@ def run(cfg: Config) -> RunContext:
     from .stages import STAGES
 
     if resolved_engine(cfg) == "deepspeed" or dist.launched():
-        dist.init(resolve_device(cfg.runtime.device))
+        # a rank waiting in a collective for a rank whose sampler hangs must outlast that sampler's timeout
+        sampler_timeouts = [getattr(cfg, s).rollout.timeout_s for s in cfg.stages if STAGE_TYPES[s] == "rl"]
+        dist.init(resolve_device(cfg.runtime.device), max([30, *(math.ceil(t / 60) + 5 for t in sampler_timeouts)]))
     checks = preflight(cfg)
     dist.barrier()  # every rank has checked before rank 0 writes
     ctx = prepare(cfg, checks)

