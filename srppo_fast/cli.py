@@ -63,6 +63,10 @@ def cmd_train(args) -> int:
     finally:
         # A process group left to the interpreter's exit can abort it ("terminate called without an active
         # exception" from gloo's worker threads), failing a run that finished; tear it down while Python is alive.
+        # vLLM samplers first: their shutdown leaves the distributed state they joined.
+        from .rollout import shutdown_samplers
+
+        shutdown_samplers()
         dist.destroy()
     return 0
 
@@ -207,7 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except SrppoError as e:
         print(f"srppo-fast: error: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", 2)
+        code = getattr(e, "exit_code", 2)
+        from .rollout import sampler_hung
+
+        if sampler_hung():  # a thread stuck inside vLLM would hold the interpreter's exit: leave now
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except KeyboardInterrupt:
         print("srppo-fast: interrupted", file=sys.stderr)
         return 130

