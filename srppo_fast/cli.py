@@ -1,4 +1,4 @@
-"""`srppo-fast` command line: train | config | bench | report | world."""
+"""`srppo-fast` command line: train | profile | config | bench | report | world."""
 
 from __future__ import annotations
 
@@ -36,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--modes", default="", help="comma-separated subset of fwd,bwd,full (kernel benchmarks)")
     b.add_argument("--dry", action="store_true", help="print the rows without appending to benchmarks/results")
 
+    f = sub.add_parser("profile", help="run N steps of a config's RL stage and break down where the time went")
+    f.add_argument("--config", required=True, help="YAML config whose stages before the RL stage are trained")
+    f.add_argument("--steps", type=int, default=5, help="RL steps to run (default 5; the first is warm-up)")
+    f.add_argument("--trace", metavar="DIR", help="write a torch profiler trace of the steps into DIR")
+    f.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. srppo.rollout.async=true")
+
     r = sub.add_parser("report", help="draw the training curves of a run as PNG (OUTPUT_DIR/report/)")
     r.add_argument("output_dir", help="a run's output_dir")
 
@@ -61,13 +67,36 @@ def cmd_train(args) -> int:
         run(cfg)
         dist.barrier()  # no rank tears down its end while another still talks to it
     finally:
-        # A process group left to the interpreter's exit can abort it ("terminate called without an active
-        # exception" from gloo's worker threads), failing a run that finished; tear it down while Python is alive.
-        # vLLM samplers first: their shutdown leaves the distributed state they joined.
-        from .rollout import shutdown_samplers
+        _wind_down()
+    return 0
 
-        shutdown_samplers()
-        dist.destroy()
+
+def _wind_down() -> None:
+    """A process group left to the interpreter's exit can abort it ("terminate called without an active
+    exception" from gloo's worker threads), failing a run that finished: tear it down while Python is alive,
+    after the vLLM samplers (their shutdown leaves the distributed state they joined)."""
+    from . import dist
+    from .rollout import shutdown_samplers
+
+    shutdown_samplers()
+    dist.destroy()
+
+
+def cmd_profile(args) -> int:
+    from . import dist
+    from .errors import ConfigError
+    from .profile import run_profile
+
+    if args.steps < 1:
+        raise ConfigError(f"--steps is {args.steps}; profile at least 1 step (the first is warm-up: 3 or more "
+                          "give a steady-state median).")
+    try:
+        report = run_profile(args.config, args.overrides, args.steps, args.trace)
+        dist.barrier()
+    finally:
+        _wind_down()
+    if report:
+        print(report)
     return 0
 
 
@@ -206,7 +235,7 @@ def _os_error_line(e: OSError) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"train": cmd_train, "config": cmd_config, "world": cmd_world, "report": cmd_report,
-               "bench": cmd_bench}[args.command]
+               "bench": cmd_bench, "profile": cmd_profile}[args.command]
     try:
         return handler(args)
     except SrppoError as e:

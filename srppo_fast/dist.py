@@ -53,6 +53,10 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1")) if launched() else 1
 
 
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0")) if launched() else 0
+
+
 def initialized() -> bool:
     return tdist.is_available() and tdist.is_initialized()
 

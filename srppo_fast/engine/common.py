@@ -117,6 +117,11 @@ class EngineBase:
     def full_state_dict(self) -> dict | None:
         return self.model.state_dict()
 
+    @property
+    def num_parameters(self) -> int:
+        """The whole model's parameter count (a ZeRO-3 shard counts as its full parameter)."""
+        return sum(int(getattr(p, "ds_numel", p.numel())) for p in self.model.parameters())
+
 
 def backward_together(pairs: list[tuple[EngineBase, torch.Tensor]]) -> None:
     """Backpropagate the losses of several engines (the fused PPO op's actor and critic losses) in one autograd

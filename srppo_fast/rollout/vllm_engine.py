@@ -108,7 +108,12 @@ class VLLMRolloutEngine:
 
     def __init__(self, model_dir: str, eos_token_id: int, rollout, *, device: torch.device, precision: str,
                  seed: int, max_model_len: int, world_size: int = 1):
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would bury the run's log
         import vllm
+
+        # every sync: "Failed to load weights" for the rotary embedding (no weights) and the tied head (which
+        # worker._reprocess_shared re-processes); the sync's own completeness check is ours (incomplete)
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
 
         self.rollout, self.eos = rollout, eos_token_id
         self.gpu = device.type == "cuda"

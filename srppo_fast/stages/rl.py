@@ -623,7 +623,11 @@ class RLRun:
         stats["actor_nonfinite_steps"] = models.actor.nonfinite_steps
         if models.critic is not None:
             stats["critic_nonfinite_steps"] = models.critic.nonfinite_steps
-        stats.update({"time/step": total, "samples_per_s": len(exp.sequences) / total,
+        tokens = float(exp.sequences.offsets[-1])
+        trained = [e for e in (models.actor if train_actor else None, models.critic) if e is not None]
+        stats.update({"time/step": total, "samples_per_s": len(exp.sequences) / total, "rollout/tokens": tokens,
+                      # model FLOPs of the update: forward + backward, 6 per parameter per token, each epoch
+                      "update/flops": 6.0 * rl.ppo.epochs * tokens * sum(e.num_parameters for e in trained),
                       "actor_trained": float(train_actor), "policy_version": float(self.version)})
         if dist.world_size() > 1:
             stats["time/comm"] = dist.comm_seconds() - comm0  # gathers, score sums, statistics, agreement
