@@ -46,7 +46,8 @@ def _stage_refs(cfg: Config, name: str) -> dict[str, str]:
 
 def profile_config(path: str, overrides: list[str], steps: int) -> tuple[Config, str]:
     """The config to profile with: the first RL stage of `path` alone, `steps` steps, reading the models of
-    the run's complete stages by path, writing into OUTPUT_DIR/profile."""
+    the run's complete stages by path, writing into OUTPUT_DIR/profile. The critic's warm-up is skipped (the
+    actor trains from the first step) unless the overrides set it."""
     from .modeling import checkpoint_info
 
     cfg = load_config(path, overrides)
@@ -59,6 +60,8 @@ def profile_config(path: str, overrides: list[str], steps: int) -> tuple[Config,
     profile_dir = out / "profile"
     extra = [f"output_dir={profile_dir}", f"stages=[{name}]", f"{name}.max_steps={steps}", f"{name}.save_every=0",
              f"{name}.eval_every=0", f"{name}.log_every=1"]
+    if not any(o.startswith(f"{name}.critic.warmup_buffers=") for o in overrides):
+        extra.append(f"{name}.critic.warmup_buffers=0")  # the steady state: the actor trains from step 1
     for key, ref in _stage_refs(cfg, name).items():
         if ref in STAGE_TYPES:
             ckpt = out / "checkpoints" / ref
@@ -117,12 +120,12 @@ def run_profile(path: str, overrides: list[str], steps: int, trace: str | None) 
     if not dist.is_main():
         return ""
     rows = [r for r in read_metrics(out / "metrics.jsonl") if r.get("stage") == name and "time/step" in r]
-    report = format_profile(rows, name, _peak_flops())
+    report = format_profile(rows, name, _peak_flops(), getattr(cfg, name).rollout.async_)
     (out / "profile.json").write_text(json.dumps(rows, indent=1) + "\n")
     return report
 
 
-def format_profile(rows: list[dict], name: str, peak: float | None) -> str:
+def format_profile(rows: list[dict], name: str, peak: float | None, overlapped: bool) -> str:
     head = ["step", *(p for p, _ in PHASES), "total s", "samples/s", "tokens/s", "hidden"]
     if peak:
         head.append("MFU")
@@ -150,5 +153,5 @@ def format_profile(rows: list[dict], name: str, peak: float | None) -> str:
         hidden = [r["rollout/hidden_fraction"] for r in steady if "rollout/hidden_fraction" in r]
         if hidden:
             lines.append(f"generation hidden behind the update: {statistics.median(hidden):.0%} (median; "
-                         f"rollout.async={'true' if any(r.get('rollout/staleness_max', 0) > 0 for r in steady) else 'false'})")
+                         f"rollout.async={str(overlapped).lower()})")
     return "\n".join(lines)

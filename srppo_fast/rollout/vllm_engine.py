@@ -111,10 +111,6 @@ class VLLMRolloutEngine:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would bury the run's log
         import vllm
 
-        # every sync: "Failed to load weights" for the rotary embedding (no weights) and the tied head (which
-        # worker._reprocess_shared re-processes); the sync's own completeness check is ours (incomplete)
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
-
         self.rollout, self.eos = rollout, eos_token_id
         self.gpu = device.type == "cuda"
         self.timeout = rollout.timeout_s
@@ -148,6 +144,10 @@ class VLLMRolloutEngine:
         with preserved_rng():
             self.llm = self._call("start", lambda: vllm.LLM(**kwargs), timeout=max(self.timeout, 900.0))  # loads, compiles
         _LIVE.append(self)
+        # every sync: "Failed to load weights" for the rotary embedding (no weights) and the tied head (which
+        # worker._reprocess_shared re-processes); our own completeness check is `incomplete`. Set after the
+        # engine started: vLLM's logging set-up resets its child loggers.
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         log.info("vLLM %s sampler from %s (%s, %s) started in %.1f s", vllm.__version__, model_dir, dtype,
                  "colocated" if self.gpu else "in-process", time.perf_counter() - started)
 
