@@ -558,9 +558,9 @@ class RLRun:
                 if lps is not None:
                     logprobs[i * n:(i + 1) * n] = lps[j * n:(j + 1) * n]
         seconds = [sec for *_, sec in shares if sec is not None]
-        info = {"rollout/wait_s": waited}
+        info = {"time/generate_wait": waited}
         if seconds:  # the samplers' own time on the buffer, the slowest rank's
-            info["rollout/generate_s"] = max(seconds)
+            info["time/sampler"] = max(seconds)
         gens = Generations(responses, ended, [i for i in range(len(pending.prompt_ids)) for _ in range(n)],
                            logprobs if self.engine.name != "hf" else None, versions)
         return gens, info
@@ -618,8 +618,8 @@ class RLRun:
         stats.update(rollout_stats(exp, gens, self.ctx.tokenizer(), questions, self.verifier))
         stats.update({f"time/{k}": v for k, v in times.items()})
         total = sum(times.values()) + stats["time/sync"]
-        if "rollout/generate_s" in stats:  # how much of the sampler's time the trainer did not wait for
-            stats["rollout/hidden_fraction"] = max(0.0, 1.0 - times["generate"] / max(stats["rollout/generate_s"], 1e-9))
+        if "time/sampler" in stats:  # how much of the sampler's time the trainer did not wait for
+            stats["rollout/hidden_fraction"] = max(0.0, 1.0 - times["generate"] / max(stats["time/sampler"], 1e-9))
         stats["actor_nonfinite_steps"] = models.actor.nonfinite_steps
         if models.critic is not None:
             stats["critic_nonfinite_steps"] = models.critic.nonfinite_steps
