@@ -271,3 +271,36 @@ def test_rl_schedules_count_optimizer_steps(sft_run, tmp_path, monkeypatch):
     assert all(a >= b for a, b in zip(actor[2:], actor[3:]))
     rows = [r for r in read_metrics(out / "metrics.jsonl") if r["stage"] == "srppo"]
     assert rows[-1]["actor_lr"] == pytest.approx(sum(actor[-4:]) / 4)  # the logged lr is the buffer's mean
+
+
+def test_profile_breaks_an_rl_stage_down_and_traces_it(sft_run, tmp_path, capsys):
+    """`srppo-fast profile` on a run whose SFT is trained: N steps of srppo into OUTPUT_DIR/profile (the run's
+    own checkpoints untouched), a row per step with every phase, a steady-state summary and a trace."""
+    out = tmp_path / "run"
+    shutil.copytree(sft_run, out)
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    trace = tmp_path / "trace"
+    assert main(["profile", "--config", QUICKSTART, "--steps", "3", "--trace", str(trace), *tiny_run_overrides(out),
+                 *TINY_RL, "srppo.critic.warmup_buffers=1"]) == 0
+    text = capsys.readouterr().out
+    assert "srppo: 3 steps" in text
+    header = next(line for line in text.splitlines() if "generate" in line and "update" in line)
+    assert header.split() == ["step", "generate", "sync", "score", "adv", "update", "total", "s", "samples/s",
+                              "tokens/s", "hidden"]
+    rows = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["1", "2", "3"]
+    for r in rows:  # the phases add up to the step's total
+        assert abs(sum(map(float, r[1:6])) - float(r[6])) < 0.01, r
+    assert "median over steps 2-3" in text
+    assert (trace / "trace_rank0.json").stat().st_size > 1000
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing of the run's changed
+    rows = [r for r in read_metrics(out / "profile" / "metrics.jsonl") if r["stage"] == "srppo" and "time/step" in r]
+    assert [r["actor_trained"] for r in rows] == [0.0, 1.0, 1.0]  # an explicit warm-up override is kept
+    with pytest.raises(SystemExit):
+        main(["profile"])
+    assert main(["profile", "--config", QUICKSTART, "--steps", "0", *tiny_run_overrides(out)]) == 2
+    assert "at least 1 step" in capsys.readouterr().err
+    fresh = tmp_path / "fresh"
+    assert main(["profile", "--config", QUICKSTART, *tiny_run_overrides(fresh)]) == 2
+    err = capsys.readouterr().err
+    assert "srppo.init='sft'" in err and "train it first" in err and not fresh.exists()

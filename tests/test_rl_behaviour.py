@@ -29,6 +29,7 @@ from srppo_fast.batching import microbatches
 from srppo_fast.config import RLStageConfig, build
 from srppo_fast.engine import TorchEngine
 from srppo_fast.experience import Experience, build_sequences, forward_logits
+from srppo_fast.generation import Generations
 from srppo_fast.ops import ppo_loss
 from srppo_fast.stages.rl import ppo_update, rewards_and_advantages, score
 
@@ -291,8 +292,7 @@ def fixed_rollout(n_prompts: int = 8):
         for middle in (X, c):
             prompts.append(prompt)
             responses.append([a, middle, b, EOS])
-    gens = SimpleNamespace(responses=responses, prompt_index=list(range(len(responses))),
-                           ended=[True] * len(responses))
+    gens = Generations(responses, [True] * len(responses), list(range(len(responses))))
     return prompts, gens
 
 

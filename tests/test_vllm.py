@@ -188,15 +188,20 @@ def test_async_run_overlaps_and_bounds_staleness(base_run, tmp_path):
     assert max(r["rollout/hidden_fraction"] for r in rows[1:]) > 0
 
 
-def test_a_hung_sampler_ends_the_run_with_a_resumable_save(base_run, tmp_path):
+@pytest.mark.parametrize("overlap", ["false", "true"])
+def test_a_hung_sampler_ends_the_run_with_a_resumable_save(base_run, tmp_path, overlap):
+    """The third generate call hangs: on-policy that is step 3's buffer; overlapped it is started during step 2
+    and awaited at step 3. Either way step 2 is the last complete step: saved, then resumed (async: the
+    buffer in flight is generated again)."""
     out = copy_run(base_run, tmp_path)
-    proc = cli(out, ["srppo.max_steps=3", "srppo.rollout.timeout_s=5"], env={"SRPPO_FAST_TEST_SAMPLER_HANG": "3"})
+    run = ["srppo.max_steps=3", "srppo.rollout.timeout_s=5", f"srppo.rollout.async={overlap}"]
+    proc = cli(out, run, env={"SRPPO_FAST_TEST_SAMPLER_HANG": "3"})
     assert proc.returncode != 0
     assert "did not finish 'generate (step 3)' within rollout.timeout_s=5 s" in proc.stderr, proc.stderr[-2000:]
     assert "step 2" in proc.stderr.splitlines()[-1]
     state = torch.load(out / "checkpoints" / "srppo" / "trainer_state.pt", weights_only=False)
     assert state["step"] == 2
-    resumed = cli(out, ["srppo.max_steps=3", "srppo.rollout.timeout_s=5"])
+    resumed = cli(out, run)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["step"] for r in srppo_rows(out)] == [1, 2, 3]
 
@@ -206,7 +211,8 @@ def test_a_hung_sampler_ends_the_run_with_a_resumable_save(base_run, tmp_path):
 def test_two_processes_with_deepspeed(base_run, tmp_path, mode):
     pytest.importorskip("deepspeed")
     out = copy_run(base_run, tmp_path)
-    extra = ["srppo.max_steps=2", "runtime.engine=deepspeed", "deepspeed.zero_stage=2",
+    # overlapped under ZeRO-3: the weight sync gathers the actor's shards bucket by bucket
+    extra = ["srppo.max_steps=2", "runtime.engine=deepspeed", f"deepspeed.zero_stage={3 if mode == 'async' else 2}",
              f"srppo.rollout.async={'true' if mode == 'async' else 'false'}"]
     proc = cli(out, extra, nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -215,6 +221,10 @@ def test_two_processes_with_deepspeed(base_run, tmp_path, mode):
     assert all(r["sync/check_max"] < 1e-3 for r in rows if "sync/check_max" in r)
     assert rows[0]["rollout/logprob_diff_mean"] < 1e-4
     assert rows[-1]["rollout/staleness_max"] == (1.0 if mode == "async" else 0.0)
+    from safetensors.torch import load_file
+
+    full = sum(t.numel() * 4 for t in load_file(out / "checkpoints" / "sft" / "model.safetensors").values())
+    assert all(r["sync/bytes"] == full for r in rows if "sync/bytes" in r)  # whole parameters, not shards
 
 
 def test_vllm_options_that_contradict(tmp_path):
