@@ -414,7 +414,7 @@ class RLRun:
             self.load_state_dict(state)
         self.end = (self.sampler.position, rng_state())  # where the last complete step left the streams
         self.engine = self._make_engine()
-        self.sync_stats = self.sync_sampler(0) if self.engine.name != "hf" else {}
+        self.sync_stats = self.sync_sampler(0)  # a sampler with its own weights gets the actor's (resumed or not)
 
     def _make_engine(self):
         rl, ctx = self.rl, self.ctx
