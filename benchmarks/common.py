@@ -26,17 +26,21 @@ COLUMNS = ["timestamp", "git_sha", "device", "torch", "triton", "op", "provider"
            "median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "gb_per_s", "pct_copy_bw", "tflops", "note"]
 
 
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
+def cpu_model() -> str:
     model = platform.processor() or "cpu"
     try:
         with open("/proc/cpuinfo") as fh:
             model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    return model
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
     interp = " (Triton interpreted)" if os.environ.get("TRITON_INTERPRET") == "1" else ""
-    return f"CPU {model}, {torch.get_num_threads()} threads{interp}"
+    return f"CPU {cpu_model()}, {torch.get_num_threads()} threads{interp}"
 
 
 def version(package: str) -> str:

@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import importlib.metadata
 import json
 import math
 import os
@@ -61,6 +60,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import cpu_model, git_sha, version  # noqa: E402
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "trl_side_by_side.csv"
 ENGINES = ("trl", "srppo")
 
@@ -122,40 +124,7 @@ class Workload:
 def hardware() -> str:
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU {model}, {os.cpu_count()} cores"
-
-
-def version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return ""
-
-
-def git_sha() -> str:
-    """HEAD's commit, read from .git directly (no git process; whether the tree is dirty is not checked)."""
-    git = REPO / ".git"
-    try:
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return head[:12]
-        ref = head[5:]
-        if (git / ref).is_file():
-            return (git / ref).read_text().strip()[:12]
-        for line in (git / "packed-refs").read_text().splitlines():
-            if line.endswith(" " + ref):
-                return line.split()[0][:12]
-    except OSError:
-        pass
-    return "unknown"
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {cpu_model()}, {os.cpu_count()} cores"
 
 
 def n_params(model_dir: str) -> int:
