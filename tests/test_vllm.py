@@ -236,5 +236,9 @@ def test_vllm_options_that_contradict(tmp_path):
     with pytest.raises(ConfigError, match="tensor_parallel_size is 2 but runtime.device is 'cpu'"):
         load_config(QUICKSTART, [*base, "srppo.rollout.engine=vllm", "runtime.device=cpu",
                                  "srppo.rollout.vllm.tensor_parallel_size=2"], check_files=False)
+    with pytest.raises(ConfigError, match="model.arch gives head_dim 16"):  # before pretrain and SFT ran
+        load_config(QUICKSTART, [*base, "srppo.rollout.engine=vllm", "runtime.device=cpu",
+                                 "model.arch.num_attention_heads=8", "model.arch.num_key_value_heads=8"],
+                    check_files=False)
     with pytest.raises(ConfigError, match="max_staleness"):
         load_config(QUICKSTART, [*base, "srppo.rollout.max_staleness=0"], check_files=False)
