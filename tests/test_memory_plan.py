@@ -67,3 +67,17 @@ def test_a_hub_base_without_arch_has_unknown_size(tmp_path):
     plans = plan_memory(cfg, num_gpus=8, num_nodes=1, gpu_gib=80)
     sft = plans[0]
     assert sft.models[0].error == "unknown size: give model.arch" and sft.fits is None
+
+
+def test_a_colocated_vllm_sampler_is_planned():
+    """Asleep during an on-policy update it holds nothing then; overlapping the update it holds its share."""
+    pytest.importorskip("vllm", reason="rollout.engine=vllm needs vLLM installed to validate")
+    base = load_config(PAPER, check_files=False)
+    without = {p.name: p for p in plan_memory(base, num_gpus=8, num_nodes=1, gpu_gib=80)}["srppo"]
+    for extra, held in ((["srppo.rollout.async=false"], 0), (["srppo.rollout.async=true"], int(0.25 * 80 * GIB))):
+        cfg = load_config(PAPER, ["srppo.rollout.engine=vllm", "srppo.rollout.vllm.gpu_memory_utilization=0.25",
+                                  *extra], check_files=False)
+        srppo = {p.name: p for p in plan_memory(cfg, num_gpus=8, num_nodes=1, gpu_gib=80)}["srppo"]
+        sampler = srppo.models[-1]
+        assert sampler.role.startswith("vllm sampler") and sampler.gpu_bytes == held
+        assert srppo.total_bytes == without.total_bytes + held

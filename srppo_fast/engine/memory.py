@@ -241,8 +241,23 @@ def plan_memory(cfg: Config, num_gpus: int, num_nodes: int, gpu_gib: float) -> l
             except Exception as e:  # noqa: BLE001 - the dry run never fails on the plan
                 m.error = f"size not computed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
             models.append(m)
+        if STAGE_TYPES[name] == "rl" and getattr(cfg, name).rollout.engine == "vllm":
+            models.append(_sampler_plan(cfg, name, gpu_gib))
         plans.append(StagePlan(name, models, gpu_gib))
     return plans
+
+
+def _sampler_plan(cfg: Config, name: str, gpu_gib: float) -> ModelPlan:
+    """A colocated vLLM sampler takes gpu_memory_utilization of each GPU (its weights and KV cache) while it
+    generates; asleep during an on-policy update it holds none of it then."""
+    ro = getattr(cfg, name).rollout
+    share = ro.vllm.gpu_memory_utilization
+    asleep = ro.vllm.sleep and not ro.async_
+    role = (f"vllm sampler (asleep during the update; {share:g} of the GPU while generating)" if asleep else
+            f"vllm sampler ({share:g} of the GPU, " + ("overlapping the update" if ro.async_ else "awake: vllm.sleep "
+                                                        "is false") + ")")
+    return ModelPlan(role, getattr(cfg, name).init, False, gpu_bytes=0 if asleep else int(share * gpu_gib * GIB),
+                     params=0, serves=[f"{name}.rollout"])
 
 
 def _gib(n: int) -> str:
@@ -293,7 +308,9 @@ def describe_memory(cfg: Config) -> str:
             if m.error:
                 lines.append(f"    {m.role}{'' if m.role.endswith(m.ref) else f' ({m.ref})'}: {m.error}")
                 continue
-            if m.trainable:
+            if m.role.startswith("vllm sampler"):
+                lines.append(f"    {m.role}: {_gib(m.gpu_bytes)} per GPU during the update")
+            elif m.trainable:
                 lines.append(f"    {m.role} (trainable, {m.ref}, {_billions(m.params)} params): {_gib(m.gpu_bytes)} "
                              f"per GPU (CPU {_gib(m.cpu_bytes)} per node)")
             else:
