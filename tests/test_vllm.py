@@ -108,7 +108,8 @@ def test_generate_and_its_logprobs_match_the_trainer(engine, base_run):
     assert again.responses == gens.responses
     other = engine.generate(prompts[::-1], SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seeds=[13, 12, 11]))
     assert other.responses[:2] == gens.responses[4:]  # a prompt's samples do not depend on its batch
-    model = load_model(str(base_run / "checkpoints" / "sft"), load_config(QUICKSTART, tiny_run_overrides(base_run)).model)
+    cfg = load_config(QUICKSTART, tiny_run_overrides(base_run))
+    model = load_model(str(base_run / "checkpoints" / "sft"), cfg.model)
     ours = trainer_logprobs(model, [prompts[i] for i in gens.prompt_index], gens.responses)
     worst = max(float((torch.tensor(lp) - o[:len(lp)]).abs().max()) for lp, o in zip(gens.logprobs, ours))
     assert worst < 1e-4, worst

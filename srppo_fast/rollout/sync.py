@@ -18,7 +18,8 @@ def _numel(p: torch.nn.Parameter) -> int:
     return int(getattr(p, "ds_numel", p.numel()))  # a ZeRO-3 shard knows its full size
 
 
-def bucket_plan(model: torch.nn.Module, bucket_bytes: int, dtype: torch.dtype) -> list[list[tuple[str, torch.nn.Parameter]]]:
+def bucket_plan(model: torch.nn.Module, bucket_bytes: int,
+                dtype: torch.dtype) -> list[list[tuple[str, torch.nn.Parameter]]]:
     """The parameters in order, grouped so that each group's tensors take at most `bucket_bytes` in `dtype`
     (a parameter larger than that is a bucket of its own)."""
     size = torch.empty((), dtype=dtype).element_size()

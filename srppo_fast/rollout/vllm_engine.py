@@ -168,7 +168,8 @@ class VLLMRolloutEngine:
         self.calls = _CallThread()
         started = time.perf_counter()
         with preserved_rng(), preserved_process_state():
-            self.llm = self._call("start", lambda: vllm.LLM(**kwargs), timeout=max(self.timeout, 900.0))  # loads, compiles
+            # loading (and on a GPU compiling) may take longer than any later call
+            self.llm = self._call("start", lambda: vllm.LLM(**kwargs), timeout=max(self.timeout, 900.0))
         _LIVE.append(self)
         # every sync: "Failed to load weights" for the rotary embedding (no weights) and the tied head (which
         # worker._reprocess_shared re-processes); our own completeness check is `incomplete`. Set after the
@@ -194,7 +195,8 @@ class VLLMRolloutEngine:
         except SamplerError:
             raise
         except Exception as e:  # noqa: BLE001 - vLLM's own errors, as one line
-            raise SamplerError(f"the vLLM sampler failed in '{what}': {type(e).__name__}: {' '.join(str(e).split())[:500]}") from e
+            message = " ".join(str(e).split())[:500]
+            raise SamplerError(f"the vLLM sampler failed in '{what}': {type(e).__name__}: {message}") from e
 
     def _check_servable(self, model_dir: str) -> None:
         config = json.loads((Path(model_dir) / "config.json").read_text())
@@ -308,7 +310,8 @@ class VLLMRolloutEngine:
         for name, p in model.named_parameters():
             shape = tuple(getattr(p, "ds_shape", p.shape))
             if self.expected.get(name) != shape:
-                bad.append(f"{name} {list(shape)} (checkpoint: {list(self.expected[name]) if name in self.expected else 'absent'})")
+                served = list(self.expected[name]) if name in self.expected else "absent"
+                bad.append(f"{name} {list(shape)} (checkpoint: {served})")
         if bad:
             raise SamplerError(f"the actor's parameters do not match the checkpoint the sampler serves ({len(bad)} "
                                f"differ, e.g. {bad[0]}); nothing was sent.")

@@ -226,8 +226,8 @@ def sampler_correction(rl: RLStageConfig, exp: Experience) -> dict:
         return {}
     delta = (exp.old_logp - exp.sampler_logp)[exp.mask]
     ratio = delta.exp()
-    stats = {"rollout/logprob_diff_mean": float(delta.abs().mean()), "rollout/logprob_diff_max": float(delta.abs().max()),
-             "rollout/is_ratio_mean": float(ratio.mean())}
+    stats = {"rollout/logprob_diff_mean": float(delta.abs().mean()),
+             "rollout/logprob_diff_max": float(delta.abs().max()), "rollout/is_ratio_mean": float(ratio.mean())}
     cap = rl.rollout.tis_cap
     if cap is not None:
         weights = torch.zeros_like(exp.old_logp)
@@ -520,7 +520,8 @@ class RLRun:
         sample draws from its own stream (seed, step, prompt, sample): the buffer does not depend on G."""
         chosen = self.sampler.take(self.rl.prompts_per_step)
         prompt_ids = [self.prompts.ids[i] for i in chosen]
-        tp = self.rl.rollout.vllm.tensor_parallel_size if self.engine.name == "vllm" and self.ctx.device.type == "cuda" else 1
+        colocated = self.engine.name == "vllm" and self.ctx.device.type == "cuda"
+        tp = self.rl.rollout.vllm.tensor_parallel_size if colocated else 1
         group, groups = dist.rank() // tp, max(1, dist.world_size() // tp)
         mine = list(range(group, len(prompt_ids), groups))
         seeds = [sample_seed(self.ctx.cfg.seed, step, int(chosen[i])) for i in mine]
