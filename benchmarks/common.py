@@ -136,11 +136,15 @@ def write_rows(rows: list[dict], name: str, dry: bool) -> None:
               f" {r['note']}")
     if dry or not rows:
         return
-    path = RESULTS / f"{name}.csv"
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    append_rows(RESULTS / f"{name}.csv", rows, COLUMNS)
+
+
+def append_rows(path: Path, rows: list[dict], columns: list[str]) -> None:
+    """Append rows to a results CSV, writing the header when the file is new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
     with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer = csv.DictWriter(fh, fieldnames=columns)
         if new:
             writer.writeheader()
         writer.writerows(rows)

@@ -45,7 +45,6 @@ median samples/s over TRL's from the same invocation).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import math
@@ -62,7 +61,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import cpu_model, git_sha, version  # noqa: E402
+from benchmarks.common import append_rows, cpu_model, git_sha, version  # noqa: E402
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "trl_side_by_side.csv"
 ENGINES = ("trl", "srppo")
 
@@ -473,15 +472,8 @@ def main(argv: list[str] | None = None) -> None:
               f"p80 {r['samples_per_s_p80']}]  step {r['step_s_median']} s  ratio vs TRL {r['ratio_vs_trl'] or '-'}")
     if args.dry:
         return
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    new = not out.exists()
-    with open(out, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-    print(f"appended {len(rows)} rows to {out}")
+    append_rows(Path(args.out), rows, COLUMNS)
+    print(f"appended {len(rows)} rows to {args.out}")
 
 
 if __name__ == "__main__":
