@@ -149,8 +149,12 @@ class VLLMRolloutEngine:
         self.incomplete: list[str] = []  # the served parameters the last sync did not bring
         self.asleep = False
         self._check_servable(model_dir)
+        # token ids in and out; the tokenizer is loaded only where the directory has one (vLLM's start-up
+        # warm-up of its chat renderer logs a traceback without it)
+        has_tokenizer = any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
         kwargs = dict(model=model_dir, dtype=dtype, seed=opts.seed if opts.seed is not None else seed,
-                      skip_tokenizer_init=True, max_model_len=max_model_len, max_num_seqs=opts.max_num_seqs,
+                      skip_tokenizer_init=not has_tokenizer, max_model_len=max_model_len,
+                      max_num_seqs=opts.max_num_seqs,
                       logprobs_mode="processed_logprobs", worker_extension_cls=WORKER_EXTENSION)
         if self.gpu:
             kwargs.update(tensor_parallel_size=opts.tensor_parallel_size, enforce_eager=opts.enforce_eager,
