@@ -36,19 +36,12 @@ PHASES = (("generate", "time/generate"), ("sync", "time/sync"), ("score", "time/
           ("adv", "time/advantages"), ("update", "time/update"))
 
 
-def _stage_refs(cfg: Config, name: str) -> dict[str, str]:
-    rl = getattr(cfg, name)
-    refs = {"init": rl.init, "kl.reference": rl.kl.reference, "critic.init": rl.critic.init}
-    if rl.reward.type == "coherent":
-        refs.update({"reward.sft": rl.reward.sft, "reward.pretrained": rl.reward.pretrained})
-    return {k: v for k, v in refs.items() if v is not None}
-
-
 def profile_config(path: str, overrides: list[str], steps: int) -> tuple[Config, str]:
     """The config to profile with: the first RL stage of `path` alone, `steps` steps, reading the models of
     the run's complete stages by path, writing into OUTPUT_DIR/profile. The critic's warm-up is skipped (the
     actor trains from the first step) unless the overrides set it."""
     from .modeling import checkpoint_info
+    from .stages.rl import stage_models
 
     cfg = load_config(path, overrides)
     rl_stages = [s for s in cfg.stages if STAGE_TYPES[s] == "rl"]
@@ -62,15 +55,15 @@ def profile_config(path: str, overrides: list[str], steps: int) -> tuple[Config,
              f"{name}.eval_every=0", f"{name}.log_every=1"]
     if not any(o.startswith(f"{name}.critic.warmup_buffers=") for o in overrides):
         extra.append(f"{name}.critic.warmup_buffers=0")  # the steady state: the actor trains from step 1
-    for key, ref in _stage_refs(cfg, name).items():
+    for key, ref in stage_models(getattr(cfg, name), name).items():
         if ref in STAGE_TYPES:
             ckpt = out / "checkpoints" / ref
             info = checkpoint_info(ckpt)
             if info is None or not info.get("complete"):
-                raise ConfigError(f"profile runs {name}, which reads {name}.{key}='{ref}' from {ckpt}, and that "
+                raise ConfigError(f"profile runs {name}, which reads {key}='{ref}' from {ckpt}, and that "
                                   f"stage is not complete there; train it first: srppo-fast train --config {path}"
                                   + (" " + " ".join(overrides) if overrides else ""))
-            extra.append(f"{name}.{key}={ckpt.absolute()}")
+            extra.append(f"{key}={ckpt.absolute()}")
     return load_config(path, [*overrides, *extra]), name
 
 

@@ -4,6 +4,7 @@ non-finite step bookkeeping and the divergence stop rule."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -117,7 +118,7 @@ class EngineBase:
     def full_state_dict(self) -> dict | None:
         return self.model.state_dict()
 
-    @property
+    @functools.cached_property
     def num_parameters(self) -> int:
         """The whole model's parameter count (a ZeRO-3 shard counts as its full parameter)."""
         return sum(int(getattr(p, "ds_numel", p.numel())) for p in self.model.parameters())

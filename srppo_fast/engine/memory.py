@@ -36,6 +36,7 @@ class ModelPlan:
     sharded: bool = False
     serves: list[str] = field(default_factory=list)  # config keys a frozen model serves
     error: str | None = None
+    sampler: bool = False  # a colocated vLLM sampler: its share of the GPU, not a model's parameters
 
 
 @dataclass
@@ -257,7 +258,7 @@ def _sampler_plan(cfg: Config, name: str, gpu_gib: float) -> ModelPlan:
             f"vllm sampler ({share:g} of the GPU, " + ("overlapping the update" if ro.async_ else "awake: vllm.sleep "
                                                         "is false") + ")")
     return ModelPlan(role, getattr(cfg, name).init, False, gpu_bytes=0 if asleep else int(share * gpu_gib * GIB),
-                     params=0, serves=[f"{name}.rollout"])
+                     params=0, serves=[f"{name}.rollout"], sampler=True)
 
 
 def _gib(n: int) -> str:
@@ -308,7 +309,7 @@ def describe_memory(cfg: Config) -> str:
             if m.error:
                 lines.append(f"    {m.role}{'' if m.role.endswith(m.ref) else f' ({m.ref})'}: {m.error}")
                 continue
-            if m.role.startswith("vllm sampler"):
+            if m.sampler:
                 lines.append(f"    {m.role}: {_gib(m.gpu_bytes)} per GPU during the update")
             elif m.trainable:
                 lines.append(f"    {m.role} (trainable, {m.ref}, {_billions(m.params)} params): {_gib(m.gpu_bytes)} "

@@ -550,14 +550,12 @@ class RLRun:
         shares = dist.all_gather_object((pending.mine, local.responses, local.ended, local.logprobs,
                                          local.versions, local.seconds))
         n, total = self.params.n, len(pending.prompt_ids) * self.params.n
-        responses, ended, logprobs, versions = [None] * total, [None] * total, [None] * total, [None] * total
-        for prompts_of_rank, rs, es, lps, vs, _ in shares:
-            for j, i in enumerate(prompts_of_rank):
-                responses[i * n:(i + 1) * n] = rs[j * n:(j + 1) * n]
-                ended[i * n:(i + 1) * n] = es[j * n:(j + 1) * n]
-                versions[i * n:(i + 1) * n] = vs[j * n:(j + 1) * n]
-                if lps is not None:
-                    logprobs[i * n:(i + 1) * n] = lps[j * n:(j + 1) * n]
+        columns = [[None] * total for _ in range(4)]  # responses, ended, logprobs, versions: per sample
+        for prompts_of_rank, *per_sample, _ in shares:
+            for column, values in zip(columns, per_sample):
+                for j, i in enumerate(prompts_of_rank if values is not None else ()):
+                    column[i * n:(i + 1) * n] = values[j * n:(j + 1) * n]
+        responses, ended, logprobs, versions = columns
         seconds = [sec for *_, sec in shares if sec is not None]
         info = {"time/generate_wait": waited}
         if seconds:  # the samplers' own time on the buffer, the slowest rank's
