@@ -51,6 +51,8 @@ def version(package: str) -> str:
 
 
 def git_sha() -> str:
+    if os.environ.get("SRPPO_FAST_GIT_SHA"):  # a copy of the tree without .git (a remote GPU machine)
+        return os.environ["SRPPO_FAST_GIT_SHA"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              check=True).stdout.strip()
