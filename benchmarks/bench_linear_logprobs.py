@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import MODES, compiled, parse_args, pick, run_cases, triton_runs_here  # noqa: E402
+from benchmarks.common import MODES, compiled, fresh_grads, parse_args, pick, run_cases, triton_runs_here  # noqa: E402
 from srppo_fast.ops import linear_token_logprobs, linear_token_logprobs_ref  # noqa: E402
 
 PROVIDERS = ["torch", "compile", "ours", "liger", "cce"]
@@ -67,9 +67,9 @@ def setup_linear_logprobs(case, provider: str, mode: str):
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     grad = torch.randn(N, device=device)
     if mode == "full":
-        return lambda: fn(h, w, labels).backward(grad)
+        return fresh_grads([h, w], lambda: fn(h, w, labels).backward(grad))
     out = fn(h, w, labels)
-    return lambda: out.backward(grad, retain_graph=True)
+    return fresh_grads([h, w], lambda: out.backward(grad, retain_graph=True))
 
 
 def flops(case, mode: str, provider: str) -> float:

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import MODES, compiled, parse_args, pick, run_cases, triton_runs_here  # noqa: E402
+from benchmarks.common import MODES, compiled, fresh_grads, parse_args, pick, run_cases, triton_runs_here  # noqa: E402
 from srppo_fast.ops import token_logprobs, token_logprobs_ref  # noqa: E402
 
 PROVIDERS = ["torch", "compile", "ours", "liger", "flash_attn"]
@@ -66,9 +66,9 @@ def setup_logprobs(case, provider: str, mode: str):
     x = logits.clone().requires_grad_()
     grad = torch.randn(N, device=device)
     if mode == "full":
-        return lambda: fn(x, labels).backward(grad)
+        return fresh_grads([x], lambda: fn(x, labels).backward(grad))
     out = fn(x, labels)
-    return lambda: out.backward(grad, retain_graph=True)
+    return fresh_grads([x], lambda: out.backward(grad, retain_graph=True))
 
 
 def bytes_moved(case, mode: str) -> int:

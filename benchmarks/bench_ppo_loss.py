@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import MODES, compiled, parse_args, pick, run_cases, triton_runs_here  # noqa: E402
+from benchmarks.common import MODES, compiled, fresh_grads, parse_args, pick, run_cases, triton_runs_here  # noqa: E402
 from srppo_fast.ops import ppo_loss, ppo_loss_ref  # noqa: E402
 
 PROVIDERS = ["torch", "compile", "ours"]
@@ -54,9 +54,9 @@ def setup_ppo_loss(case, provider: str, mode: str):
                 return fn(logp, ent, values, d)
         return run
     if mode == "full":
-        return lambda: fn(logp, ent, values, d).backward()
+        return fresh_grads([logp, ent, values], lambda: fn(logp, ent, values, d).backward())
     out = fn(logp, ent, values, d)
-    return lambda: out.backward(retain_graph=True)
+    return fresh_grads([logp, ent, values], lambda: out.backward(retain_graph=True))
 
 
 def bytes_moved(case, mode: str) -> int:
