@@ -573,18 +573,18 @@ def test_ppo_kernel_approx_kl_hand_case():
 
 
 def test_impl_switch(monkeypatch, caplog):
-    cpu = torch.zeros(1)
+    cpu, here = torch.zeros(1), torch.zeros(1, device=DEVICE)
     monkeypatch.delenv("SRPPO_FAST_IMPL", raising=False)
-    assert resolve_impl("auto", "op_a", torch.zeros(1, device=DEVICE)) == ("triton" if GPU else "torch")
+    assert resolve_impl("auto", "op_a", here) == ("triton" if GPU else "torch")
     assert resolve_impl("auto", "op_a", cpu) == "torch"  # CPU tensors take PyTorch, also on a GPU machine
     monkeypatch.setenv("SRPPO_FAST_IMPL", "triton")
-    assert resolve_impl("auto", "op_b", cpu) == "triton"
-    assert resolve_impl("torch", "op_b", cpu) == "torch"  # an explicit choice wins over the variable
+    assert resolve_impl("auto", "op_b", here) == "triton"
+    assert resolve_impl("torch", "op_b", here) == "torch"  # an explicit choice wins over the variable
     monkeypatch.setenv("SRPPO_FAST_IMPL", "cuda")
     with pytest.raises(ValueError, match="SRPPO_FAST_IMPL='cuda'"):
-        resolve_impl("auto", "op_c", cpu)
+        resolve_impl("auto", "op_c", here)
     with pytest.raises(ValueError, match="impl must be one of"):
-        resolve_impl("fast", "op_c", cpu)
+        resolve_impl("fast", "op_c", here)
     if not GPU:
         monkeypatch.delenv("TRITON_INTERPRET")
         with pytest.raises(RuntimeError, match="runs only under TRITON_INTERPRET=1"):

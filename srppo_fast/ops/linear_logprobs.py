@@ -4,7 +4,8 @@ Shapes: hidden [N, H], weight [V, H] (the lm_head), labels [N] -> log-probs [N] 
 entropies). The tokens are processed in chunks of C rows: logits_c = hidden_c @ weight.T (cuBLAS,
 [C, V] workspace) -> the token_logprobs kernel -> discarded. The backward recomputes each chunk's
 logits, turns them into the gradient in place (the same kernel's backward), and accumulates
-grad_hidden_c = grad_c @ weight and grad_weight += grad_c.T @ hidden_c (fp32). Peak extra memory is
+grad_hidden_c = grad_c @ weight and grad_weight += grad_c.T @ hidden_c (one GEMM in the inputs' dtype
+into an fp32 accumulator). Peak extra memory is
 one chunk's logits (`chunk_bytes`), not N x V. Frozen models (no grad) take the forward only.
 """
 
@@ -28,6 +29,16 @@ def chunk_rows(V: int, element_size: int, chunk_bytes: int) -> int:
     """Rows per chunk so that a [rows, V] logits workspace stays within chunk_bytes (a multiple of 64)."""
     rows = max(1, chunk_bytes // max(1, V * element_size))
     return max(64, rows // 64 * 64) if rows >= 64 else rows
+
+
+def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b. 16-bit CUDA operands stay 16-bit: one tensor-core GEMM that accumulates into
+    the fp32 buffer (cuBLAS with an fp32 output); upcasting them first would run the GEMM in fp32, several
+    times slower on a GPU. Elsewhere (the CPU, fp32 operands) in fp32."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
 
 
 class LinearTokenLogprobsFunction(torch.autograd.Function):
@@ -65,7 +76,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[sl] = grad @ weight
             if grad_weight is not None:
-                grad_weight.addmm_(grad.t().float(), hidden[sl].float())
+                _accumulate_fp32(grad_weight, grad.t(), hidden[sl])
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None

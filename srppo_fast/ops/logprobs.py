@@ -47,17 +47,14 @@ def token_logprobs_ref(logits: torch.Tensor, labels: torch.Tensor, temperature: 
 @triton.jit
 def online_lse_update(m, s, t, x, WITH_MOMENT: tl.constexpr):
     """Fold a block x into per-lane accumulators: running max m, s = sum exp(x - m) and (entropy)
-    t = sum exp(x - m) * x. Lanes start at m = -1e30 (finite, so masked -inf never makes a NaN).
-
-    One exp per element: with e = exp(-|x - m|), a new maximum rescales the old sum by e and adds 1,
-    anything else adds e (the textbook update spends a second exp on the rescale factor)."""
-    e = tl.exp(-tl.abs(x - m))
-    new_max = x > m
-    s = tl.where(new_max, s * e + 1.0, s + e)
+    t = sum exp(x - m) * x. Lanes start at m = -1e30 (finite, so masked -inf never makes a NaN)."""
+    m_new = tl.maximum(m, x)
+    alpha = tl.exp(m - m_new)
+    e = tl.exp(x - m_new)
+    s = s * alpha + e
     if WITH_MOMENT:
-        xe = tl.where(e > 0, x, 0.0)  # no 0 * -inf on masked lanes
-        t = tl.where(new_max, t * e + x, t + e * xe)
-    return tl.maximum(m, x), s, t
+        t = t * alpha + e * tl.where(e > 0, x, 0.0)  # no 0 * -inf on masked lanes
+    return m_new, s, t
 
 
 @triton.jit

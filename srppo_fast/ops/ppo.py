@@ -50,6 +50,14 @@ def _normalizer(mask: torch.Tensor, normalizer: float | None):
     return mask.to(torch.float32).sum().clamp_min(1.0)
 
 
+def _inv_normalizer(mask: torch.Tensor, normalizer: float | None) -> torch.Tensor:
+    """1 / the normalizer as a 0-d fp32 tensor on the mask's device, computed there (the kernels load it: the
+    token count never makes a round trip to the host)."""
+    if normalizer is not None:
+        return torch.full((), 1.0 / _normalizer(mask, normalizer), dtype=torch.float32, device=mask.device)
+    return _normalizer(mask, None).reciprocal()
+
+
 def policy_loss_ref(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                     clip_eps: float = 0.2, clip_eps_high: float | None = None, entropy: torch.Tensor | None = None,
                     entropy_coef: float = 0.0, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0,
@@ -160,7 +168,7 @@ def _ppo_fwd_kernel(
     # output: token sums / normalizer, one slot per entry of STATS
     stats_ptr,
     # shapes and scalars
-    N, clip_low, clip_high, value_clip, inv_norm,
+    N, clip_low, clip_high, value_clip, inv_norm_ptr,
     # meta
     BLOCK: tl.constexpr, HAS_POLICY: tl.constexpr, HAS_ENTROPY: tl.constexpr, HAS_KL: tl.constexpr,
     KL_CODE: tl.constexpr, HAS_VALUES: tl.constexpr,
@@ -168,7 +176,7 @@ def _ppo_fwd_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     keep = tl.load(mask_ptr + offs, mask=ok, other=0) != 0  # the mask rule: in or out, never a weight
-    m = tl.where(keep, inv_norm, 0.0)
+    m = tl.where(keep, tl.load(inv_norm_ptr), 0.0)  # 1 / normalizer, on the device: no host sync
     if HAS_POLICY:
         log_ratio, ratio, unclipped, clipped = _surrogate(
             tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32),
@@ -202,7 +210,7 @@ def _ppo_bwd_kernel(
     # data ptrs: outputs
     grad_logp_ptr, grad_entropy_ptr, grad_values_ptr,
     # shapes and scalars
-    N, clip_low, clip_high, value_clip, inv_norm, entropy_coef, kl_coef,
+    N, clip_low, clip_high, value_clip, inv_norm_ptr, entropy_coef, kl_coef,
     # meta
     BLOCK: tl.constexpr, HAS_POLICY: tl.constexpr, HAS_ENTROPY: tl.constexpr, HAS_KL: tl.constexpr,
     KL_CODE: tl.constexpr, HAS_VALUES: tl.constexpr,
@@ -210,7 +218,7 @@ def _ppo_bwd_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     keep = tl.load(mask_ptr + offs, mask=ok, other=0) != 0
-    m = tl.where(keep, inv_norm, 0.0)
+    m = tl.where(keep, tl.load(inv_norm_ptr), 0.0)  # 1 / normalizer, on the device: no host sync
     if HAS_POLICY:
         g = tl.load(grad_actor_ptr)
         logp = tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -302,9 +310,8 @@ def _ppo_triton(logp, old_logp, advantages, mask, *, clip_eps=0.2, clip_eps_high
         if t is not None and t.shape != mask.shape:
             raise ValueError(f"ppo_loss: {name} has shape {tuple(t.shape)}, the mask's is {tuple(mask.shape)}")
     flat = lambda t: t.reshape(-1).contiguous() if t is not None else None  # noqa: E731
-    norm = float(_normalizer(mask, normalizer))
     high = clip_eps if clip_eps_high is None else clip_eps_high
-    cfg = {"clip_low": 1.0 - clip_eps, "clip_high": 1.0 + high, "inv_norm": 1.0 / norm,
+    cfg = {"clip_low": 1.0 - clip_eps, "clip_high": 1.0 + high, "inv_norm": _inv_normalizer(mask, normalizer),
            "value_clip": float(value_clip) if value_clip is not None else float("inf"),
            "entropy_coef": float(entropy_coef) if entropy is not None else 0.0,
            "kl_coef": float(kl_coef) if ref_logp is not None else 0.0, "kl_estimator": kl_estimator}
