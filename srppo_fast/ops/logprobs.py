@@ -4,9 +4,9 @@ Shapes: logits [N, V] (or [..., V]; bf16 / fp16 / fp32), labels [N] int64 -> log
 (and entropies [N] fp32). Labels equal to `ignore_index` give 0. Any memory layout: the launchers read
 logits through a row stride (a slice of wider rows is not copied) and make every other input contiguous.
 
-Kernel: one program per row streams the row in blocks of BLOCK_V with a per-lane online
-log-sum-exp (running max, sum of exp, and for the entropy the exp-weighted sum of logits), so a
-128k-256k vocabulary never sits in registers; the lanes are combined once at the end. The backward
+Kernel: one program per row streams the row in blocks of BLOCK_V with an online log-sum-exp
+(running max, sum of exp, and for the entropy the exp-weighted sum of logits; each block reduced to
+the row's scalars), so a 128k-256k vocabulary never sits in registers. The backward
 reads the row once more and writes the gradient (optionally over the logits themselves):
 
     d logp / dz_j = [j = label] - p_j                       z = logits / temperature
@@ -46,25 +46,17 @@ def token_logprobs_ref(logits: torch.Tensor, labels: torch.Tensor, temperature: 
 
 @triton.jit
 def online_lse_update(m, s, t, x, WITH_MOMENT: tl.constexpr):
-    """Fold a block x into per-lane accumulators: running max m, s = sum exp(x - m) and (entropy)
-    t = sum exp(x - m) * x. Lanes start at m = -1e30 (finite, so masked -inf never makes a NaN)."""
-    m_new = tl.maximum(m, x)
+    """Fold a block x into the row's running max m, s = sum exp(x - m) and (entropy) t = sum exp(x - m) * x:
+    one block max, one exp per element, one rescale per block. m starts at -1e30 (finite, so a fully masked
+    block never makes a NaN). Measured on an H100 at [16384, 128256] bf16: 1.36-1.41 ms against 1.58 ms for
+    per-lane accumulators combined once per row (their rescale costs a second exp per element)."""
+    m_new = tl.maximum(m, tl.max(x, 0))
     alpha = tl.exp(m - m_new)
     e = tl.exp(x - m_new)
-    s = s * alpha + e
+    s = s * alpha + tl.sum(e, 0)
     if WITH_MOMENT:
-        t = t * alpha + e * tl.where(e > 0, x, 0.0)  # no 0 * -inf on masked lanes
+        t = t * alpha + tl.sum(e * tl.where(e > 0, x, 0.0), 0)  # no 0 * -inf on masked lanes
     return m_new, s, t
-
-
-@triton.jit
-def online_lse_finish(m, s, t):
-    """Combine the lanes: (log-sum-exp, sum exp(x - lse) * x / sum exp(x - lse) = E_p[x])."""
-    m_row = tl.max(m, 0)
-    w = tl.exp(m - m_row)
-    s_row = tl.sum(s * w, 0)
-    t_row = tl.sum(t * w, 0)
-    return m_row + tl.log(s_row), t_row / s_row
 
 
 @triton.jit
@@ -83,14 +75,14 @@ def _token_logprobs_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     cols = tl.arange(0, BLOCK_V)
-    m = tl.full([BLOCK_V], -1e30, tl.float32)
-    s = tl.zeros([BLOCK_V], tl.float32)
-    t = tl.zeros([BLOCK_V], tl.float32)
+    m = -1e30
+    s = 0.0
+    t = 0.0
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         x = tl.load(row_ptr + offs, mask=offs < V, other=-float("inf")).to(tl.float32) * inv_temperature
         m, s, t = online_lse_update(m, s, t, x, RETURN_ENTROPY)
-    lse, mean_z = online_lse_finish(m, s, t)
+    lse = m + tl.log(s)
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
     z_label = tl.load(row_ptr + tl.where(valid, label, 0)).to(tl.float32) * inv_temperature
@@ -98,7 +90,7 @@ def _token_logprobs_fwd_kernel(
     tl.store(logp_ptr + row, tl.where(valid, tl.minimum(z_label - lse, 0.0), 0.0))
     tl.store(lse_ptr + row, lse)
     if RETURN_ENTROPY:
-        tl.store(entropy_ptr + row, lse - mean_z)
+        tl.store(entropy_ptr + row, lse - t / s)  # H = lse - E_p[z]
 
 
 @triton.jit
@@ -162,6 +154,7 @@ def _token_logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, temperature:
     entropy = torch.empty_like(logp) if return_entropy else lse  # a placeholder pointer when unused
     if N:
         block, warps = vocab_block(V)
+        warps = min(warps, 8)  # H100, [16384, 128256] bf16: 8 warps 1.36 ms, 16 warps 1.41 ms
         _token_logprobs_fwd_kernel[(N,)](logits, labels, logp, lse, entropy, logits.stride(0), V,
                                          1.0 / temperature, ignore_index, BLOCK_V=block,
                                          RETURN_ENTROPY=return_entropy, num_warps=warps)
