@@ -289,7 +289,7 @@ def check_inputs(cfg: Config) -> list[str]:
             done.append(_check_model_path(section.reward.model_path, f"{name}.reward.model_path",
                                           cfg.model.trust_remote_code))
         data_kind = {"lm": "lm" if getattr(section, "loss_on", "") == "all" else "sft", "rl": "prompt",
-                     "eval": "prompt"}[kind]
+                     "spin": "sft", "eval": "prompt"}[kind]
         for spec in stage_data_specs(cfg, name):
             done.append(_check_data_head(spec, data_kind, f"{name} data"))
     return done

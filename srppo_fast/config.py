@@ -316,6 +316,35 @@ class RLStageConfig:
 
 
 @dataclass
+class SpinStageConfig:
+    """Self-play fine-tuning (SPIN, Chen et al. 2024), a baseline: per iteration, sample one response per
+    demonstration prompt from the current model pi_t, then train the DPO loss with the demonstration as chosen,
+    the sample as rejected and pi_t as the reference. Defaults from SPIN's published config where it gives one
+    (beta, lr, schedule, warm-up, epochs, batch, lengths)."""
+
+    data: str = opt("world:demos", "Demonstrations (same forms as sft.data): each conversation's last assistant "
+                    "turn is the chosen response; its prompt is what the model answers.")
+    init: str = opt("sft", "Starting weights (pi_1): a stage of this run, 'base', or a checkpoint directory.")
+    iterations: int = opt(3, "Self-play iterations: sample with pi_t, train pi_{t+1} against it.", ge=1)
+    epochs: float = opt(3.0, "Passes over the iteration's pairs (SPIN's config: 3).", gt=0)
+    beta: float = opt(0.1, "beta of the DPO loss (SPIN's config: 0.1).", gt=0)
+    batch_size: int = opt(64, "Pairs per optimizer step (SPIN: 8 per GPU x 8 GPUs).", ge=1)
+    micro_batch_tokens: int = opt(4096, "Token budget of one packed micro-batch; a pair's chosen and rejected "
+                                  "sequences always share one.", ge=1)
+    max_seq_len: int = opt(1024, "Longest demonstration (prompt + response) kept (SPIN: max_length 1024).", ge=2)
+    max_prompt_len: int = opt(512, "Longest prompt kept (SPIN: max_prompt_length 512).", ge=1)
+    rollout: RolloutConfig = sub(RolloutConfig, "Sampling y' ~ pi_t (n_samples must be 1; engine hf or vllm).",
+                                 n_samples=1, max_new_tokens=256)
+    optim: OptimConfig = sub(OptimConfig, "Optimiser and schedule, over all iterations' steps (SPIN: lr 5e-7, "
+                             "linear decay, warm-up 0.1, RMSprop; here AdamW).", lr=5e-7, warmup_ratio=0.1,
+                             schedule="linear", min_lr_ratio=0.0)
+    log_every: int = opt(1, "Append metrics every N optimizer steps.", ge=1)
+    save_every: int = opt(200, "Save a resumable checkpoint every N optimizer steps (0: only at the end and on "
+                          "SIGINT/SIGTERM).", ge=0)
+    shuffle: bool = opt(True, "Shuffle the pairs every epoch (seeded).")
+
+
+@dataclass
 class EvalConfig:
     """Accuracy and log-likelihood of every model of the run."""
 
@@ -335,7 +364,7 @@ class Config:
     output_dir: str = opt("runs/default", "Where the run writes config.yaml, metrics.jsonl and checkpoints/.")
     seed: int = opt(0, "Seed for model initialisation, data order and sampling.", ge=0, le=2**32 - 1)
     stages: list = opt(["pretrain", "sft"], "Stages to run, in order. Known: pretrain, sft, sft_extended, "
-                       "srppo, ppo_rm, eval.")
+                       "spin, srppo, ppo_rm, eval.")
     world: WorldConfig = sub(WorldConfig, "The embedded task world.")
     model: ModelConfig = sub(ModelConfig, "Base model and tokenizer.")
     runtime: RuntimeConfig = sub(RuntimeConfig, "Device, precision, threads, engine.")
@@ -353,10 +382,12 @@ class Config:
     srppo: RLStageConfig = sub(RLStageConfig, "SRPPO: PPO with the coherent reward.")
     ppo_rm: RLStageConfig = sub(RLStageConfig, "Baseline: PPO with an external reward model.",
                                 reward=RewardConfig(type="model"))
+    spin: SpinStageConfig = sub(SpinStageConfig, "Baseline: self-play fine-tuning (SPIN) on the demonstrations.")
     eval: EvalConfig = sub(EvalConfig, "Evaluation table of every model of the run.")
 
 
-STAGE_TYPES = {"pretrain": "lm", "sft": "lm", "sft_extended": "lm", "srppo": "rl", "ppo_rm": "rl", "eval": "eval"}
+STAGE_TYPES = {"pretrain": "lm", "sft": "lm", "sft_extended": "lm", "spin": "spin", "srppo": "rl", "ppo_rm": "rl",
+               "eval": "eval"}
 STAGE_SECTIONS = {name: name for name in STAGE_TYPES}
 MODEL_STAGES = [name for name, kind in STAGE_TYPES.items() if kind != "eval"]
 
@@ -667,6 +698,27 @@ def _validate_rl(cfg: Config, name: str, before: list[str], check_files: bool) -
     _check_optim(rl.optim, f"{name}.optim")
 
 
+def _validate_spin(cfg: Config, name: str, before: list[str], check_files: bool) -> None:
+    spin: SpinStageConfig = getattr(cfg, name)
+    _check_data_spec(spin.data, f"{name}.data", check_files)
+    _check_model_ref(cfg, spin.init, f"{name}.init", before, check_files)
+    ro = spin.rollout
+    if ro.n_samples != 1:
+        raise ConfigError(f"{name}.rollout.n_samples is {ro.n_samples}: SPIN pairs each demonstration with one "
+                          "sample of the model's own; set it to 1.")
+    if ro.async_ or ro.tis_cap is not None:
+        raise ConfigError(f"{name}.rollout.{'async' if ro.async_ else 'tis_cap'} is set, but SPIN samples once per "
+                          "iteration from pi_t itself (nothing runs ahead or off-policy); remove it.")
+    _validate_rollout(cfg, name)
+    longest = max(spin.max_seq_len, spin.max_prompt_len + ro.max_new_tokens)
+    if spin.micro_batch_tokens < 2 * longest:
+        raise ConfigError(f"{name}.micro_batch_tokens ({spin.micro_batch_tokens}) cannot hold a pair: its chosen "
+                          f"and rejected sequences share a micro-batch and can take {2 * longest} tokens "
+                          f"(2 x max(max_seq_len, max_prompt_len + rollout.max_new_tokens)); raise it to at least "
+                          f"{2 * longest} or shorten those.")
+    _check_optim(spin.optim, f"{name}.optim")
+
+
 def _validate_eval(cfg: Config, name: str, before: list[str], check_files: bool) -> None:
     ev: EvalConfig = getattr(cfg, name)
     for ref in ev.models:
@@ -684,7 +736,7 @@ def stage_model_refs(cfg: Config, name: str) -> list[str]:
     """The models a stage reads (stage names, 'base' or paths), in a fixed order."""
     section = getattr(cfg, name)
     kind = STAGE_TYPES[name]
-    if kind == "lm":
+    if kind in ("lm", "spin"):
         return [section.init]
     if kind == "eval":
         return [str(m) for m in section.models] or default_eval_models(cfg, name)
@@ -708,6 +760,8 @@ def stage_data_specs(cfg: Config, name: str) -> list[str]:
     kind = STAGE_TYPES[name]
     if kind == "lm":
         return [section.data] + ([section.eval_data] if section.eval_data else [])
+    if kind == "spin":
+        return [section.data]
     if kind == "rl":
         return [section.prompts]
     return [str(s) for s in section.splits]
@@ -751,7 +805,7 @@ def _validate_rollout(cfg: Config, name: str) -> None:
                               f"{', '.join(map(str, CPU_HEAD_DIMS))}); change model.arch, or use {where}.engine=hf.")
 
 
-_VALIDATORS = {"lm": _validate_lm, "rl": _validate_rl, "eval": _validate_eval}
+_VALIDATORS = {"lm": _validate_lm, "rl": _validate_rl, "spin": _validate_spin, "eval": _validate_eval}
 
 
 def validate(cfg: Config, *, check_files: bool = True) -> None:

@@ -24,7 +24,7 @@ from .io import atomic_write_text
 
 log = logging.getLogger("srppo_fast")
 LABELS = {"base": "base", "pretrain": "PT", "sft": "SFT", "sft_extended": "SFT (extended)", "srppo": "SRPPO",
-          "ppo_rm": "PPO-RM"}
+          "ppo_rm": "PPO-RM", "spin": "SPIN"}
 
 
 @dataclass

@@ -189,7 +189,7 @@ def run(cfg: Config) -> RunContext:
 
     if resolved_engine(cfg) == "deepspeed" or dist.launched():
         # a rank waiting in a collective for a rank whose sampler hangs must outlast that sampler's timeout
-        sampler_timeouts = [getattr(cfg, s).rollout.timeout_s for s in cfg.stages if STAGE_TYPES[s] == "rl"]
+        sampler_timeouts = [getattr(cfg, s).rollout.timeout_s for s in cfg.stages if STAGE_TYPES[s] in ("rl", "spin")]
         dist.init(resolve_device(cfg.runtime.device), max([30, *(math.ceil(t / 60) + 5 for t in sampler_timeouts)]))
     checks = preflight(cfg)
     dist.barrier()  # every rank has checked before rank 0 writes
@@ -238,6 +238,11 @@ def describe_plan(cfg: Config, checks: Preflight | None = None) -> str:
             length = f"max_steps={s.max_steps}" if s.max_steps else f"epochs={s.epochs:g}"
             evals = f" eval={s.eval_data}" if s.eval_data else ""
             line = (f"{name}: init={init} data={s.data}{evals} loss_on={s.loss_on} {length} batch={s.batch_size} "
+                    f"micro_batch_tokens={s.micro_batch_tokens} lr={s.optim.lr:g}")
+        elif kind == "spin":
+            length = f"iterations={s.iterations} x epochs={s.epochs:g}"
+            line = (f"{name}: init={s.init} demonstrations={s.data} {length} beta={s.beta:g} pairs/step={s.batch_size} "
+                    f"sampler={s.rollout.engine}(T={s.rollout.temperature:g}, max_new_tokens={s.rollout.max_new_tokens}) "
                     f"micro_batch_tokens={s.micro_batch_tokens} lr={s.optim.lr:g}")
         elif kind == "rl":
             reward = (f"coherent(sft={s.reward.sft}, pt={s.reward.pretrained}, {s.reward.granularity})"

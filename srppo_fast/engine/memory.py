@@ -176,7 +176,7 @@ def count_params(hf_config, kind: str = "causal_lm") -> tuple[int, int]:
 def _stage_models(cfg: Config, name: str) -> list[tuple[str, str, bool, str, list[str]]]:
     """(role, ref, trainable, kind, config keys served) of each model a stage holds."""
     s = getattr(cfg, name)
-    if STAGE_TYPES[name] == "lm":
+    if STAGE_TYPES[name] in ("lm", "spin"):  # SPIN's reference pi_t is the model itself at the iteration's start
         return [("model", s.init, True, "causal_lm", [f"{name}.init"])]
     out = [("actor", s.init, True, "causal_lm", [f"{name}.init"])]
     if s.advantage.estimator == "gae":
@@ -242,7 +242,7 @@ def plan_memory(cfg: Config, num_gpus: int, num_nodes: int, gpu_gib: float) -> l
             except Exception as e:  # noqa: BLE001 - the dry run never fails on the plan
                 m.error = f"size not computed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
             models.append(m)
-        if STAGE_TYPES[name] == "rl" and getattr(cfg, name).rollout.engine == "vllm":
+        if STAGE_TYPES[name] in ("rl", "spin") and getattr(cfg, name).rollout.engine == "vllm":
             models.append(_sampler_plan(cfg, name, gpu_gib))
         plans.append(StagePlan(name, models, gpu_gib))
     return plans

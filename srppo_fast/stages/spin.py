@@ -1,0 +1,355 @@
+"""The `spin` stage: self-play fine-tuning (Chen et al., 2024), a baseline that, like SRPPO, starts from
+pi_SFT and needs no preference labels.
+
+For iteration t = 1..iterations, with pi_t the actor at the iteration's start:
+  1. sample     one response y' ~ pi_t(.|x) for every demonstration prompt x (through the rollout engine)
+  2. reference  log pi_t(y|x) and log pi_t(y'|x), once, with the actor itself before any update of the
+                iteration (it *is* pi_t then: no second copy of the model)
+  3. train      epochs of the DPO loss on the pairs (chosen = the demonstration y, rejected = y'):
+                -log sigmoid(beta * [(log pi(y|x) - log pi_t(y|x)) - (log pi(y'|x) - log pi_t(y'|x))]),
+                log-probs summed over the response tokens; a pair's chosen and rejected sequence are packed
+                into the same micro-batch, so each micro-batch's loss is exact on its own
+  4. log, save (resumable after any step: the iteration's pairs and reference log-probs are in the state)
+SPIN sees only the demonstrations' prompts; it assumes a demonstration always beats the model's own sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import dist
+from ..batching import PackedBatch, RankShare, pack_sequences
+from ..config import SpinStageConfig
+from ..data import DataError, TokenizedSet, _target_mask, read_records, render, render_with_spans
+from ..engine import build_engine, check_divergence, save_engines
+from ..errors import ConfigError, SamplerError
+from ..generation import Generations, sample_seed
+from ..metrics import progress
+from ..modeling import load_model
+from ..packing import plan_microbatches
+from ..rollout import HFRolloutEngine, SamplingParams
+from ..state import Interrupted, SignalGuard, resumable, rng_state, set_rng_state
+from .lm import EpochSampler, packed_token_logprobs
+
+log = logging.getLogger("srppo_fast")
+
+
+# ------------------------------------------------------------------------------------------------
+# the loss
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, identical: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair: (-log sigmoid(h), h) with h = beta * [(pi_c - ref_c) - (pi_r - ref_r)] from summed log-probs.
+    A pair whose rejected sequence is its chosen one (`identical`) has no gradient (mathematically its two
+    terms cancel; numerically only to rounding, so its h is detached) but keeps its place in the mean."""
+    h = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
+    if identical is not None and bool(identical.any()):
+        h = torch.where(identical, h.detach(), h)
+    return -F.logsigmoid(h), h
+
+
+# ------------------------------------------------------------------------------------------------
+# demonstrations and pairs
+
+
+class Demos:
+    """The demonstrations as SPIN reads them: each one's prompt (rendered with the generation prompt) and its
+    chosen sequence (the whole conversation, targets on the last assistant turn only)."""
+
+    def __init__(self, spec: str, tokenizer, world_dir: str | None, max_prompt_len: int, max_seq_len: int,
+                 key: str):
+        self.prompts: list[list[int]] = []
+        self.questions: list[str] = []
+        self.chosen: list[tuple[np.ndarray, np.ndarray]] = []  # (tokens, targets)
+        self.dropped = 0
+        records = read_records(spec, "sft", world_dir)
+        for rec in records:
+            if rec.messages[-1]["role"] != "assistant":
+                raise DataError(f"{rec.where}: SPIN needs conversations that end with the assistant's turn (the "
+                                "demonstration it prefers to the model's own answer); this one ends with a "
+                                f"{rec.messages[-1]['role']} turn.")
+            prompt = tokenizer(render(tokenizer, rec.messages[:-1], add_generation_prompt=True),
+                               add_special_tokens=False)["input_ids"]
+            text, spans = render_with_spans(tokenizer, rec.messages)
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids, targets = enc["input_ids"], _target_mask(enc["offset_mapping"], spans[-1:])
+            targets[0] = False
+            if len(prompt) > max_prompt_len or len(ids) > max_seq_len or not targets.any():
+                self.dropped += 1
+                continue
+            self.prompts.append(prompt)
+            self.questions.append(rec.messages[-2]["content"] if len(rec.messages) > 1 else "")
+            self.chosen.append((np.asarray(ids, dtype=np.int32), targets))
+        if not self.prompts:
+            raise DataError(f"{key}: all {len(records)} demonstrations of '{spec}' are longer than max_prompt_len / "
+                            "max_seq_len (or have no response tokens); raise those limits.")
+
+
+def build_pairs(demos: Demos, samples: list[list[int]]) -> TokenizedSet:
+    """Sequences 2i (chosen: demonstration i) and 2i+1 (rejected: its prompt + the sampled response)."""
+    parts_t, parts_m = [], []
+    for i, response in enumerate(samples):
+        tokens, targets = demos.chosen[i]
+        prompt = demos.prompts[i]
+        parts_t += [tokens, np.asarray(prompt + response, dtype=np.int32)]
+        parts_m += [targets, np.r_[np.zeros(len(prompt), bool), np.ones(len(response), bool)]]
+    lengths = [len(t) for t in parts_t]
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return TokenizedSet(np.concatenate(parts_t), np.concatenate(parts_m), offsets)
+
+
+def pair_share(pairs: TokenizedSet, pair_ids: np.ndarray, budget: int, rank: int, world_size: int) -> RankShare:
+    """Pairs `pair_ids` over the ranks, balanced by tokens, each micro-batch holding whole pairs (chosen at even,
+    rejected at odd positions of its seq_ids); every rank gets as many micro-batches (None: a dummy)."""
+    lengths = pairs.lengths[2 * pair_ids] + pairs.lengths[2 * pair_ids + 1]
+    plan = plan_microbatches(lengths, budget, world_size)
+    batches = []
+    for idx in plan.microbatches(rank):
+        seqs = np.stack([2 * pair_ids[idx], 2 * pair_ids[idx] + 1], axis=1).reshape(-1)
+        batches.append(pack_sequences(pairs, seqs) if len(idx) else None)
+    return RankShare(batches, plan.rank_tokens())
+
+
+def sequence_logprobs(model, batch: PackedBatch) -> torch.Tensor:
+    """Summed log-prob of each packed sequence's targets: [n sequences], in the batch's seq_ids order."""
+    logp = packed_token_logprobs(model, batch)
+    seq = torch.repeat_interleave(torch.arange(len(batch.seq_ids), device=logp.device),
+                                  (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).to(logp.device).long())
+    return torch.zeros(len(batch.seq_ids), dtype=logp.dtype, device=logp.device).index_add_(0, seq, logp)
+
+
+@torch.no_grad()
+def pair_logprobs(engine, pairs: TokenizedSet, budget: int) -> torch.Tensor:
+    """[P, 2] fp64 (chosen, rejected) summed log-probs of every pair under the engine's model as it is now, each
+    rank computing its share (forwards in lockstep: ZeRO-3 gathers parameters collectively)."""
+    n = len(pairs) // 2
+    out = torch.zeros(n, 2, dtype=torch.float64)
+    model = engine.model
+    was_training = model.training
+    model.eval()
+    share = pair_share(pairs, np.arange(n), budget, dist.rank(), dist.world_size())
+    for batch, real in share.on_device(engine.device):
+        with engine.autocast():
+            sums = sequence_logprobs(model, batch)
+        if real:
+            out[torch.as_tensor(batch.seq_ids[0::2] // 2)] = sums.double().view(-1, 2).cpu()
+    model.train(was_training)
+    return dist.all_reduce_tensor_(out)  # each pair is filled on one rank: the sum is exact
+
+
+# ------------------------------------------------------------------------------------------------
+# one optimizer step
+
+
+def spin_train_step(engine, pairs: TokenizedSet, ref: torch.Tensor, identical: torch.Tensor, pair_ids: np.ndarray,
+                    beta: float, budget: int) -> dict:
+    """The mean DPO loss over the pairs `pair_ids` (the same on every rank; each rank runs its share)."""
+    t0 = time.perf_counter()
+    share = pair_share(pairs, pair_ids, budget, dist.rank(), dist.world_size())
+    n_pairs = len(pair_ids)
+    sums = dict.fromkeys(("loss", "rewards/margin", "rewards/accuracy", "rewards/chosen", "rewards/rejected",
+                          "logps/chosen", "logps/rejected"), 0.0)
+    for batch, real in share.on_device(engine.device):
+        with engine.autocast():
+            seq_logp = sequence_logprobs(engine.model, batch).float()
+        if not real:  # a dummy micro-batch: the same collectives as the other ranks, zero gradient
+            engine.backward(seq_logp.sum() * 0.0)
+            continue
+        policy = seq_logp.view(-1, 2)
+        ids = torch.as_tensor(batch.seq_ids[0::2] // 2)
+        r = ref[ids].to(policy.device, torch.float32)
+        losses, h = dpo_loss(policy[:, 0], policy[:, 1], r[:, 0], r[:, 1], beta, identical[ids].to(policy.device))
+        engine.backward(losses.sum() / n_pairs)
+        with torch.no_grad():
+            chosen, rejected = beta * (policy[:, 0] - r[:, 0]), beta * (policy[:, 1] - r[:, 1])
+            for key, value in (("loss", losses), ("rewards/margin", h), ("rewards/accuracy", (h > 0).float()),
+                               ("rewards/chosen", chosen), ("rewards/rejected", rejected),
+                               ("logps/chosen", policy[:, 0]), ("logps/rejected", policy[:, 1])):
+                sums[key] += float(value.sum())
+    sums = dist.all_reduce_dict(sums)
+    stats = engine.step(loss_finite=math.isfinite(sums["loss"]))
+    n_tokens = int(share.rank_tokens.sum())
+    return {**{k: v / n_pairs for k, v in sums.items()}, **stats, "nonfinite_steps": engine.nonfinite_steps,
+            "tokens": n_tokens, "tokens_per_s": n_tokens / (time.perf_counter() - t0),
+            "microbatches": len(share.batches)}
+
+
+# ------------------------------------------------------------------------------------------------
+# the stage
+
+
+def steps_per_iteration(spin: SpinStageConfig, n_pairs: int) -> int:
+    return max(1, math.ceil(spin.epochs * n_pairs / spin.batch_size))
+
+
+class Sampler:
+    """y' ~ pi_t for the demonstration prompts through a rollout engine: hf (the actor module itself) or vllm
+    (its own weights, synced from the actor before each iteration's samples). Each rank answers every W-th
+    prompt; every prompt draws from its own stream (seed, iteration, prompt), so the samples do not depend on W."""
+
+    def __init__(self, ctx, spin: SpinStageConfig, engine, init_path: str):
+        self.ctx, self.spin, self.actor = ctx, spin, engine
+        ro = spin.rollout
+        if ro.engine == "hf":
+            self.engine = HFRolloutEngine(engine.model, ctx.tokenizer(), ro.batch_size)
+        else:
+            from ..rollout.vllm_engine import VLLMRolloutEngine
+
+            if not os.path.isfile(os.path.join(init_path, "config.json")):
+                raise ConfigError(f"vllm sampling starts the sampler from a checkpoint directory, but spin.init "
+                                  f"resolves to {init_path!r}; point it at a stage of this run or a checkpoint "
+                                  "directory, or use spin.rollout.engine=hf.")
+            longest = spin.max_prompt_len + ro.max_new_tokens
+            self.engine = VLLMRolloutEngine(init_path, ctx.tokenizer().eos_token_id, ro, device=ctx.device,
+                                            precision=ctx.precision, seed=ctx.cfg.seed, max_model_len=longest,
+                                            world_size=dist.world_size())
+
+    def sample(self, prompts: list[list[int]], iteration: int) -> tuple[Generations, dict]:
+        ro, stats = self.spin.rollout, {}
+        error = None
+        try:
+            stats = self.engine.update_weights(self.actor.model, iteration)  # hf: nothing to copy
+            if getattr(self.engine, "incomplete", None):
+                raise SamplerError(f"the weight sync before SPIN iteration {iteration} left parameters unloaded "
+                                   f"({', '.join(self.engine.incomplete[:4])}); stopping rather than sampling from "
+                                   "other weights than the actor's.")
+        except SamplerError as e:
+            error = e
+        dist.first_error(error)
+        # ranks that share a colocated tensor-parallel sampler submit the same prompts
+        tp = ro.vllm.tensor_parallel_size if self.engine.name == "vllm" and self.ctx.device.type == "cuda" else 1
+        group, groups = dist.rank() // tp, max(1, dist.world_size() // tp)
+        mine = list(range(group, len(prompts), groups))
+        params = SamplingParams(n=1, temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens,
+                                seeds=[sample_seed(self.ctx.cfg.seed, iteration, i) for i in mine])
+        if self.engine.name == "hf":  # forwards in lockstep when they are collective (ZeRO-3)
+            params.calls = int(dist.all_reduce([math.ceil(len(mine) / max(1, ro.batch_size))], "max")[0])
+        local = None
+        try:
+            local = self.engine.generate([prompts[i] for i in mine], params)
+        except SamplerError as e:
+            error = e
+        dist.first_error(error)
+        self.engine.sleep()  # a colocated GPU sampler's memory goes to the updates
+        responses, ended = [None] * len(prompts), [False] * len(prompts)
+        for ids, resp, end in dist.all_gather_object((mine, local.responses, local.ended)):
+            for j, i in enumerate(ids):
+                responses[i], ended[i] = resp[j], end[j]
+        return Generations(responses, ended, list(range(len(prompts)))), stats
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def iteration_stats(demos: Demos, pairs: TokenizedSet, gens: Generations, tokenizer, verifier
+                    ) -> tuple[dict, torch.Tensor]:
+    """What an iteration's samples look like, and which pairs are one sequence twice (the sample reproduced its
+    demonstration token for token, prompt tokenization included)."""
+    identical = torch.tensor([np.array_equal(pairs.sequence(2 * i)[0], pairs.sequence(2 * i + 1)[0])
+                              for i in range(len(pairs) // 2)])
+    stats = {"spin/identical_fraction": float(identical.float().mean()),
+             "spin/sample_length": float(np.mean([len(r) for r in gens.responses])),
+             "spin/sample_eos_rate": float(np.mean(gens.ended))}
+    if verifier is not None:
+        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in gens.responses]
+        stats.update({f"spin/sample_{k}": v for k, v in verifier(demos.questions, texts).items()})
+    return stats, identical
+
+
+def run_spin_stage(ctx, name: str) -> None:
+    """Demonstrations -> actor engine (or an interrupted run's state) -> iterations of: sample, reference
+    log-probs, DPO epochs -> the final checkpoint."""
+    from ..checks import stage_fingerprint
+
+    spin: SpinStageConfig = getattr(ctx.cfg, name)
+    tok = ctx.tokenizer()
+    ckpt = ctx.checkpoint_dir(name)
+    demos = Demos(spin.data, tok, ctx.world_dir, spin.max_prompt_len, spin.max_seq_len, f"{name}.data")
+    n = len(demos.prompts)
+    log.info("%s: %d demonstrations (%d dropped as longer than max_prompt_len / max_seq_len)", name, n, demos.dropped)
+    per_iter = steps_per_iteration(spin, n)
+    steps = spin.iterations * per_iter
+    fingerprint = stage_fingerprint(ctx.cfg, name)
+    state = resumable(ckpt, fingerprint)
+    ctx.check_models(name, {f"{name}.init": spin.init})
+    init_path = ctx.model_path(spin.init)
+    model = load_model(str(ckpt), ctx.cfg.model) if state else ctx.init_model(spin.init)
+    engine = build_engine(ctx, model, spin.optim, steps, "model",
+                          resume=(str(ckpt), state["engine"]) if state is not None else None)
+    sampler = Sampler(ctx, spin, engine, init_path)
+    verifier = None
+    if spin.data.startswith("world:"):
+        from ..world import sample_metrics
+
+        verifier = sample_metrics
+    start, pairs, ref, identical, position = 0, None, None, None, 0
+    if state is not None:
+        start, position = state["step"], state["sampler_position"]
+        if state["pairs"] is not None:
+            pairs = TokenizedSet(*(np.asarray(a) for a in state["pairs"]))
+            ref, identical = state["ref"], state["identical"]
+        set_rng_state(state["rng"])
+    ctx.metrics.drop(name, start if state is not None else None)
+    last_save = f"{ckpt} (step {start})" if state is not None else f"none of this stage yet ({name}.save_every)"
+    bar = progress(steps, name, ctx.cfg.runtime.progress and dist.is_main())
+    bar.update(start)
+    try:
+        with SignalGuard() as guard:
+            for step in range(start + 1, steps + 1):
+                iteration, k = divmod(step - 1, per_iter)
+                iteration += 1
+                first = {}  # a new iteration's statistics, logged with its first step
+                if k == 0 or pairs is None:  # a new iteration: pi_t's samples and reference log-probs
+                    t = time.perf_counter()
+                    gens, sync = sampler.sample(demos.prompts, iteration)
+                    t_gen = time.perf_counter() - t
+                    pairs = build_pairs(demos, gens.responses)
+                    ref = pair_logprobs(engine, pairs, spin.micro_batch_tokens)
+                    first, identical = iteration_stats(demos, pairs, gens, tok, verifier)
+                    first.update({f"sync/{key}": v for key, v in sync.items()})
+                    first.update({"time/generate": t_gen, "time/reference": time.perf_counter() - t - t_gen})
+                    log.info("%s iteration %d/%d: %d samples, %.0f%% identical to their demonstration%s", name,
+                             iteration, spin.iterations, n, 100 * first["spin/identical_fraction"],
+                             f", sample accuracy {first['spin/sample_accuracy']:.3f}" if verifier else "")
+                    position = 0
+                order = EpochSampler(n, sample_seed(ctx.cfg.seed, iteration), spin.shuffle, position)
+                chosen = order.take(spin.batch_size)
+                position = order.position
+                stats = spin_train_step(engine, pairs, ref, identical, chosen, spin.beta, spin.micro_batch_tokens)
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", margin=f"{stats['rewards/margin']:.2f}")
+                if step % spin.log_every == 0 or step == steps or first:
+                    ctx.metrics.log({"stage": name, "step": step, "iteration": iteration,
+                                     "epoch": iteration - 1 + position / n, **stats, **first})
+                check_divergence(engine, name, step, ctx.cfg.runtime.max_nonfinite_steps, last_save,
+                                 final=step == steps)
+                stop = dist.any_true(guard.requested is not None)
+                if stop or (spin.save_every and step % spin.save_every == 0 and step != steps):
+                    info = {"stage": name, "step": step, "complete": False, "fingerprint": fingerprint}
+                    done = step % per_iter == 0  # the next step starts a new iteration: no pairs to keep
+                    save_engines(ckpt, {"model": engine}, tok, info, {
+                        "step": step, "engine": engine.state_dict(), "sampler_position": position,
+                        "pairs": None if done else (pairs.tokens, pairs.targets, pairs.offsets),
+                        "ref": None if done else ref, "identical": None if done else identical, "rng": rng_state()})
+                    last_save = f"{ckpt} (step {step})"
+                if stop:
+                    bar.close()
+                    raise Interrupted(f"{name} stopped by {guard.requested or 'a signal to another rank'} after step "
+                                      f"{step} of {steps}; its state is saved in {ckpt}: run the same command to "
+                                      "resume.")
+    finally:
+        sampler.close()
+    bar.close()
+    save_engines(ckpt, {"model": engine}, tok, {"stage": name, "step": steps, "complete": True,
+                                                 "fingerprint": fingerprint, "iterations": spin.iterations})
+    log.info("%s: saved %s", name, ckpt)
