@@ -1,6 +1,7 @@
 """`srppo-fast report OUTPUT_DIR`: training curves from metrics.jsonl as PNG files in OUTPUT_DIR/report/.
 
-One figure per stage: language-modelling stages plot the training and held-out loss; RL stages plot
+One figure per stage: language-modelling stages plot the training and held-out loss; SPIN its DPO loss,
+implicit rewards, shares and log-probs; RL stages plot
 the rewards (coherent or model, KL part, total), the KL, the sample accuracy and careful share where a
 verifier exists (with the greedy eval accuracy when logged), and the response length and EOS rate.
 """
@@ -23,6 +24,10 @@ RL_PANELS = [
     ("response", ["response_length", "eos_rate"]),
 ]
 LM_PANELS = [("loss", ["loss", "eval_loss"]), ("lr", ["lr"])]
+SPIN_PANELS = [("DPO loss", ["loss"]), ("implicit reward (beta-scaled log-ratio)", ["rewards/margin", "rewards/chosen",
+                                                                                  "rewards/rejected"]),
+               ("share", ["rewards/accuracy", "spin/identical_fraction", "spin/sample_accuracy"]),
+               ("summed log-prob", ["logps/chosen", "logps/rejected"])]
 
 
 def _series(rows: list[dict], key: str) -> tuple[list, list]:
@@ -95,8 +100,9 @@ def make_report(output_dir: str | os.PathLike, warn: Callable[[str], None] = _st
         out.mkdir(exist_ok=True)
         for stage in dict.fromkeys(r["stage"] for r in rows):
             stage_rows = [r for r in rows if r["stage"] == stage and isinstance(r.get("step"), (int, float))]
-            rl = any("reward/total" in r for r in stage_rows)
-            path = _figure(stage, stage_rows, RL_PANELS if rl else LM_PANELS, out)
+            panels = RL_PANELS if any("reward/total" in r for r in stage_rows) else \
+                SPIN_PANELS if any("rewards/margin" in r for r in stage_rows) else LM_PANELS
+            path = _figure(stage, stage_rows, panels, out)
             if path is not None:
                 written.append(path)
     except OSError as e:

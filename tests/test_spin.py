@@ -125,6 +125,9 @@ def test_a_tiny_spin_run_raises_the_margin(sft_done, tmp_path):
     assert checkpoint_info(out / "checkpoints" / "spin")["complete"]
     table = (out / "eval.md").read_text()
     assert "| SPIN |" in table and "| SFT |" in table
+    from srppo_fast.report import make_report
+
+    assert out / "report" / "spin.png" in make_report(out)
 
 
 def test_a_killed_spin_run_resumes_to_the_same_result(sft_done, tmp_path):

@@ -154,7 +154,7 @@ def pair_logprobs(engine, pairs: TokenizedSet, budget: int) -> torch.Tensor:
 def spin_train_step(engine, pairs: TokenizedSet, ref: torch.Tensor, identical: torch.Tensor, pair_ids: np.ndarray,
                     beta: float, budget: int) -> dict:
     """The mean DPO loss over the pairs `pair_ids` (the same on every rank; each rank runs its share)."""
-    t0 = time.perf_counter()
+    t0, comm0 = time.perf_counter(), dist.comm_seconds()
     share = pair_share(pairs, pair_ids, budget, dist.rank(), dist.world_size())
     n_pairs = len(pair_ids)
     sums = dict.fromkeys(("loss", "rewards/margin", "rewards/accuracy", "rewards/chosen", "rewards/rejected",
@@ -179,9 +179,12 @@ def spin_train_step(engine, pairs: TokenizedSet, ref: torch.Tensor, identical: t
     sums = dist.all_reduce_dict(sums)
     stats = engine.step(loss_finite=math.isfinite(sums["loss"]))
     n_tokens = int(share.rank_tokens.sum())
-    return {**{k: v / n_pairs for k, v in sums.items()}, **stats, "nonfinite_steps": engine.nonfinite_steps,
-            "tokens": n_tokens, "tokens_per_s": n_tokens / (time.perf_counter() - t0),
-            "microbatches": len(share.batches)}
+    out = {**{k: v / n_pairs for k, v in sums.items()}, **stats, "nonfinite_steps": engine.nonfinite_steps,
+           "tokens": n_tokens, "tokens_per_s": n_tokens / (time.perf_counter() - t0),
+           "microbatches": len(share.batches)}
+    if dist.world_size() > 1:
+        out.update({"rank_imbalance": share.imbalance, "time/comm": dist.comm_seconds() - comm0})
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -316,7 +319,7 @@ def run_spin_stage(ctx, name: str) -> None:
                     pairs = build_pairs(demos, gens.responses)
                     ref = pair_logprobs(engine, pairs, spin.micro_batch_tokens)
                     first, identical = iteration_stats(demos, pairs, gens, tok, verifier)
-                    first.update({f"sync/{key}": v for key, v in sync.items()})
+                    first.update(sync)  # the sampler's weight sync (vllm): sync/seconds, sync/bytes, sync/buckets
                     first.update({"time/generate": t_gen, "time/reference": time.perf_counter() - t - t_gen})
                     log.info("%s iteration %d/%d: %d samples, %.0f%% identical to their demonstration%s", name,
                              iteration, spin.iterations, n, 100 * first["spin/identical_fraction"],
