@@ -118,7 +118,19 @@ def cell(stat: Stat | None, digits: int) -> str:
     return f"{stat.mean:.{digits}f} ± {se}"
 
 
-def markdown(results: list[dict], summary: dict, meta: dict) -> str:
+def paired(results: list[dict], model: str, other: str) -> dict[str, Stat]:
+    """Per split, `model`'s accuracy minus `other`'s, draw by draw (both trained from the same draw's base and
+    world), as mean ± se: the spread the draws share (a weak base pulls every row down) cancels."""
+    out = {}
+    for split in SPLITS:
+        diffs = [r["eval"][model][split]["accuracy"] - r["eval"][other][split]["accuracy"] for r in results
+                 if r["eval"].get(model, {}).get(split) and r["eval"].get(other, {}).get(split)]
+        if diffs:
+            out[split] = mean_se(diffs)
+    return out
+
+
+def markdown(results: list[dict], summary: dict, meta: dict, versus: str = "srppo") -> str:
     """Header line, the `mean ± se` table per model, and each draw's in-domain / out-of-domain accuracy."""
     gpu = f", {meta['gpu']}" if meta["gpu"] else ""
     lines = [f"Table 1 over {len(results)} draw{'s' if len(results) != 1 else ''} on {meta['machine']} "
@@ -135,6 +147,15 @@ def markdown(results: list[dict], summary: dict, meta: dict) -> str:
         cells = [" / ".join("n/a" if r["eval"].get(model, {}).get(s, {}).get("accuracy") is None
                             else f"{r['eval'][model][s]['accuracy']:.3f}" for s in SPLITS) for r in results]
         lines.append("| " + " | ".join([LABELS.get(model, model), *cells]) + " |")
+    if versus in summary and len(summary) > 1:
+        name = LABELS.get(versus, versus)
+        lines += ["", f"{name} minus each other model, paired by draw (accuracy, mean ± se):", "",
+                  f"| {name} minus | in-domain | out-of-domain |", "|---|---|---|"]
+        for other in summary:
+            if other != versus:
+                diff = paired(results, versus, other)
+                lines.append(f"| {LABELS.get(other, other)} | {cell(diff.get('eval_id'), 3)} | "
+                             f"{cell(diff.get('eval_ood'), 3)} |")
     lines += ["", "Wall-clock per draw: " + ", ".join(f"{r['wall_s']:.0f} s" for r in results)]
     return "\n".join(lines) + "\n"
 

@@ -76,3 +76,19 @@ def test_reserved_override_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--seeds", "1", "seed=3"])
     assert "set per draw" in capsys.readouterr().err
+
+
+def test_paired_differences_cancel_what_the_draws_share():
+    """Every model of a draw moves with the draw's base: the paired difference removes that spread."""
+    from benchmarks.table1 import paired
+
+    results = draws([0.5, 0.7, 0.9])
+    for k, r in enumerate(results):  # SRPPO 0.1, 0.2, 0.3 above SFT in domain
+        r["eval"]["srppo"]["eval_id"] = dict(r["eval"]["sft"]["eval_id"], accuracy=r["eval"]["sft"]["eval_id"]
+                                             ["accuracy"] + 0.1 * (k + 1))
+    diff = paired(results, "srppo", "sft")
+    assert diff["eval_id"].mean == pytest.approx(0.2) and diff["eval_id"].se == pytest.approx(0.0577350269)
+    assert diff["eval_ood"].mean == pytest.approx(0.0) and diff["eval_ood"].se == pytest.approx(0.0)
+    md = markdown(results, summarize(results), META)
+    assert "SRPPO minus each other model, paired by draw" in md
+    assert "| SFT | 0.200 ± 0.058 | 0.000 ± 0.000 |" in md
