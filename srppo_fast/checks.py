@@ -219,6 +219,11 @@ def _local(ref: str) -> bool:
 def _check_model_path(path: str, key: str, trust_remote_code: bool) -> str:
     from transformers import AutoConfig
 
+    from .modeling import hf_source, is_gguf
+
+    if is_gguf(path):
+        source, extra = hf_source(path)  # the file exists and transformers can read GGUF here
+        return f"{key}: GGUF file '{os.path.join(source, extra['gguf_file'])}' (dequantised when the run starts)"
     if not _local(path):
         try:
             AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
@@ -236,8 +241,11 @@ def _check_model_path(path: str, key: str, trust_remote_code: bool) -> str:
 
 
 def _check_tokenizer_path(path: str, trust_remote_code: bool) -> str:
-    from .modeling import load_tokenizer
+    from .modeling import is_gguf, load_tokenizer
 
+    if is_gguf(path):
+        tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        return f"model.tokenizer: the GGUF file '{path}' holds one ({len(tok)} tokens)"
     if not _local(path):
         return f"model.tokenizer: hub tokenizer '{path}' (loaded when the run starts)"
     if not os.path.isdir(path):

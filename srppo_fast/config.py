@@ -620,7 +620,7 @@ def _check_model_ref(cfg: Config, ref: str, key: str, before: list[str], check_f
             return
         raise ConfigError(f"{key} is '{ref}', which does not run before it and has no checkpoint in {ckpt}; "
                           f"list '{ref}' earlier in stages, or point {key} at base or a directory.")
-    if "/" in ref or os.path.isdir(ref):
+    if "/" in ref or os.path.isdir(ref) or ref.startswith("wheel:") or ref.lower().endswith(".gguf"):
         return
     close = difflib.get_close_matches(ref, ["base", *MODEL_STAGES], n=1)
     hint = f"did you mean '{close[0]}'?" if close else "use base, a stage name, or a directory or hub name."

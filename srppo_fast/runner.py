@@ -21,7 +21,7 @@ from .engine import frozen_model, resolve_device, resolve_precision
 from .errors import CheckpointError, ConfigError, SrppoError
 from .io import atomic_write_text, recover_tree
 from .metrics import MetricsLog, NullMetricsLog
-from .modeling import (build_scratch_model, checkpoint_info, load_model, load_tokenizer, num_parameters,
+from .modeling import (build_scratch_model, checkpoint_info, hf_source, load_model, load_tokenizer, num_parameters,
                        tokenizer_fingerprint, tokenizer_mismatch)
 
 log = logging.getLogger("srppo_fast")
@@ -86,8 +86,10 @@ class RunContext:
                     tok = load_tokenizer(path, trust_remote_code=self.cfg.model.trust_remote_code)
                 except SrppoError:
                     tok = None  # a model directory without tokenizer files: its vocabulary size is still checked
+                source, extra = hf_source(path)
                 self._checked[path] = (tokenizer_fingerprint(tok) if tok is not None else None,
-                                       AutoConfig.from_pretrained(path, trust_remote_code=self.cfg.model.trust_remote_code))
+                                       AutoConfig.from_pretrained(source, trust_remote_code=self.cfg.model.trust_remote_code,
+                                                                  **extra))
             found, hf_config = self._checked[path]
             differs = tokenizer_mismatch(found, want) if found is not None else None
             if differs:

@@ -136,8 +136,11 @@ def hf_config_for(cfg: Config, ref: str):
         path = base
     else:
         path = ref
-    if os.path.isdir(path):
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    from ..modeling import hf_source, is_gguf
+
+    if os.path.isdir(path) or is_gguf(path):
+        source, extra = hf_source(path)
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust, **extra)
     try:  # a hub name: the local cache only (no network for a dry run)
         return AutoConfig.from_pretrained(path, trust_remote_code=trust, local_files_only=True)
     except Exception:  # noqa: BLE001 - not cached (OSError, ValueError, ...)
