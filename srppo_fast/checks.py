@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import STAGE_TYPES, Config, stage_data_specs, stage_model_refs, to_dict
+from .config import STAGE_TYPES, Config, is_gguf, stage_data_specs, stage_model_refs, to_dict
 from .errors import CheckpointError, ConfigError, DataError
 from .io import effective_dir
 
@@ -219,7 +219,7 @@ def _local(ref: str) -> bool:
 def _check_model_path(path: str, key: str, trust_remote_code: bool) -> str:
     from transformers import AutoConfig
 
-    from .modeling import hf_source, is_gguf
+    from .modeling import hf_source
 
     if is_gguf(path):
         source, extra = hf_source(path)  # the file exists and transformers can read GGUF here
@@ -241,7 +241,7 @@ def _check_model_path(path: str, key: str, trust_remote_code: bool) -> str:
 
 
 def _check_tokenizer_path(path: str, trust_remote_code: bool) -> str:
-    from .modeling import is_gguf, load_tokenizer
+    from .modeling import load_tokenizer
 
     if is_gguf(path):
         tok = load_tokenizer(path, trust_remote_code=trust_remote_code)

@@ -607,6 +607,14 @@ def _check_data_spec(spec: str, key: str, check_files: bool) -> None:
                           "world:demos.")
 
 
+WHEEL_PREFIX = "wheel:"  # a model shipped as a .gguf file inside an installed Python distribution
+
+
+def is_gguf(ref: str) -> bool:
+    """A model reference naming a GGUF file: a path ending in .gguf, or wheel:DIST (modeling.hf_source)."""
+    return ref.startswith(WHEEL_PREFIX) or ref.lower().endswith(".gguf")
+
+
 def _check_model_ref(cfg: Config, ref: str, key: str, before: list[str], check_files: bool) -> None:
     """A model reference: 'base', a model-making stage that runs earlier (or left a checkpoint), or a
     directory / hub name (anything with a '/')."""
@@ -620,7 +628,7 @@ def _check_model_ref(cfg: Config, ref: str, key: str, before: list[str], check_f
             return
         raise ConfigError(f"{key} is '{ref}', which does not run before it and has no checkpoint in {ckpt}; "
                           f"list '{ref}' earlier in stages, or point {key} at base or a directory.")
-    if "/" in ref or os.path.isdir(ref) or ref.startswith("wheel:") or ref.lower().endswith(".gguf"):
+    if "/" in ref or os.path.isdir(ref) or is_gguf(ref):
         return
     close = difflib.get_close_matches(ref, ["base", *MODEL_STAGES], n=1)
     hint = f"did you mean '{close[0]}'?" if close else "use base, a stage name, or a directory or hub name."

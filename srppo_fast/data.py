@@ -312,6 +312,11 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
                                          add_generation_prompt=add_generation_prompt)
 
 
+def prompt_tokens(tokenizer, messages: list[dict]) -> list[int]:
+    """The token ids a model answers from: the conversation rendered with the generation prompt."""
+    return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+
+
 def render_with_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered chat and the character spans of its assistant turns (each ending at its EOS)."""
     text = render(tokenizer, messages)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .config import EvalConfig, stage_model_refs
-from .data import read_records, render, tokenize_records
+from .data import prompt_tokens, read_records, tokenize_records
 from .batching import microbatches
 from .experience import packed_label_logprobs
 from .generation import generate
@@ -38,19 +38,15 @@ class EvalSet:
 
 def load_eval_set(spec: str, tokenizer, world_dir: str | None) -> EvalSet:
     records = read_records(spec, "prompt", world_dir)
-    prompts = [tokenizer(render(tokenizer, r.messages, add_generation_prompt=True), add_special_tokens=False)
-               ["input_ids"] for r in records]
+    prompts = [prompt_tokens(tokenizer, r.messages) for r in records]
     questions = [r.messages[-1]["content"] for r in records]
     with_ref = read_records(spec, "lm", world_dir)
     references = None
     if all(r.messages and r.messages[-1]["role"] == "assistant" for r in with_ref):
         references = tokenize_records(with_ref, tokenizer, loss_on="response", max_seq_len=10**9)
-    verifier = None
-    if spec.startswith("world:"):
-        from .world import sample_metrics
+    from .world import verifier_for
 
-        verifier = sample_metrics
-    return EvalSet(spec.removeprefix("world:"), prompts, questions, references, verifier)
+    return EvalSet(spec.removeprefix("world:"), prompts, questions, references, verifier_for(spec))
 
 
 def greedy_metrics(model, tokenizer, evalset: EvalSet, max_new_tokens: int, batch_size: int) -> dict:

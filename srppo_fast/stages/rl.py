@@ -27,7 +27,7 @@ import torch
 from .. import dist
 from ..advantages import RunningMoments, baseline_advantages, compute_advantages, explained_variance
 from ..config import RLStageConfig
-from ..data import read_records, render
+from ..data import prompt_tokens, read_records
 from ..engine import backward_together, build_engine, check_divergence, save_engines
 from ..errors import ConfigError, DataError, SamplerError, TrainingError
 from ..batching import dummy_batch, rank_microbatches
@@ -40,6 +40,7 @@ from ..ops import (coherent_gae, kl_estimate, kl_shaped_rewards_ref, masked_whit
                    value_loss)
 from ..rollout import HFRolloutEngine, SamplingParams
 from ..state import Interrupted, SignalGuard, resumable, rng_state, set_rng_state
+from ..world import verifier_for
 from .lm import EpochSampler
 
 log = logging.getLogger("srppo_fast")
@@ -55,8 +56,7 @@ def load_prompts(spec: str, tokenizer, world_dir: str | None, max_len: int, key:
     ids, questions, dropped = [], [], 0
     records = read_records(spec, "prompt", world_dir)
     for rec in records:
-        tokens = tokenizer(render(tokenizer, rec.messages, add_generation_prompt=True),
-                           add_special_tokens=False)["input_ids"]
+        tokens = prompt_tokens(tokenizer, rec.messages)
         if len(tokens) > max_len:
             dropped += 1
             continue
@@ -405,11 +405,7 @@ class RLRun:
         self.pending: PendingRollout | None = None
         self.params = SamplingParams(n=rl.rollout.n_samples, temperature=rl.rollout.temperature,
                                      top_p=rl.rollout.top_p, max_new_tokens=rl.rollout.max_new_tokens)
-        self.verifier = None
-        if rl.prompts.startswith("world:"):
-            from ..world import sample_metrics
-
-            self.verifier = sample_metrics
+        self.verifier = verifier_for(rl.prompts)
         if state is not None:
             self.load_state_dict(state)
         self.end = (self.sampler.position, rng_state())  # where the last complete step left the streams
@@ -710,10 +706,16 @@ def run_rl_stage(ctx, name: str) -> None:
 def rollout_stats(exp: Experience, gens, tokenizer, questions: list[str], verifier) -> dict:
     lengths = exp.lengths.float()
     stats = {"response_length": float(lengths.mean()), "eos_rate": float(exp.ended.float().mean())}
-    if verifier is not None:
-        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in gens.responses]
-        stats.update({f"sample/{k}": v for k, v in verifier(questions, texts).items()})
+    stats.update(verify_samples(verifier, tokenizer, questions, gens.responses, "sample/"))
     return stats
+
+
+def verify_samples(verifier, tokenizer, questions: list[str], responses: list[list[int]], prefix: str) -> dict:
+    """The verifier's metrics (accuracy, careful share) of sampled responses, keys prefixed; {} without one."""
+    if verifier is None:
+        return {}
+    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+    return {f"{prefix}{k}": v for k, v in verifier(questions, texts).items()}
 
 
 def evaluate_during_training(ctx, name: str, step: int, model, tokenizer) -> None:

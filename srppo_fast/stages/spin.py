@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .. import dist
 from ..batching import PackedBatch, RankShare, pack_sequences
 from ..config import SpinStageConfig
-from ..data import DataError, TokenizedSet, _target_mask, read_records, render, render_with_spans
+from ..data import DataError, TokenizedSet, _target_mask, prompt_tokens, read_records, render_with_spans
 from ..engine import build_engine, check_divergence, save_engines
 from ..errors import ConfigError, SamplerError
 from ..generation import Generations, sample_seed
@@ -36,7 +36,9 @@ from ..modeling import load_model
 from ..packing import plan_microbatches
 from ..rollout import HFRolloutEngine, SamplingParams
 from ..state import Interrupted, SignalGuard, resumable, rng_state, set_rng_state
+from ..world import verifier_for
 from .lm import EpochSampler, packed_token_logprobs
+from .rl import verify_samples
 
 log = logging.getLogger("srppo_fast")
 
@@ -77,8 +79,7 @@ class Demos:
                 raise DataError(f"{rec.where}: SPIN needs conversations that end with the assistant's turn (the "
                                 "demonstration it prefers to the model's own answer); this one ends with a "
                                 f"{rec.messages[-1]['role']} turn.")
-            prompt = tokenizer(render(tokenizer, rec.messages[:-1], add_generation_prompt=True),
-                               add_special_tokens=False)["input_ids"]
+            prompt = prompt_tokens(tokenizer, rec.messages[:-1])
             text, spans = render_with_spans(tokenizer, rec.messages)
             enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             ids, targets = enc["input_ids"], _target_mask(enc["offset_mapping"], spans[-1:])
@@ -263,9 +264,7 @@ def iteration_stats(demos: Demos, pairs: TokenizedSet, gens: Generations, tokeni
     stats = {"spin/identical_fraction": float(identical.float().mean()),
              "spin/sample_length": float(np.mean([len(r) for r in gens.responses])),
              "spin/sample_eos_rate": float(np.mean(gens.ended))}
-    if verifier is not None:
-        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in gens.responses]
-        stats.update({f"spin/sample_{k}": v for k, v in verifier(demos.questions, texts).items()})
+    stats.update(verify_samples(verifier, tokenizer, demos.questions, gens.responses, "spin/sample_"))
     return stats, identical
 
 
@@ -290,11 +289,7 @@ def run_spin_stage(ctx, name: str) -> None:
     engine = build_engine(ctx, model, spin.optim, steps, "model",
                           resume=(str(ckpt), state["engine"]) if state is not None else None)
     sampler = Sampler(ctx, spin, engine, init_path)
-    verifier = None
-    if spin.data.startswith("world:"):
-        from ..world import sample_metrics
-
-        verifier = sample_metrics
+    verifier = verifier_for(spin.data)
     start, pairs, ref, identical, position = 0, None, None, None, 0
     if state is not None:
         start, position = state["step"], state["sampler_position"]

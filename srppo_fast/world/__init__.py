@@ -10,5 +10,10 @@ def sample_metrics(questions: list[str], responses: list[str]) -> dict[str, floa
     return {"accuracy": sum(verify(q, r) for q, r in zip(questions, responses)) / n,
             "careful_rate": sum(is_careful(r) for r in responses) / n}
 
+
+def verifier_for(spec: str):
+    """sample_metrics for data that comes from the world (a `world:` split), else None: nothing to verify with."""
+    return sample_metrics if spec.startswith("world:") else None
+
 __all__ = ["EVAL_HOLDOUT", "WORLD_CHAT_TEMPLATE", "Problem", "build_world", "generate_records", "is_careful",
-           "parse_answer", "sample_metrics", "verify"]
+           "parse_answer", "sample_metrics", "verifier_for", "verify"]
