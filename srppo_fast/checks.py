@@ -244,7 +244,7 @@ def _check_tokenizer_path(path: str, trust_remote_code: bool) -> str:
     from .modeling import load_tokenizer
 
     if is_gguf(path):
-        tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        tok = load_tokenizer(path, trust_remote_code=trust_remote_code, convert=False)
         return f"model.tokenizer: the GGUF file '{path}' holds one ({len(tok)} tokens)"
     if not _local(path):
         return f"model.tokenizer: hub tokenizer '{path}' (loaded when the run starts)"

@@ -63,13 +63,69 @@ def hf_source(spec: str) -> tuple[str, dict]:
     return os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
 
 
-def _dequantized(model, extra: dict):
-    """A model read from GGUF (`extra` holds gguf_file): transformers dequantises every weight to a plain tensor
-    but leaves its GGUF quantizer attached, which refuses save_pretrained and training; drop it (the weights do
-    not change). Anything else passes through."""
-    if "gguf_file" in extra and getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
-    return model
+def cache_root() -> Path:
+    """Where srppo-fast keeps what it derives once per machine (dequantised GGUF models): $SRPPO_FAST_CACHE, else
+    $XDG_CACHE_HOME/srppo-fast, else ~/.cache/srppo-fast. Anything in it can be deleted; it is rebuilt."""
+    if os.environ.get("SRPPO_FAST_CACHE"):
+        return Path(os.environ["SRPPO_FAST_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "srppo-fast"
+
+
+def _gguf_cache_dir(path: str) -> Path:
+    """The cache directory of the dequantised copy of the GGUF file `path`: named by the file (real path, size,
+    modification time) and the versions of the readers that dequantise it, so a changed file or reader is a
+    new entry."""
+    import importlib.metadata as md
+
+    import transformers
+
+    st = os.stat(path)
+    key = json.dumps([os.path.realpath(path), st.st_size, st.st_mtime_ns, transformers.__version__,
+                      md.version("gguf")])
+    return cache_root() / "gguf" / f"{Path(path).stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def model_source(spec: str, *, convert: bool = True) -> tuple[str, dict]:
+    """What from_pretrained reads for the model reference `spec` (source, extra keyword arguments). A GGUF file is
+    dequantised once (fp32, every weight a plain tensor; its tokenizer and chat template with it) into a plain
+    Hugging Face directory in the cache, and read from there afterwards: parsing and dequantising the file again
+    takes longer than the rest of a small run's loading. convert=False (a dry run) reads the file itself when
+    that copy does not exist yet instead of writing it."""
+    source, extra = hf_source(spec)
+    if not extra:
+        return source, extra
+    path = os.path.join(source, extra["gguf_file"])
+    dest = _gguf_cache_dir(path)
+    if (dest / "gguf_source.json").is_file():
+        return str(dest), {}
+    if not convert:
+        return source, extra
+    import fcntl
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(dest.parent / f"{dest.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process (rank) converting it: wait, then read its copy
+            if (dest / "gguf_source.json").is_file():
+                return str(dest), {}
+            log.info("dequantising %s into %s (once: later loads read that copy)", path, dest)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **extra)
+            if getattr(model, "hf_quantizer", None) is not None:
+                # transformers leaves its GGUF quantizer attached, which refuses save_pretrained; the weights
+                # are already plain tensors
+                model.hf_quantizer.remove_quantization_config(model)
+            tok = AutoTokenizer.from_pretrained(source, **extra)
+            with atomic_dir(dest) as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+                tok.save_pretrained(tmp)
+                with open(os.path.join(tmp, "gguf_source.json"), "w", encoding="utf-8") as fh:
+                    json.dump({"gguf": path, "bytes": os.path.getsize(path)}, fh, indent=1)
+    except OSError as e:
+        raise ConfigError(f"'{spec}': could not write its dequantised copy to {dest} ({e}); point SRPPO_FAST_CACHE "
+                          "at a writable directory with room for the model in fp32.") from None
+    return str(dest), {}
 
 
 def _hf_error(what: str, spec: str, err: Exception) -> ConfigError:
@@ -80,10 +136,11 @@ def _hf_error(what: str, spec: str, err: Exception) -> ConfigError:
                        "directory with a Hugging Face checkpoint, or a hub name reachable from this machine.")
 
 
-def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
+def load_tokenizer(spec: str, *, trust_remote_code: bool = False, convert: bool = True):
+    """The tokenizer of a model reference (convert: see model_source)."""
     from transformers import AutoTokenizer
 
-    source, extra = hf_source(spec)
+    source, extra = model_source(spec, convert=convert)
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as e:
@@ -189,13 +246,13 @@ def load_model(path: str, cfg: ModelConfig, *, dtype: torch.dtype = torch.float3
     from transformers import AutoModelForCausalLM
 
     register_attention()
-    source, extra = hf_source(path)
+    source, _ = model_source(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=cfg.attn_implementation,
-                                                     trust_remote_code=cfg.trust_remote_code, **extra)
+                                                     trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise _hf_error("model", path, e) from None
-    return own_memory(_dequantized(model, extra))
+    return own_memory(model)
 
 
 def num_parameters(model: torch.nn.Module) -> int:
@@ -258,9 +315,9 @@ def load_critic(path: str, cfg: ModelConfig):
     from transformers.utils import logging as hf_logging
 
     register_attention()
-    source, extra = hf_source(path)
+    source, _ = model_source(path)
     try:
-        hf_config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **extra)
+        hf_config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise _hf_error("critic", path, e) from None
     hf_config.num_labels = 1
@@ -270,8 +327,7 @@ def load_critic(path: str, cfg: ModelConfig):
     try:
         critic, info = AutoModelForTokenClassification.from_pretrained(
             source, config=hf_config, dtype=torch.float32, attn_implementation=cfg.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code, output_loading_info=True, **extra)
-        critic = _dequantized(critic, extra)
+            trust_remote_code=cfg.trust_remote_code, output_loading_info=True)
     finally:
         hf_logging.set_verbosity(verbosity)
     if any(key.startswith("score.") for key in info["missing_keys"]):

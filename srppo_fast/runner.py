@@ -21,8 +21,8 @@ from .engine import frozen_model, resolve_device, resolve_precision
 from .errors import CheckpointError, ConfigError, SrppoError
 from .io import atomic_write_text, recover_tree
 from .metrics import MetricsLog, NullMetricsLog
-from .modeling import (build_scratch_model, checkpoint_info, hf_source, load_model, load_tokenizer, num_parameters,
-                       tokenizer_fingerprint, tokenizer_mismatch)
+from .modeling import (build_scratch_model, checkpoint_info, load_model, load_tokenizer, model_source,
+                       num_parameters, tokenizer_fingerprint, tokenizer_mismatch)
 
 log = logging.getLogger("srppo_fast")
 
@@ -86,7 +86,7 @@ class RunContext:
                     tok = load_tokenizer(path, trust_remote_code=self.cfg.model.trust_remote_code)
                 except SrppoError:
                     tok = None  # a model directory without tokenizer files: its vocabulary size is still checked
-                source, extra = hf_source(path)
+                source, extra = model_source(path)
                 self._checked[path] = (tokenizer_fingerprint(tok) if tok is not None else None,
                                        AutoConfig.from_pretrained(source, trust_remote_code=self.cfg.model.trust_remote_code,
                                                                   **extra))

