@@ -219,11 +219,16 @@ def _local(ref: str) -> bool:
 def _check_model_path(path: str, key: str, trust_remote_code: bool) -> str:
     from transformers import AutoConfig
 
-    from .modeling import hf_source
+    from .modeling import hf_source, model_source, read_gguf
 
     if is_gguf(path):
-        source, extra = hf_source(path)  # the file exists and transformers can read GGUF here
-        return f"{key}: GGUF file '{os.path.join(source, extra['gguf_file'])}' (dequantised when the run starts)"
+        folder, named = hf_source(path)  # the file exists and transformers can read GGUF here
+        file = os.path.join(folder, named["gguf_file"])
+        source, extra = model_source(path, convert=False)
+        arch = read_gguf(path, lambda: AutoConfig.from_pretrained(source, **extra)).model_type
+        if extra:
+            return f"{key}: GGUF file '{file}' ({arch}; dequantised into the cache when the run starts)"
+        return f"{key}: GGUF file '{file}' ({arch}; its dequantised copy is cached in {source})"
     if not _local(path):
         try:
             AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)

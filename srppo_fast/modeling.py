@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -63,6 +64,19 @@ def hf_source(spec: str) -> tuple[str, dict]:
     return os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
 
 
+def read_gguf(spec: str, read):
+    """read() (a transformers read of the GGUF file `spec`: model, tokenizer or config), with its failures on a
+    bad file (a cut-short download, not GGUF at all, an architecture or quantisation transformers does not
+    dequantise) as one ConfigError instead of a parser's traceback."""
+    try:
+        return read()
+    except (ValueError, KeyError, IndexError, NotImplementedError, struct.error, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ConfigError(f"'{spec}': transformers could not read this GGUF file ({type(e).__name__}: {first[:200]}); "
+                          "give a complete GGUF file (a cut-short download is the usual cause) of an architecture "
+                          "and quantisation that transformers dequantises.") from None
+
+
 def cache_root() -> Path:
     """Where srppo-fast keeps what it derives once per machine (dequantised GGUF models): $SRPPO_FAST_CACHE, else
     $XDG_CACHE_HOME/srppo-fast, else ~/.cache/srppo-fast. Anything in it can be deleted; it is rebuilt."""
@@ -104,27 +118,34 @@ def model_source(spec: str, *, convert: bool = True) -> tuple[str, dict]:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    def unwritable(e: OSError) -> ConfigError:
+        return ConfigError(f"'{spec}': could not write its dequantised copy to {dest} ({e}); point SRPPO_FAST_CACHE "
+                           "at a writable directory with room for the model in fp32.")
+
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with open(dest.parent / f"{dest.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # another process (rank) converting it: wait, then read its copy
-            if (dest / "gguf_source.json").is_file():
-                return str(dest), {}
-            log.info("dequantising %s into %s (once: later loads read that copy)", path, dest)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **extra)
-            if getattr(model, "hf_quantizer", None) is not None:
-                # transformers leaves its GGUF quantizer attached, which refuses save_pretrained; the weights
-                # are already plain tensors
-                model.hf_quantizer.remove_quantization_config(model)
-            tok = AutoTokenizer.from_pretrained(source, **extra)
+        lock = open(dest.parent / f"{dest.name}.lock", "w")
+    except OSError as e:
+        raise unwritable(e) from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process (rank) converting it: wait, then read its copy
+        if (dest / "gguf_source.json").is_file():
+            return str(dest), {}
+        log.info("dequantising %s into %s (once: later loads read that copy)", path, dest)
+        model = read_gguf(spec, lambda: AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **extra))
+        if getattr(model, "hf_quantizer", None) is not None:
+            # transformers leaves its GGUF quantizer attached, which refuses save_pretrained; the weights are
+            # already plain tensors
+            model.hf_quantizer.remove_quantization_config(model)
+        tok = read_gguf(spec, lambda: AutoTokenizer.from_pretrained(source, **extra))
+        try:
             with atomic_dir(dest) as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)
                 tok.save_pretrained(tmp)
                 with open(os.path.join(tmp, "gguf_source.json"), "w", encoding="utf-8") as fh:
                     json.dump({"gguf": path, "bytes": os.path.getsize(path)}, fh, indent=1)
-    except OSError as e:
-        raise ConfigError(f"'{spec}': could not write its dequantised copy to {dest} ({e}); point SRPPO_FAST_CACHE "
-                          "at a writable directory with room for the model in fp32.") from None
+        except OSError as e:
+            raise unwritable(e) from None
     return str(dest), {}
 
 
@@ -141,10 +162,13 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False, convert: bool 
     from transformers import AutoTokenizer
 
     source, extra = model_source(spec, convert=convert)
-    try:
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
-    except (OSError, ValueError) as e:
-        raise _hf_error("tokenizer", spec, e) from None
+    if extra:  # the GGUF file itself (a dry run before its copy exists)
+        tok = read_gguf(spec, lambda: AutoTokenizer.from_pretrained(source, **extra))
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise _hf_error("tokenizer", spec, e) from None
     if tok.eos_token is None:
         raise ConfigError(f"tokenizer '{spec}' has no eos_token; responses could not end. Set one in its "
                           "tokenizer_config.json.")

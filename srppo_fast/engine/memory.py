@@ -136,11 +136,13 @@ def hf_config_for(cfg: Config, ref: str):
         path = base
     else:
         path = ref
-    from ..modeling import hf_source
+    from ..modeling import model_source, read_gguf
 
-    if os.path.isdir(path) or is_gguf(path):
-        source, extra = hf_source(path)
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust, **extra)
+    if is_gguf(path):
+        source, extra = model_source(path, convert=False)
+        return read_gguf(path, lambda: AutoConfig.from_pretrained(source, **extra))
+    if os.path.isdir(path):
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust)
     try:  # a hub name: the local cache only (no network for a dry run)
         return AutoConfig.from_pretrained(path, trust_remote_code=trust, local_files_only=True)
     except Exception:  # noqa: BLE001 - not cached (OSError, ValueError, ...)

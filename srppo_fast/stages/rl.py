@@ -35,7 +35,7 @@ from ..generation import Generations, sample_seed
 from ..experience import (Experience, build_sequences, flat, packed_label_logprobs, packed_response_values,
                           packed_sequence_scores, response_mask, score_tokens)
 from ..metrics import progress
-from ..modeling import load_critic, load_model, load_reward_model
+from ..modeling import load_critic, load_model, load_reward_model, model_source
 from ..ops import (coherent_gae, kl_estimate, kl_shaped_rewards_ref, masked_whiten, ppo_loss, sequence_rewards_ref,
                    value_loss)
 from ..rollout import HFRolloutEngine, SamplingParams
@@ -418,7 +418,7 @@ class RLRun:
             return HFRolloutEngine(self.models.actor.model, ctx.tokenizer(), rl.rollout.batch_size)
         from ..rollout.vllm_engine import VLLMRolloutEngine
 
-        path = ctx.model_path(rl.init)
+        path = model_source(ctx.model_path(rl.init))[0]  # a GGUF file: its dequantised copy
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError(f"{rl.rollout.engine} rollouts start the sampler from a checkpoint directory, but "
                               f"{rl.init!r} resolves to {path!r}; point the stage's init at a stage of this run or a "

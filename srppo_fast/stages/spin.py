@@ -32,7 +32,7 @@ from ..engine import build_engine, check_divergence, save_engines
 from ..errors import ConfigError, SamplerError
 from ..generation import Generations, sample_seed
 from ..metrics import progress
-from ..modeling import load_model
+from ..modeling import load_model, model_source
 from ..packing import plan_microbatches
 from ..rollout import HFRolloutEngine, SamplingParams
 from ..state import Interrupted, SignalGuard, resumable, rng_state, set_rng_state
@@ -209,6 +209,7 @@ class Sampler:
         else:
             from ..rollout.vllm_engine import VLLMRolloutEngine
 
+            init_path = model_source(init_path)[0]  # a GGUF file: its dequantised copy
             if not os.path.isfile(os.path.join(init_path, "config.json")):
                 raise ConfigError(f"vllm sampling starts the sampler from a checkpoint directory, but spin.init "
                                   f"resolves to {init_path!r}; point it at a stage of this run or a checkpoint "
