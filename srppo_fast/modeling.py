@@ -149,7 +149,11 @@ def model_source(spec: str, *, convert: bool = True) -> tuple[str, dict]:
     return str(dest), {}
 
 
-def _hf_error(what: str, spec: str, err: Exception) -> ConfigError:
+def _hf_error(what: str, spec: str, err: Exception, source: str | None = None) -> ConfigError:
+    if source is not None and source != spec and is_gguf(spec):
+        return ConfigError(f"{what} '{spec}': its dequantised copy {source} could not be read "
+                           f"({str(err).splitlines()[0]}); delete that directory and the next run rebuilds it from "
+                           "the GGUF file.")
     local = os.path.isdir(spec)
     reason = "it is a directory but transformers could not read it" if local else \
         "it is not a local directory, and loading it from the hub failed"
@@ -168,7 +172,7 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False, convert: bool 
         try:
             tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
-            raise _hf_error("tokenizer", spec, e) from None
+            raise _hf_error("tokenizer", spec, e, source) from None
     if tok.eos_token is None:
         raise ConfigError(f"tokenizer '{spec}' has no eos_token; responses could not end. Set one in its "
                           "tokenizer_config.json.")
@@ -275,7 +279,7 @@ def load_model(path: str, cfg: ModelConfig, *, dtype: torch.dtype = torch.float3
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=cfg.attn_implementation,
                                                      trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise _hf_error("model", path, e) from None
+        raise _hf_error("model", path, e, source) from None
     return own_memory(model)
 
 
@@ -343,7 +347,7 @@ def load_critic(path: str, cfg: ModelConfig):
     try:
         hf_config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise _hf_error("critic", path, e) from None
+        raise _hf_error("critic", path, e, source) from None
     hf_config.num_labels = 1
     hf_config.classifier_dropout = 0.0
     verbosity = hf_logging.get_verbosity()

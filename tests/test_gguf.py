@@ -259,6 +259,20 @@ def test_a_bad_gguf_file_is_one_clear_error_in_every_read(tmp_path, capsys, kind
     assert len(err) == 1 and "srppo-fast: error: " in err[0] and "could not read this GGUF file" in err[0], err
 
 
+@pytest.mark.slow
+@needs_model
+def test_a_damaged_cached_copy_names_the_directory_to_delete(smol, tmp_path, monkeypatch):
+    from srppo_fast.modeling import load_model, model_source
+
+    cached = Path(model_source(SPEC)[0])
+    shutil.copytree(cached.parent, tmp_path / "gguf")
+    (tmp_path / "gguf" / cached.name / "model.safetensors").unlink()
+    monkeypatch.setenv("SRPPO_FAST_CACHE", str(tmp_path))
+    with pytest.raises(ConfigError, match=rf"model '{SPEC}': its dequantised copy {tmp_path / 'gguf' / cached.name} "
+                                          r"could not be read \(.*\); delete that directory"):
+        load_model(SPEC, ModelConfig(base=SPEC))
+
+
 # ------------------------------------------------------------------------------------------------
 # SFT then SRPPO on the real model through the CLI, killed and resumed; vLLM serving what it wrote
 
