@@ -93,3 +93,31 @@ def test_the_async_key_reads_and_writes_without_its_underscore():
     assert rollout["async"] is True and "async_" not in rollout
     with pytest.raises(Exception, match="unknown config key 'srppo.rollout.async_'"):
         load_config(QUICKSTART, ["srppo.rollout.async_=true"], check_files=False)
+
+
+def test_a_sampler_shut_down_twice_is_not_left_hung(capsys):
+    """Every command's teardown shuts the process's vLLM samplers down (shutdown_all), and a process that runs
+    commands twice (the library from a notebook, the test suite) tears down twice: a stopped sampler must stay
+    stopped, not look hung. (It once did: the second shutdown queued a call on the stopped thread, so
+    rollout.sampler_hung() held from then on and the next error ended the whole process with os._exit.)
+    The sampler's own bookkeeping only: a sampler without a vLLM engine behind it."""
+    from srppo_fast.cli import main
+    from srppo_fast.rollout import sampler_hung
+    from srppo_fast.rollout.vllm_engine import _LIVE, VLLMRolloutEngine, _CallThread, shutdown_all
+
+    eng = object.__new__(VLLMRolloutEngine)
+    eng.llm, eng.calls, eng.stopped, eng.timeout = None, _CallThread(), False, 5.0
+    assert eng._call("a call", lambda: 7) == 7
+    _LIVE.append(eng)
+    try:
+        assert eng.shutdown() is False and eng.stopped and not eng.calls.thread.is_alive()
+        assert eng.shutdown() is False and not eng.busy()  # nothing is queued on the stopped thread
+        assert eng in _LIVE and not sampler_hung()
+        shutdown_all()
+        assert eng not in _LIVE
+        capsys.readouterr()
+        assert main(["train", "--config", "/no/such/config.yaml"]) == 2  # an error returns; the process lives
+        assert "srppo-fast: error:" in capsys.readouterr().err
+    finally:
+        if eng in _LIVE:
+            _LIVE.remove(eng)

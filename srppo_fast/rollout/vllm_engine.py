@@ -170,6 +170,7 @@ class VLLMRolloutEngine:
             kwargs["kv_cache_memory_bytes"] = int((opts.kv_cache_gib or CPU_KV_CACHE_GIB) * 2**30)
             kwargs["enforce_eager"] = True  # compiling costs ~25 s per start and decodes no faster on the CPU
         self.calls = _CallThread()
+        self.stopped = False  # shutdown() ran: the call thread is gone
         started = time.perf_counter()
         with preserved_rng(), preserved_process_state():
             # loading (and on a GPU compiling) may take longer than any later call
@@ -221,18 +222,27 @@ class VLLMRolloutEngine:
                 self.asleep = True
 
     def busy(self) -> bool:
-        return self.calls.jobs.unfinished_tasks > 0
+        """A call into the sampler is running or queued (a stopped sampler runs nothing)."""
+        return not self.stopped and self.calls.jobs.unfinished_tasks > 0
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> bool:
+        """Stop the sampler; once only (later calls do nothing). Returns whether it was hung in a call: then it
+        is left as it is, and its exit hook is kept from tearing down process groups later."""
+        if self.stopped:
+            return False
         client = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-        if self.busy():  # hung: leave it, and keep its exit hook from tearing down process groups later
+        if self.busy():
             finalizer = getattr(client, "_finalizer", None)
             if finalizer is not None:
                 finalizer.detach()
-        elif client is not None:
+            return True
+        if client is not None:
             with contextlib.suppress(SamplerError):
                 self._call("shutdown", client.shutdown, timeout=120)
         self.calls.stop()
+        self.calls.thread.join(timeout=30)
+        self.stopped = True
+        return False
 
     # -- generation -------------------------------------------------------------------------------
 
@@ -353,6 +363,5 @@ def shutdown_all() -> None:
     """Shut down every sampler this process started (before the process group goes: vLLM's shutdown tears
     down the distributed state it joined)."""
     for engine in list(_LIVE):
-        engine.shutdown()
-        if not engine.busy():  # a hung one stays listed (rollout.sampler_hung)
+        if not engine.shutdown():  # a hung one stays listed (rollout.sampler_hung)
             _LIVE.remove(engine)
