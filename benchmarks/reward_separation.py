@@ -7,7 +7,8 @@ against its π_PT on a world split, before spending RL compute on it.
 Samples `--samples` responses per prompt from the run's SFT checkpoint (temperature 1, the run's
 eval.max_new_tokens), for the first `--prompts` prompts of the world split, rendered with the run's chat
 template. Each gets the reward of srppo.reward at sequence granularity: the sum over its tokens of
-clip(log π_SFT − log π_PT, ±srppo.reward.token_clip), with π_PT = srppo.reward.pretrained of the run's
+clip(log π_SFT − log π_PT, ±srppo.reward.token_clip) times srppo.reward.scale (scored as the trainer
+scores a rollout buffer: packed log-probs, ops.rewards.coherent_rewards_ref), with π_PT = srppo.reward.pretrained of the run's
 config. The world's verifier splits them into right and wrong. CSV (rewritten whole): one row per group
 (right, wrong) with n, the reward's mean and standard deviation, mean length, mean reward per token and the
 share of tokens at the clip; then a row `auc`: P(reward of a right answer > reward of a wrong one), ties
@@ -17,6 +18,7 @@ counting half (0.5 = no separation). Also printed. fp32 on the CPU (or the GPU w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import statistics
@@ -40,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from srppo_fast.config import load_config
     from srppo_fast.data import render
+    from srppo_fast.experience import build_sequences, packed_label_logprobs, response_mask, score_tokens
     from srppo_fast.modeling import load_model, load_tokenizer
+    from srppo_fast.ops.rewards import coherent_rewards_ref
     from srppo_fast.world import verify
 
     run = Path(args.run)
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     pt = load_model(pt_ref, cfg.model).to(device).eval()
     prompts = [json.loads(line)["prompt"] for line in (run / "world" / f"{args.split}.jsonl").open()][:args.prompts]
     torch.manual_seed(args.seed)
-    rows = []
+    prompt_ids, responses, right = [], [], []
     for p in prompts:
         ids = tok(render(tok, [{"role": "user", "content": p}], add_generation_prompt=True),
                   add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
@@ -66,14 +70,18 @@ def main(argv: list[str] | None = None) -> int:
             resp = seq[ids.shape[1]:].tolist()
             if tok.eos_token_id in resp:
                 resp = resp[:resp.index(tok.eos_token_id) + 1]
-            full = torch.tensor([ids[0].tolist() + resp], device=device)
-            with torch.no_grad():
-                lp = [torch.log_softmax(m(full).logits[0, :-1].float(), -1).gather(1, full[0, 1:, None])[:, 0]
-                      [ids.shape[1] - 1:] for m in (sft, pt)]
-            ratio = lp[0] - lp[1]
-            rows.append({"right": verify(p, tok.decode(resp, skip_special_tokens=True)), "len": len(resp),
-                         "reward": float(ratio.clamp(-reward.token_clip, reward.token_clip).sum()),
-                         "clipped": float((ratio.abs() >= reward.token_clip).float().mean())})
+            prompt_ids.append(ids[0].tolist())
+            responses.append(resp)
+            right.append(verify(p, tok.decode(resp, skip_special_tokens=True)))
+    # scored as the trainer scores a rollout buffer: packed log-probs, then the coherent reward op
+    seqs, mask = build_sequences(prompt_ids, responses), response_mask(responses)
+    sft_lp, pt_lp = (score_tokens(lambda b, m=m: packed_label_logprobs(m, b), seqs, mask, 4096, device,
+                                  contextlib.nullcontext) for m in (sft, pt))
+    _, raw, d = coherent_rewards_ref(sft_lp, pt_lp, mask, scale=reward.scale, token_clip=reward.token_clip,
+                                     length_normalize=reward.length_normalize)
+    at_clip = ((d.abs() >= reward.token_clip) & mask).sum(-1) / mask.sum(-1) if reward.token_clip else 0 * raw
+    rows = [{"right": ok, "len": len(r), "reward": float(v), "clipped": float(c)}
+            for ok, r, v, c in zip(right, responses, raw, at_clip)]
     table = []
     for name, right in (("right", True), ("wrong", False)):
         g = [r for r in rows if r["right"] == right]

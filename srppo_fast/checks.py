@@ -219,12 +219,11 @@ def _local(ref: str) -> bool:
 def _check_model_path(path: str, key: str, trust_remote_code: bool) -> str:
     from transformers import AutoConfig
 
-    from .modeling import hf_source, model_source, read_gguf
+    from .modeling import model_source, read_gguf, resolve_model_spec
 
     if is_gguf(path):
-        folder, named = hf_source(path)  # the file exists and transformers can read GGUF here
-        file = os.path.join(folder, named["gguf_file"])
-        source, extra = model_source(path, convert=False)
+        source, extra = model_source(path, convert=False)  # the file exists and transformers can read GGUF here
+        file = resolve_model_spec(path)
         arch = read_gguf(path, lambda: AutoConfig.from_pretrained(source, **extra)).model_type
         if extra:
             return f"{key}: GGUF file '{file}' ({arch}; dequantised into the cache when the run starts)"
