@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--trace", metavar="DIR", help="write a torch profiler trace of the steps into DIR")
     f.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. srppo.rollout.async=true")
 
-    r = sub.add_parser("report", help="draw the training curves of a run as PNG (OUTPUT_DIR/report/)")
+    r = sub.add_parser("report", help="draw a run's curves (PNG) and one self-contained HTML page with "
+                       "curves, eval table and samples (OUTPUT_DIR/report/index.html)")
     r.add_argument("output_dir", help="a run's output_dir")
 
     w = sub.add_parser("world", help="write the embedded world (JSONL splits + tokenizer) to a directory")

@@ -358,6 +358,37 @@ class EvalConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases (logging.backends: [..., wandb]): one W&B run per stage, the stages of a run in one group,
+    the resolved config attached."""
+
+    mode: Literal["offline", "online"] = opt("offline", "'offline' writes OUTPUT_DIR/wandb/ only (upload it later with "
+                                             "`wandb sync`); 'online' streams to the W&B server (needs `wandb login`).")
+    project: str = opt("srppo-fast", "W&B project.")
+    entity: Optional[str] = opt(None, "W&B entity (user or team); default: the logged-in user's.")
+    group: Optional[str] = opt(None, "W&B group holding the stages' runs; default: the output_dir's name.")
+    tags: list = opt([], "W&B tags of every stage's run.")
+
+
+LOGGING_BACKENDS = ("jsonl", "tensorboard", "wandb")
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics and samples go. metrics.jsonl (and samples.jsonl) are always written; TensorBoard and W&B
+    get the same metric names, once (rank 0), one TensorBoard run / W&B run per stage."""
+
+    backends: list = opt(["jsonl"], "Any of jsonl (always on), tensorboard (OUTPUT_DIR/tensorboard/<stage>; pip "
+                         "install 'srppo-fast[tensorboard]') and wandb (pip install 'srppo-fast[wandb]').")
+    samples_every: int = opt(10, "RL stages: every N buffers (and the last), a table of num_samples responses "
+                             "(prompt, response, reward, its per-token log-ratio summary, KL, verifier result) to "
+                             "samples.jsonl and the backends; 0: off.", ge=0)
+    num_samples: int = opt(8, "Rows of a samples table: the highest and lowest reward of the buffer first, then "
+                           "random ones.", ge=1)
+    wandb: WandbConfig = sub(WandbConfig, "Weights & Biases.")
+
+
+@dataclass
 class Config:
     """A whole run: the stages to run, in order, and one section per stage."""
 
@@ -384,6 +415,7 @@ class Config:
                                 reward=RewardConfig(type="model"))
     spin: SpinStageConfig = sub(SpinStageConfig, "Baseline: self-play fine-tuning (SPIN) on the demonstrations.")
     eval: EvalConfig = sub(EvalConfig, "Evaluation table of every model of the run.")
+    logging: LoggingConfig = sub(LoggingConfig, "Metrics backends (jsonl, TensorBoard, W&B) and sample tables.")
 
 
 STAGE_TYPES = {"pretrain": "lm", "sft": "lm", "sft_extended": "lm", "spin": "spin", "srppo": "rl", "ppo_rm": "rl",
@@ -844,12 +876,31 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
         raise ConfigError("model.attn_implementation is 'flash_attention_2', which runs on CUDA only, but "
                           "runtime.device is 'cpu'; use varlen_sdpa (the default) on the CPU.")
     _validate_engine(cfg)
+    _validate_logging(cfg.logging)
     if cfg.runtime.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise ConfigError("runtime.device is 'cuda' but no CUDA device is visible; set runtime.device=auto "
                               "or cpu.")
+
+
+def _validate_logging(lg: LoggingConfig) -> None:
+    """Known backends, each once, and installed: a backend asked for but missing is refused before anything runs."""
+    import importlib.util
+
+    for name in lg.backends:
+        if name not in LOGGING_BACKENDS:
+            close = difflib.get_close_matches(str(name), LOGGING_BACKENDS, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(LOGGING_BACKENDS)}."
+            raise ConfigError(f"logging.backends: unknown backend {name!r}; {hint}")
+    if len(set(lg.backends)) != len(lg.backends):
+        raise ConfigError(f"logging.backends lists a backend twice ({lg.backends}); list each once.")
+    needs = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+    for name in lg.backends:
+        if name in needs and importlib.util.find_spec(needs[name][0]) is None:
+            raise ConfigError(f"logging.backends has '{name}' but the {needs[name][0]} package is not installed; "
+                              f"pip install 'srppo-fast[{needs[name][1]}]', or remove '{name}' from logging.backends.")
 
 
 # keys of a DeepSpeed config that come from ours: deepspeed.config may not set them

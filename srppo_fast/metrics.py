@@ -1,4 +1,5 @@
-"""Run metrics: one JSON object per line in output_dir/metrics.jsonl, and the progress bar."""
+"""Run metrics: one JSON object per line in output_dir/metrics.jsonl (samples tables in samples.jsonl), fanned out
+to the trackers of logging.backends (tracking.py), and the progress bar."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from .errors import DataError
+from .errors import DataError, SrppoError
 from .io import atomic_file
 
 
@@ -27,7 +28,19 @@ class NullMetricsLog:
     def log(self, record: dict) -> None:
         pass
 
+    def log_samples(self, stage: str, step: int, rows: list[dict]) -> None:
+        pass
+
     def drop(self, stage: str, after_step: int | None = None) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def end_stage(self, stage: str) -> None:
+        pass
+
+    def close(self, failed: bool = False) -> None:
         pass
 
 
@@ -36,42 +49,85 @@ class MetricsLog:
     still leave the last line cut short: opening the log again (a resumed run) cuts that partial line off,
     so the next record does not join it into one corrupt line."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, trackers: list | None = None):
         self.path = Path(path)
+        self.samples_path = self.path.parent / "samples.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.t0 = time.time()
-        self._drop_partial_tail()
+        self.trackers = list(trackers or [])  # tracking.Tracker: TensorBoard, W&B
+        for path in (self.path, self.samples_path):
+            _drop_partial_tail(path)
 
-    def _drop_partial_tail(self) -> None:
-        if not self.path.is_file():
-            return
-        with open(self.path, "rb+") as fh:
-            data = fh.read()
-            if not data or data.endswith(b"\n"):
-                return
-            keep = data.rfind(b"\n") + 1
-            fh.truncate(keep)
-        logging.getLogger("srppo_fast").warning("%s: dropped a partial last line (%d bytes; the run that wrote it "
-                                                "was killed mid-write)", self.path, len(data) - keep)
+    def _append(self, path: Path, records: list[dict]) -> None:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write("".join(json.dumps(r) + "\n" for r in records))
+            fh.flush()
+
+    def _each_tracker(self, method: str, *args) -> None:
+        """A tracker that fails is switched off with one warning; metrics.jsonl goes on (it is the record).
+        A configuration problem it raises (SrppoError: e.g. W&B online without a login) stops the run."""
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, method)(*args)
+            except SrppoError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a tracker's own failure must not end training
+                self.trackers.remove(tracker)
+                logging.getLogger("srppo_fast").warning(
+                    "logging backend %s failed (%s: %s) and is off for the rest of this run; metrics.jsonl has "
+                    "every record", tracker.name, type(e).__name__, e)
 
     def log(self, record: dict) -> None:
         record = {k: _clean(v) for k, v in record.items()}
         record.setdefault("time", round(time.time() - self.t0, 3))
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
+        self._append(self.path, [record])
+        self._each_tracker("log", record)
+
+    def log_samples(self, stage: str, step: int, rows: list[dict]) -> None:
+        """A samples table of one step: samples.jsonl (one row a line) and each tracker's table."""
+        rows = [{"stage": stage, "step": step, **{k: _clean(v) for k, v in r.items()}} for r in rows]
+        self._append(self.samples_path, rows)
+        self._each_tracker("samples", stage, step, rows)
 
     def drop(self, stage: str, after_step: int | None = None) -> None:
         """Drop the stage's rows past `after_step` (logged after the last save of a killed run), or all of them
-        when `after_step` is None (the stage starts afresh), so no (stage, step) is ever logged twice."""
-        if not self.path.is_file():
+        when `after_step` is None (the stage starts afresh), so no (stage, step) is ever logged twice; samples.jsonl
+        likewise. Then the trackers start the stage's run (or resume it after `after_step`)."""
+        kept = {}
+        for path in (self.path, self.samples_path):
+            rows = read_metrics(path) if path.is_file() else []
+            keep = [r for r in rows
+                    if not (r.get("stage") == stage and (after_step is None or r.get("step", 0) > after_step))]
+            if len(keep) != len(rows):
+                with atomic_file(path) as fh:
+                    fh.writelines(json.dumps(r) + "\n" for r in keep)
+            kept[path] = [r for r in keep if r.get("stage") == stage]
+        self._each_tracker("start", stage, after_step, kept[self.path], kept[self.samples_path])
+
+    def flush(self) -> None:
+        """Make the trackers' records durable (called before each checkpoint save)."""
+        self._each_tracker("flush")
+
+    def end_stage(self, stage: str) -> None:
+        self._each_tracker("end", stage)
+
+    def close(self, failed: bool = False) -> None:
+        self._each_tracker("close", failed)
+
+
+def _drop_partial_tail(path: Path) -> None:
+    """A process killed in the middle of a write can leave the last line cut short: cut it off, so the next record
+    does not join it into one corrupt line."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        if not data or data.endswith(b"\n"):
             return
-        rows = read_metrics(self.path)
-        keep = [r for r in rows
-                if not (r.get("stage") == stage and (after_step is None or r.get("step", 0) > after_step))]
-        if len(keep) != len(rows):
-            with atomic_file(self.path) as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in keep)
+        keep = data.rfind(b"\n") + 1
+        fh.truncate(keep)
+    logging.getLogger("srppo_fast").warning("%s: dropped a partial last line (%d bytes; the run that wrote it "
+                                            "was killed mid-write)", path, len(data) - keep)
 
 
 def _missing(row: dict, require: dict[str, type]) -> str | None:

@@ -180,7 +180,14 @@ def prepare(cfg: Config, checks: Preflight) -> RunContext:
         log.info("embedded world in %s", world_dir)
     precision = resolve_precision(cfg.runtime.precision, device)
     log.info("device %s, precision %s, %d CPU threads", device, precision, torch.get_num_threads())
-    metrics = MetricsLog(out / "metrics.jsonl") if main else NullMetricsLog()
+    if main:
+        from .tracking import make_trackers
+
+        resolved = to_dict(cfg)
+        trackers = make_trackers(cfg.logging.backends, out, cfg, resolved, yaml.safe_dump(resolved, sort_keys=False))
+        metrics = MetricsLog(out / "metrics.jsonl", trackers)
+    else:
+        metrics = NullMetricsLog()
     return RunContext(cfg, out, device, precision, metrics, world_dir, engine_kind=engine)
 
 
@@ -196,20 +203,27 @@ def run(cfg: Config) -> RunContext:
     checks = preflight(cfg)
     dist.barrier()  # every rank has checked before rank 0 writes
     ctx = prepare(cfg, checks)
-    for index, name in enumerate(cfg.stages):
-        status = checks.statuses[name]
-        if status.action == "skip":
-            log.info("stage %s: already complete in %s, skipped", name, ctx.checkpoint_dir(name))
-            continue
-        seed_everything(cfg.seed + 1000 * index)
-        log.info("stage %d/%d: %s", index + 1, len(cfg.stages), name)
-        if STAGE_TYPES[name] == "eval":  # plain models, no engine: rank 0 evaluates, the others wait for it
-            if dist.is_main():
-                STAGES[name](ctx, name)
-            if index + 1 < len(cfg.stages):
-                dist.barrier()
-            continue
-        STAGES[name](ctx, name)
+    failed = True
+    try:
+        for index, name in enumerate(cfg.stages):
+            status = checks.statuses[name]
+            if status.action == "skip":
+                log.info("stage %s: already complete in %s, skipped", name, ctx.checkpoint_dir(name))
+                continue
+            seed_everything(cfg.seed + 1000 * index)
+            log.info("stage %d/%d: %s", index + 1, len(cfg.stages), name)
+            if STAGE_TYPES[name] == "eval":  # plain models, no engine: rank 0 evaluates, the others wait for it
+                if dist.is_main():
+                    STAGES[name](ctx, name)
+                    ctx.metrics.end_stage(name)
+                if index + 1 < len(cfg.stages):
+                    dist.barrier()
+                continue
+            STAGES[name](ctx, name)
+            ctx.metrics.end_stage(name)
+        failed = False
+    finally:
+        ctx.metrics.close(failed)  # the trackers' last records (a killed or failed run: up to its last step)
     log.info("done: %s", summary(ctx))
     return ctx
 

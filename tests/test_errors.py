@@ -224,7 +224,8 @@ def test_report_skips_a_truncated_last_line_with_one_warning(tmp_path, capsys):
     assert err.splitlines() == [f"srppo-fast: warning: {run / 'metrics.jsonl'}:3: skipped the last line, not valid "
                                 "JSON at column 29 (Unterminated string starting at): cut short when the run was "
                                 "killed?"]
-    assert out.split() == [str(run / "report" / "sft.png")] and (run / "report" / "sft.png").stat().st_size > 0
+    assert out.split() == [str(run / "report" / "sft.png"), str(run / "report" / "index.html")]
+    assert (run / "report" / "sft.png").stat().st_size > 0
 
 
 def test_report_only_a_truncated_line(tmp_path, capsys):
@@ -312,7 +313,7 @@ def test_report_stage_name_is_never_a_path(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     run = run_dir(tmp_path, lines([{"stage": "../escape", "step": 1, "loss": 1.0}]))
     assert main(["report", str(run)]) == 0
-    assert capsys.readouterr().out.split() == [str(run / "report" / ".._escape.png")]
+    assert capsys.readouterr().out.split() == [str(run / "report" / ".._escape.png"), str(run / "report" / "index.html")]
 
 
 def test_read_metrics_strict_by_default_tolerant_on_request(tmp_path):
