@@ -120,3 +120,6 @@ def run_eval_stage(ctx, name: str) -> None:
     table = markdown_table(results)
     atomic_write_text(ctx.out / "eval.md", table + "\n")
     log.info("evaluation table (%s):\n%s", ctx.out / "eval.md", table)
+    from .modelcard import add_eval_to_cards
+
+    add_eval_to_cards(ctx, results)

@@ -289,13 +289,14 @@ def num_parameters(model: torch.nn.Module) -> int:
 
 def save_checkpoint(path: str | Path, model, tokenizer, info: dict, extra: dict[str, object] | None = None,
                     sub_models: dict[str, object] | None = None, *, state_dicts: dict[str, dict] | None = None,
-                    before=None) -> None:
+                    before=None, card: str | None = None) -> None:
     """Write a Hugging Face checkpoint atomically: into a temporary directory, then one rename.
 
     `extra` maps file names to objects saved with torch.save (optimizer state and the like);
     `sub_models` maps subdirectory names to more models saved inside (the critic). `state_dicts` (label ->
     state dict; the model's label is the first) replaces the modules' own (weights gathered from ZeRO-3 shards);
-    `before(tmp)` runs first inside the temporary directory (the DeepSpeed ranks' optimizer state)."""
+    `before(tmp)` runs first inside the temporary directory (the DeepSpeed ranks' optimizer state); `card`
+    is written as README.md (the model card, modelcard.py)."""
     modules = [("model", model), *(sub_models or {}).items()]
     states = list(state_dicts.values()) if state_dicts is not None else [m.state_dict() for _, m in modules]
     for (label, _), state in zip(modules, states):
@@ -317,6 +318,9 @@ def save_checkpoint(path: str | Path, model, tokenizer, info: dict, extra: dict[
         for (name, sub_model), state in zip(modules[1:], states[1:]):
             fs_step(f"write {name}/")
             sub_model.save_pretrained(os.path.join(tmp, name), safe_serialization=True, state_dict=state)
+        if card is not None:  # no fs_step of its own: a kill here is one before the marker
+            with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
+                fh.write(card)
         fs_step(f"write {CHECKPOINT_MARKER}")
         with open(os.path.join(tmp, CHECKPOINT_MARKER), "w", encoding="utf-8") as fh:
             json.dump(info, fh, indent=1, default=str)

@@ -23,9 +23,12 @@ TINY_ARCH = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
 
 @pytest.fixture(scope="session", autouse=True)
 def _cache(tmp_path_factory):
-    """The session's own srppo-fast cache (dequantised GGUF models), inherited by the runs it launches: tests
-    neither read nor fill the user's."""
+    """The session's own srppo-fast cache (dequantised GGUF models) and W&B directories, inherited by the runs it
+    launches: tests neither read nor fill the user's."""
     os.environ["SRPPO_FAST_CACHE"] = str(tmp_path_factory.mktemp("srppo-fast-cache"))
+    home = tmp_path_factory.mktemp("wandb-home")  # W&B's cache, staging and settings: not the user's
+    for var in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+        os.environ[var] = str(home / var.lower())
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +63,6 @@ def tiny_run_overrides(out_dir) -> list[str]:
     """Overrides that shrink the quickstart to seconds: a tiny world and model, few steps."""
     world = [f"world.{k}={v}" for k, v in TINY_WORLD.items()]
     arch = [f"model.arch.{k}={v}" for k, v in TINY_ARCH.items()]
-    return [f"output_dir={out_dir}", "runtime.progress=false", *world, *arch,
+    return [f"output_dir={out_dir}", "runtime.progress=false", "logging.backends=[jsonl]", *world, *arch,
             "pretrain.max_steps=6", "pretrain.batch_size=16", "sft.epochs=2", "sft.batch_size=4",
             "sft.optim.lr=1e-3"]

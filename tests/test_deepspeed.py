@@ -10,6 +10,7 @@ engine; 1e-6 keeps such coordinates still and leaves every real update as it was
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -30,7 +31,7 @@ from .conftest import TINY_ARCH, TINY_WORLD  # noqa: E402
 QUICKSTART = "configs/quickstart.yaml"
 TOL = 1e-5
 RUN = [*(f"world.{k}={v}" for k, v in TINY_WORLD.items()), *(f"model.arch.{k}={v}" for k, v in TINY_ARCH.items()),
-       "runtime.progress=false", "runtime.device=cpu", "runtime.precision=fp32",
+       "runtime.progress=false", "runtime.device=cpu", "runtime.precision=fp32", "logging.backends=[jsonl]",
        "stages=[pretrain,sft,srppo]", "pretrain.max_steps=3", "pretrain.batch_size=16",
        "pretrain.micro_batch_tokens=512", "sft.max_steps=2", "sft.batch_size=4", "sft.micro_batch_tokens=256",
        "sft.optim.lr=1e-3", "srppo.max_steps=1", "srppo.prompts_per_step=4", "srppo.rollout.n_samples=2",
@@ -49,7 +50,7 @@ def launch(out: Path, extra: list[str], nproc: int = 1, env: dict | None = None)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cli]
     else:
         cmd = [sys.executable, *cli]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600)
 
 
@@ -98,7 +99,9 @@ def runs(tmp_path_factory):
                 ok(launch(out, ["runtime.engine=torch"]))
             else:
                 _, nproc, zero = name.split("-")
-                ok(launch(out, ["runtime.engine=deepspeed", f"deepspeed.zero_stage={zero[4:]}"], int(nproc)))
+                # one of the runs logs to every backend: rank 0 alone writes them (test_trackers_are_written_once)
+                backends = ["logging.backends=[jsonl,tensorboard,wandb]"] if name == "ds-2-zero2" else []
+                ok(launch(out, ["runtime.engine=deepspeed", f"deepspeed.zero_stage={zero[4:]}", *backends], int(nproc)))
             made[name] = out
         return made[name]
 
@@ -117,6 +120,21 @@ def test_deepspeed_matches_the_torch_engine(runs, name):
                 ("loss" in r or "pg_loss" in r)]
         assert {r["stage"] for r in rows} == {"pretrain", "srppo"}
         assert all(1.0 <= r["rank_imbalance"] < 1.5 and r["time/comm"] > 0 for r in rows)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None or importlib.util.find_spec("wandb") is None,
+                    reason="tensorboard and wandb are not installed (pip install 'srppo-fast[tensorboard,wandb]')")
+def test_trackers_are_written_once_by_rank_0(runs):
+    """Two processes: each stage has one TensorBoard events file and one W&B session, holding each step once, the
+    same numbers as metrics.jsonl."""
+    from .test_tracking import expected, same, tb_read, wandb_points, wandb_rows
+
+    out = runs("ds-2-zero2")
+    for stage in ("pretrain", "sft", "srppo"):
+        assert len(list((out / "tensorboard" / stage).glob("events.out.tfevents.*"))) == 1, stage
+        assert len(list((out / "wandb").glob(f"offline-run-*-{stage}-*"))) == 1, stage
+        same(tb_read(out / "tensorboard" / stage)[0], expected(out, stage))
+        same(wandb_points(wandb_rows(out, stage)), expected(out, stage))
 
 
 def test_bf16_under_zero3_trains(tmp_path):

@@ -73,7 +73,8 @@ TINY = ["world.seed=0", "world.num_corpus_docs=300", "world.num_demos=8", "world
 
 def train_on(data, tmp_path, capsys) -> str:
     argv = ["train", "--config", str(REPO / "configs" / "quickstart.yaml"), f"output_dir={tmp_path / 'run'}",
-            "stages=[sft]", "sft.init=base", "sft.eval_data=null", "runtime.progress=false", *TINY, f"sft.data={data}"]
+            "stages=[sft]", "sft.init=base", "sft.eval_data=null", "runtime.progress=false", "logging.backends=[jsonl]",
+            *TINY, f"sft.data={data}"]
     return error_line(argv, capsys, log_lines_ok=True)
 
 

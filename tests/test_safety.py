@@ -21,7 +21,7 @@ from srppo_fast.runner import run
 from .conftest import TINY_ARCH, TINY_WORLD
 
 QUICKSTART = "configs/quickstart.yaml"
-BASE = ["runtime.progress=false", "runtime.num_threads=1", *[f"world.{k}={v}" for k, v in TINY_WORLD.items()],
+BASE = ["runtime.progress=false", "logging.backends=[jsonl]", "runtime.num_threads=1", *[f"world.{k}={v}" for k, v in TINY_WORLD.items()],
         *[f"model.arch.{k}={v}" for k, v in TINY_ARCH.items()]]
 SFT = ["stages=[sft]", "sft.init=base", "sft.max_steps=2", "sft.batch_size=4"]
 

@@ -95,13 +95,13 @@ def frozen_model(ctx, model: torch.nn.Module) -> torch.nn.Module:
     return model.to(ctx.device).eval().requires_grad_(False)
 
 
-def save_engines(path, engines: dict[str, EngineBase], tokenizer, info: dict, trainer_state: dict | None = None
-                 ) -> None:
+def save_engines(path, engines: dict[str, EngineBase], tokenizer, info: dict, trainer_state: dict | None = None,
+                 *, card: str | None = None) -> None:
     """Collective: a stage's checkpoint, atomically. Rank 0 writes the Hugging Face directory of the first
     engine's model (gathered from ZeRO-3 shards) with the others in subdirectories named by their labels, the
-    marker, and `trainer_state` (a resumable save); every DeepSpeed rank adds its optimizer shards under
-    deepspeed/<label>/ (resumable saves only). An error on any rank (weights that are not finite included) is
-    raised on every rank."""
+    marker, the model card `card` (README.md) and `trainer_state` (a resumable save); every DeepSpeed rank adds
+    its optimizer shards under deepspeed/<label>/ (resumable saves only). An error on any rank (weights that are
+    not finite included) is raised on every rank."""
     from ..modeling import save_checkpoint
     from ..state import TRAINER_STATE
 
@@ -133,7 +133,7 @@ def save_engines(path, engines: dict[str, EngineBase], tokenizer, info: dict, tr
             save_checkpoint(path, engines[first].model, tokenizer, info,
                             {TRAINER_STATE: trainer_state} if trainer_state is not None else None,
                             {label: engines[label].model for label in rest} or None,
-                            state_dicts=states, before=before if ds_states else None)
+                            state_dicts=states, before=before if ds_states else None, card=card)
         except Exception as e:  # noqa: BLE001 - re-raised on every rank below
             error = e
         if ds_states and not sent:

@@ -110,6 +110,7 @@ def run_lm_stage(ctx, name: str) -> None:
     """1. data -> 2. model and engine (or the saved state of an interrupted run) -> 3. evaluate the start
     -> 4. train (saving every save_every steps, and on SIGINT/SIGTERM) -> 5. evaluate, save."""
     from ..checks import stage_fingerprint
+    from ..modelcard import model_card
 
     section: LMStageConfig = getattr(ctx.cfg, name)
     tok = ctx.tokenizer()
@@ -164,9 +165,10 @@ def run_lm_stage(ctx, name: str) -> None:
             stop = dist.any_true(guard.requested is not None)
             if stop or (section.save_every and step % section.save_every == 0 and step != steps):
                 info = {"stage": name, "step": step, "complete": False, "fingerprint": fingerprint}
+                ctx.metrics.flush()
                 save_engines(ckpt, {"model": engine}, tok, info, {
                     "step": step, "engine": engine.state_dict(), "sampler_position": sampler.position,
-                    "start_eval": start_eval, "rng": rng_state()})
+                    "start_eval": start_eval, "rng": rng_state()}, card=model_card(ctx, name, info))
                 last_save = f"{ckpt} (step {step})"
             if stop:
                 bar.close()
@@ -179,7 +181,8 @@ def run_lm_stage(ctx, name: str) -> None:
             "eval_loss_start": start_eval, "eval_loss_end": end_eval}
     if section.data == "world:corpus" and ctx.world_dir:
         info["careful_skill"] = probe_careful_skill(ctx, name, engine.model, tok, steps)
-    save_engines(ckpt, {"model": engine}, tok, info)
+    ctx.metrics.flush()
+    save_engines(ckpt, {"model": engine}, tok, info, card=model_card(ctx, name, info))
     log.info("%s: saved %s", name, ckpt)
 
 

@@ -40,7 +40,7 @@ from ..ops import (coherent_gae, kl_estimate, kl_shaped_rewards_ref, masked_whit
                    value_loss)
 from ..rollout import HFRolloutEngine, SamplingParams
 from ..state import Interrupted, SignalGuard, resumable, rng_state, set_rng_state
-from ..world import verifier_for
+from ..world import verifier_for, verify
 from .lm import EpochSampler
 
 log = logging.getLogger("srppo_fast")
@@ -205,6 +205,7 @@ def rewards_and_advantages(rl: RLStageConfig, exp: Experience, scores: dict, mom
              "reward/kl": -kl_coef * kl.sum(-1).mean(), "kl": kl_k1.sum(-1).mean(),
              "kl/estimator_mean": kl.sum() / mask.sum()}
     stats["reward/model" if log_ratio is None else "reward/coherent"] = raw.mean()
+    exp.stats.update(reward=raw, log_ratio=log_ratio, kl=kl_k1.sum(-1))  # per response, for the samples table
     if log_ratio is not None:  # per-token log-ratio: hacking shows here first
         tokens = log_ratio[mask]
         q = torch.quantile(tokens, torch.tensor([0.05, 0.5, 0.95]))
@@ -369,11 +370,15 @@ def save_rl(ctx, name: str, models: RLModels, step: int, complete: bool, fingerp
             extra_state: dict | None = None) -> None:
     """The actor as a Hugging Face directory, the critic in its `critic/` subdirectory, and (unfinished
     runs only) the trainer state. `fingerprint`: the stage's, taken when it started (what it trained on)."""
+    from ..modelcard import model_card
+
     info = {"stage": name, "step": step, "complete": complete, "fingerprint": fingerprint}
     engines = {"actor": models.actor}
     if models.critic is not None:
         engines["critic"] = models.critic  # saved in the critic/ subdirectory
-    save_engines(ctx.checkpoint_dir(name), engines, ctx.tokenizer(), info, None if complete else extra_state)
+    ctx.metrics.flush()
+    save_engines(ctx.checkpoint_dir(name), engines, ctx.tokenizer(), info, None if complete else extra_state,
+                 card=model_card(ctx, name, info))
 
 
 @dataclass
@@ -396,8 +401,9 @@ class RLRun:
     since the next update lands before that buffer trains), and every rollout.sync_check_every syncs (and after
     the first) its log-probs of a probe sequence are compared with the trainer's."""
 
-    def __init__(self, ctx, rl: RLStageConfig, prompts: Prompts, steps: int, state: dict | None, resume_dir: str):
-        self.ctx, self.rl, self.prompts, self.steps = ctx, rl, prompts, steps
+    def __init__(self, ctx, rl: RLStageConfig, prompts: Prompts, steps: int, state: dict | None, resume_dir: str,
+                 stage: str = "srppo"):
+        self.ctx, self.rl, self.prompts, self.steps, self.stage = ctx, rl, prompts, steps, stage
         self.models = RLModels(ctx, rl, steps, resume_dir=resume_dir if state else None, state=state)
         self.sampler = EpochSampler(len(prompts.ids), ctx.cfg.seed, shuffle=True)
         self.moments = RunningMoments()
@@ -611,6 +617,11 @@ class RLRun:
         times["update"] = time.perf_counter() - t
         questions = [self.prompts.questions[chosen[i]] for i in gens.prompt_index]
         stats.update(rollout_stats(exp, gens, self.ctx.tokenizer(), questions, self.verifier))
+        every = self.ctx.cfg.logging.samples_every
+        if dist.is_main() and every and (step % every == 0 or step == self.steps):
+            rng = np.random.default_rng(sample_seed(self.ctx.cfg.seed, step, 1 << 41))
+            self.ctx.metrics.log_samples(self.stage, step, samples_table(
+                exp, self.ctx.tokenizer(), questions, self.verifier is not None, self.ctx.cfg.logging.num_samples, rng))
         stats.update({f"time/{k}": v for k, v in times.items()})
         total = sum(times.values()) + stats["time/sync"]
         if "time/sampler" in stats:  # how much of the sampler's time the trainer did not wait for
@@ -659,7 +670,7 @@ def run_rl_stage(ctx, name: str) -> None:
              len(prompts.ids), dropped, rl.max_prompt_len, steps, rl.prompts_per_step, rl.rollout.n_samples)
     fingerprint = stage_fingerprint(ctx.cfg, name)
     state = resumable(ctx.checkpoint_dir(name), fingerprint)
-    run = RLRun(ctx, rl, prompts, steps, state, str(ctx.checkpoint_dir(name)))
+    run = RLRun(ctx, rl, prompts, steps, state, str(ctx.checkpoint_dir(name)), name)
     start = state["step"] if state is not None else 0
     ctx.metrics.drop(name, start if state is not None else None)
     last_save = f"{ctx.checkpoint_dir(name)} (step {start})" if state is not None else \
@@ -701,6 +712,41 @@ def run_rl_stage(ctx, name: str) -> None:
     bar.close()
     save_rl(ctx, name, run.models, steps, True, fingerprint)
     log.info("%s: saved %s", name, ctx.checkpoint_dir(name))
+
+
+def samples_table(exp: Experience, tokenizer, questions: list[str], verify_world: bool, k: int, rng) -> list[dict]:
+    """`k` responses of the buffer for reading: the highest and the lowest reward first (alternating, so both
+    extremes show at any k), then random others; each with its prompt, reward, per-token log-ratio summary
+    (sum, largest token, its position), KL to the reference and the verifier's verdict."""
+    reward, log_ratio, kl = exp.stats["reward"], exp.stats["log_ratio"], exp.stats["kl"]
+    order = torch.argsort(reward, descending=True, stable=True).tolist()
+    extremes = max(1, k // 4)  # a quarter of the rows at each end (k=8: 2 highest, 2 lowest, 4 random)
+    picks: dict[int, str] = {}
+    for high, low in list(zip(order, reversed(order)))[:extremes]:
+        for i, label in ((high, "highest"), (low, "lowest")):
+            if len(picks) < k and i not in picks:
+                picks[i] = label
+    rest = [i for i in order if i not in picks]
+    for i in rng.permutation(rest)[:max(0, k - len(picks))].tolist():
+        picks[i] = "random"
+    offsets, rows = exp.sequences.offsets, []
+    for i, pick in picks.items():
+        seq = exp.sequences.tokens[offsets[i]:offsets[i + 1]].tolist()
+        n = int(exp.mask[i].sum())
+        response, prompt = seq[len(seq) - n:], seq[:len(seq) - n]
+        text = tokenizer.decode(response, skip_special_tokens=True)
+        row = {"pick": pick, "prompt": tokenizer.decode(prompt, skip_special_tokens=False), "response": text,
+               "reward": float(reward[i]), "log_ratio_sum": None, "log_ratio_max": None,
+               "log_ratio_max_token": None, "log_ratio_max_pos": None, "kl": float(kl[i]),
+               "correct": verify(questions[i], text) if verify_world else None, "length": n,
+               "ended": bool(exp.ended[i])}
+        if log_ratio is not None and n:
+            per_token = log_ratio[i][exp.mask[i]]
+            top = int(per_token.argmax())
+            row.update(log_ratio_sum=float(per_token.sum()), log_ratio_max=float(per_token[top]),
+                       log_ratio_max_token=tokenizer.decode([response[top]]), log_ratio_max_pos=top)
+        rows.append(row)
+    return rows
 
 
 def rollout_stats(exp: Experience, gens, tokenizer, questions: list[str], verifier) -> dict:

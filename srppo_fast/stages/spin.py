@@ -273,6 +273,7 @@ def run_spin_stage(ctx, name: str) -> None:
     """Demonstrations -> actor engine (or an interrupted run's state) -> iterations of: sample, reference
     log-probs, DPO epochs -> the final checkpoint."""
     from ..checks import stage_fingerprint
+    from ..modelcard import model_card
 
     spin: SpinStageConfig = getattr(ctx.cfg, name)
     tok = ctx.tokenizer()
@@ -336,10 +337,12 @@ def run_spin_stage(ctx, name: str) -> None:
                 if stop or (spin.save_every and step % spin.save_every == 0 and step != steps):
                     info = {"stage": name, "step": step, "complete": False, "fingerprint": fingerprint}
                     done = step % per_iter == 0  # the next step starts a new iteration: no pairs to keep
+                    ctx.metrics.flush()
                     save_engines(ckpt, {"model": engine}, tok, info, {
                         "step": step, "engine": engine.state_dict(), "sampler_position": position,
                         "pairs": None if done else (pairs.tokens, pairs.targets, pairs.offsets),
-                        "ref": None if done else ref, "identical": None if done else identical, "rng": rng_state()})
+                        "ref": None if done else ref, "identical": None if done else identical, "rng": rng_state()},
+                        card=model_card(ctx, name, info))
                     last_save = f"{ckpt} (step {step})"
                 if stop:
                     bar.close()
@@ -349,6 +352,7 @@ def run_spin_stage(ctx, name: str) -> None:
     finally:
         sampler.close()
     bar.close()
-    save_engines(ckpt, {"model": engine}, tok, {"stage": name, "step": steps, "complete": True,
-                                                 "fingerprint": fingerprint, "iterations": spin.iterations})
+    info = {"stage": name, "step": steps, "complete": True, "fingerprint": fingerprint, "iterations": spin.iterations}
+    ctx.metrics.flush()
+    save_engines(ckpt, {"model": engine}, tok, info, card=model_card(ctx, name, info))
     log.info("%s: saved %s", name, ckpt)
