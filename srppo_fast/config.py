@@ -383,8 +383,8 @@ class LoggingConfig:
     samples_every: int = opt(10, "RL stages: every N buffers (and the last), a table of num_samples responses "
                              "(prompt, response, reward, its per-token log-ratio summary, KL, verifier result) to "
                              "samples.jsonl and the backends; 0: off.", ge=0)
-    num_samples: int = opt(8, "Rows of a samples table: the highest and lowest reward of the buffer first, then "
-                           "random ones.", ge=1)
+    num_samples: int = opt(8, "Rows of a samples table: a quarter (at least 1) the buffer's highest rewards, a "
+                           "quarter its lowest, the rest random.", ge=1)
     wandb: WandbConfig = sub(WandbConfig, "Weights & Biases.")
 
 

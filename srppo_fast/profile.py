@@ -39,7 +39,8 @@ PHASES = (("generate", "time/generate"), ("sync", "time/sync"), ("score", "time/
 def profile_config(path: str, overrides: list[str], steps: int) -> tuple[Config, str]:
     """The config to profile with: the first RL stage of `path` alone, `steps` steps, reading the models of
     the run's complete stages by path, writing into OUTPUT_DIR/profile. The critic's warm-up is skipped (the
-    actor trains from the first step) unless the overrides set it."""
+    actor trains from the first step) unless the overrides set it. It logs to metrics.jsonl only, unless the
+    overrides set logging keys."""
     from .modeling import checkpoint_info
     from .stages.rl import stage_models
 
@@ -53,6 +54,8 @@ def profile_config(path: str, overrides: list[str], steps: int) -> tuple[Config,
     profile_dir = out / "profile"
     extra = [f"output_dir={profile_dir}", f"stages=[{name}]", f"{name}.max_steps={steps}", f"{name}.save_every=0",
              f"{name}.eval_every=0", f"{name}.log_every=1"]
+    if not any(o.startswith("logging.") for o in overrides):  # a profile is not a run to track: jsonl only
+        extra += ["logging.backends=[jsonl]", "logging.samples_every=0"]
     if not any(o.startswith(f"{name}.critic.warmup_buffers=") for o in overrides):
         extra.append(f"{name}.critic.warmup_buffers=0")  # the steady state: the actor trains from step 1
     for key, ref in stage_models(getattr(cfg, name), name).items():
