@@ -32,8 +32,8 @@ from .io import atomic_write_text
 log = logging.getLogger("srppo_fast")
 
 NOT_SCALARS = ("stage", "step", "time")
-SAMPLE_COLUMNS = ["step", "pick", "reward", "log_ratio_sum", "log_ratio_max", "log_ratio_max_token",
-                  "log_ratio_max_pos", "kl", "correct", "length", "ended", "prompt", "response"]
+SAMPLE_COLUMNS = ["step", "pick", "reward", "correct", "prompt", "response", "log_ratio_sum", "log_ratio_max",
+                  "log_ratio_max_token", "log_ratio_max_pos", "kl", "length", "ended"]
 
 
 def scalars(record: dict) -> dict[str, float]:
