@@ -119,7 +119,7 @@ def test_eval_table_and_report(sft_run, tmp_path):
     assert "| PT |" in table and "| SFT |" in table and "| SRPPO |" in table
     assert main(["report", str(out)]) == 0
     pngs = sorted(p.name for p in (out / "report").iterdir())
-    assert pngs == ["pretrain.png", "sft.png", "srppo.png"]
+    assert pngs == ["index.html", "pretrain.png", "sft.png", "srppo.png"]
     assert all((out / "report" / p).stat().st_size > 10_000 for p in pngs)
 
 
