@@ -100,12 +100,14 @@ class TensorBoardTracker(Tracker):
         self.writers: dict = {}
         self.tables: dict[str, list[dict]] = {}
 
+    def _logdir(self, stage: str) -> Path:
+        return self.root / re.sub(r"[^\w.-]", "_", stage)  # a stage name is never a path
+
     def _writer(self, stage: str, first_step: int = 0):
         if stage not in self.writers:
             # purge_step: readers drop this stage's events at steps >= first_step from earlier sessions (a killed
             # run's steps after its checkpoint); a fresh stage purges everything an earlier attempt wrote
-            w = self._writer_cls(log_dir=str(self.root / re.sub(r"[^\w.-]", "_", stage)), purge_step=first_step,
-                                 flush_secs=10)
+            w = self._writer_cls(log_dir=str(self._logdir(stage)), purge_step=first_step, flush_secs=10)
             w.add_text("config", "\n".join("    " + line for line in self.config_yaml.splitlines()), first_step)
             self.writers[stage] = w
         return self.writers[stage]
@@ -113,7 +115,14 @@ class TensorBoardTracker(Tracker):
     def start(self, stage, after_step, rows, samples):
         self._close(stage)
         self.tables.pop(stage, None)
-        self._writer(stage, 0 if after_step is None else after_step + 1)
+        had_events = any(self._logdir(stage).glob("events.out.tfevents.*"))
+        w = self._writer(stage, 0 if after_step is None else after_step + 1)
+        if after_step is not None and not had_events:  # tensorboard added on resume: the steps before, from jsonl
+            for record in rows:
+                self.log(record)
+            for step in sorted({s["step"] for s in samples}):
+                self.samples(stage, step, [s for s in samples if s["step"] == step])
+            w.flush()
 
     def log(self, record):
         stage, step = record.get("stage"), record.get("step")

@@ -301,3 +301,19 @@ def test_a_failing_tracker_is_switched_off_with_one_warning(tmp_path):
     logging.getLogger("srppo_fast").removeHandler(handler)
     warnings = [m for m in seen if "logging backend broken failed" in m]
     assert len(warnings) == 1 and "No space left on device" in warnings[0] and metrics.trackers == []
+
+
+@needs_tb
+def test_tensorboard_added_on_resume_gets_the_steps_before_from_jsonl(tmp_path):
+    """A run resumed with tensorboard newly in logging.backends: the stage's steps up to the checkpoint come
+    from metrics.jsonl / samples.jsonl, the rest from the resumed run; each once."""
+    from srppo_fast.tracking import TensorBoardTracker
+
+    tb = TensorBoardTracker(tmp_path / "tensorboard", "seed: 0\n")
+    tb.start("srppo", 2, _rows("srppo", [1, 2]), [{"stage": "srppo", "step": 2, "pick": "highest", "reward": 1.0}])
+    for row in _rows("srppo", [3, 4]):
+        tb.log(row)
+    tb.close()
+    scalars_, texts = tb_read(tmp_path / "tensorboard" / "srppo")
+    assert scalars_["loss"] == {s: pytest.approx(1.0 / s) for s in (1, 2, 3, 4)}
+    assert sorted(texts["samples/text_summary"]) == [2]
