@@ -17,7 +17,6 @@ import base64
 import datetime
 import hashlib
 import html
-import io
 import json
 import os
 import re
@@ -47,8 +46,9 @@ def _series(rows: list[dict], key: str) -> tuple[list, list]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def _draw(stage: str, rows: list[dict], panels: list, ncols: int | None = None):
-    """The stage's figure, its panels `ncols` to a row (all in one row by default); None when none has a value."""
+def _draw(stage: str, rows: list[dict], panels: list):
+    """The stage's figure, its panels two to a row (it fits a 1200-pixel page at full size); None when no panel
+    has a value."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,7 +58,7 @@ def _draw(stage: str, rows: list[dict], panels: list, ncols: int | None = None):
     panels = [(title, keys) for title, keys in panels if keys]
     if not panels:
         return None
-    ncols = min(ncols or len(panels), len(panels))
+    ncols = min(2, len(panels))
     nrows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
     for ax, (title, keys) in zip(axes.flat, panels):
@@ -76,7 +76,8 @@ def _draw(stage: str, rows: list[dict], panels: list, ncols: int | None = None):
     return fig
 
 
-def _figure(stage: str, rows: list[dict], panels: list, out: Path) -> Path | None:
+def _figure(stage: str, rows: list[dict], panels: list, out: Path) -> tuple[Path, bytes] | None:
+    """The stage's PNG, drawn once: written to out/<stage>.png and returned for index.html."""
     import matplotlib.pyplot as plt
 
     fig = _draw(stage, rows, panels)
@@ -87,19 +88,7 @@ def _figure(stage: str, rows: list[dict], panels: list, out: Path) -> Path | Non
         fig.savefig(path, dpi=110)
     finally:
         plt.close(fig)
-    return path
-
-
-def _png(stage: str, rows: list[dict], panels: list) -> bytes:
-    """The figure for index.html: two panels to a row, so that it fits a 1200-pixel window at full size."""
-    import matplotlib.pyplot as plt
-
-    fig, buf = _draw(stage, rows, panels, ncols=2), io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=110)
-    finally:
-        plt.close(fig)
-    return buf.getvalue()
+    return path, path.read_bytes()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,9 +309,9 @@ def make_report(output_dir: str | os.PathLike, warn: Callable[[str], None] = _st
             stage_rows = [r for r in rows if r["stage"] == stage and isinstance(r.get("step"), (int, float))]
             panels = RL_PANELS if any("reward/total" in r for r in stage_rows) else \
                 SPIN_PANELS if any("rewards/margin" in r for r in stage_rows) else LM_PANELS
-            path = _figure(stage, stage_rows, panels, out)
-            if path is not None:
-                figures.append((stage, path, _png(stage, stage_rows, panels)))
+            drawn = _figure(stage, stage_rows, panels, out)
+            if drawn is not None:
+                figures.append((stage, *drawn))
         if not figures:
             raise SrppoError(f"{metrics}: none of its {len(rows)} rows has a step and a plotted value (loss, "
                              "reward, ...); nothing to draw yet.")
