@@ -219,12 +219,12 @@ def _local(ref: str) -> bool:
 def _check_model_path(path: str, key: str, trust_remote_code: bool) -> str:
     from transformers import AutoConfig
 
-    from .modeling import model_source, read_gguf, resolve_model_spec
+    from .modeling import gguf_config, model_source, resolve_model_spec
 
     if is_gguf(path):
         source, extra = model_source(path, convert=False)  # the file exists and transformers can read GGUF here
         file = resolve_model_spec(path)
-        arch = read_gguf(path, lambda: AutoConfig.from_pretrained(source, **extra)).model_type
+        arch = gguf_config(path).model_type
         if extra:
             return f"{key}: GGUF file '{file}' ({arch}; dequantised into the cache when the run starts)"
         return f"{key}: GGUF file '{file}' ({arch}; its dequantised copy is cached in {source})"

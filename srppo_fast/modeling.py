@@ -77,6 +77,15 @@ def read_gguf(spec: str, read):
                           "and quantisation that transformers dequantises.") from None
 
 
+def gguf_config(spec: str):
+    """The transformers config of a GGUF model: from its cached dequantised copy, else the file's header (a dry
+    run: nothing is written)."""
+    from transformers import AutoConfig
+
+    source, extra = model_source(spec, convert=False)
+    return read_gguf(spec, lambda: AutoConfig.from_pretrained(source, **extra))
+
+
 def cache_root() -> Path:
     """Where srppo-fast keeps what it derives once per machine (dequantised GGUF models): $SRPPO_FAST_CACHE, else
     $XDG_CACHE_HOME/srppo-fast, else ~/.cache/srppo-fast. Anything in it can be deleted; it is rebuilt."""

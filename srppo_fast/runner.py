@@ -183,9 +183,7 @@ def prepare(cfg: Config, checks: Preflight) -> RunContext:
     if main:
         from .tracking import make_trackers
 
-        resolved = to_dict(cfg)
-        trackers = make_trackers(cfg.logging.backends, out, cfg, resolved, yaml.safe_dump(resolved, sort_keys=False))
-        metrics = MetricsLog(out / "metrics.jsonl", trackers)
+        metrics = MetricsLog(out / "metrics.jsonl", make_trackers(cfg, out))
     else:
         metrics = NullMetricsLog()
     return RunContext(cfg, out, device, precision, metrics, world_dir, engine_kind=engine)

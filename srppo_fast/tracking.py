@@ -63,6 +63,12 @@ def _cell(value, width: int = 300) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "<br>")
 
 
+def eval_table(rows: list[dict]) -> tuple[list[str], list[list]]:
+    """An eval stage's rows (a model, a split, its metrics) as columns and cells."""
+    columns = list(dict.fromkeys(k for r in rows for k in r if k not in ("stage", "time")))
+    return columns, [[r.get(c) for c in columns] for r in rows]
+
+
 def markdown_table(columns: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
@@ -144,8 +150,7 @@ class TensorBoardTracker(Tracker):
     def end(self, stage):
         rows = self.tables.pop(stage, None)
         if rows:
-            columns = list(dict.fromkeys(k for r in rows for k in r if k not in ("stage", "time")))
-            self._writer(stage).add_text("eval", markdown_table(columns, [[r.get(c) for c in columns] for r in rows]), 0)
+            self._writer(stage).add_text("eval", markdown_table(*eval_table(rows)), 0)
         self._close(stage)
 
     def _close(self, stage):
@@ -227,6 +232,7 @@ class WandbTracker(Tracker):
         import wandb
 
         self.wandb, self.out, self.cfg, self.config = wandb, out, cfg, config
+        self.group = cfg.group or Path(out).resolve().name
         self.ids_path = out / "wandb" / "srppo-fast-runs.json"
         self.run = self.stage = None
         self.first_new = 0  # steps below this are in the W&B run already
@@ -251,8 +257,7 @@ class WandbTracker(Tracker):
         self._finish()
         ids = self._ids()
         if after_step is None or stage not in ids:  # a fresh stage is a new W&B run: the old one is history
-            group = self.cfg.group or Path(self.out).resolve().name
-            ids[stage] = f"{re.sub(r'[^A-Za-z0-9_-]', '-', group)[:40]}-{stage}-{secrets.token_hex(4)}"
+            ids[stage] = f"{re.sub(r'[^A-Za-z0-9_-]', '-', self.group)[:40]}-{stage}-{secrets.token_hex(4)}"
             self.ids_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.ids_path, json.dumps(ids, indent=1))
         run_id = ids[stage]
@@ -261,7 +266,7 @@ class WandbTracker(Tracker):
         try:
             self.run = self.wandb.init(
                 mode=self.cfg.mode, project=self.cfg.project, entity=self.cfg.entity, dir=str(self.out), id=run_id,
-                group=self.cfg.group or Path(self.out).resolve().name, name=stage, job_type=stage,
+                group=self.group, name=stage, job_type=stage,
                 tags=list(self.cfg.tags) or None, config={**self.config, "stage": stage}, reinit="finish_previous",
                 resume="allow" if self.cfg.mode == "online" else None, settings=settings)
         except Exception as e:  # noqa: BLE001 - wandb raises many kinds (no login, no network, ...)
@@ -331,8 +336,7 @@ class WandbTracker(Tracker):
             return
         self._send()
         if self.tables:
-            columns = list(dict.fromkeys(k for r in self.tables for k in r if k not in ("stage", "time")))
-            data = [[r.get(c) for c in columns] for r in self.tables]
+            columns, data = eval_table(self.tables)
             self.run.log({"eval": self.wandb.Table(columns=columns, data=data)})
             for r in self.tables:
                 for key, value in scalars(r).items():
@@ -345,10 +349,15 @@ class WandbTracker(Tracker):
         self._finish(failed)
 
 
-def make_trackers(backends: list[str], out: Path, cfg, config: dict, config_yaml: str) -> list[Tracker]:
-    trackers: list[Tracker] = []
-    if "tensorboard" in backends:
-        trackers.append(TensorBoardTracker(out / "tensorboard", config_yaml))
-    if "wandb" in backends:
-        trackers.append(WandbTracker(out, cfg.logging.wandb, config))
+def make_trackers(cfg, out: Path) -> list[Tracker]:
+    """The trackers of cfg.logging.backends, each given the resolved config."""
+    import yaml
+
+    from .config import to_dict
+
+    resolved, trackers = to_dict(cfg), []
+    if "tensorboard" in cfg.logging.backends:
+        trackers.append(TensorBoardTracker(out / "tensorboard", yaml.safe_dump(resolved, sort_keys=False)))
+    if "wandb" in cfg.logging.backends:
+        trackers.append(WandbTracker(out, cfg.logging.wandb, resolved))
     return trackers

@@ -136,11 +136,10 @@ def hf_config_for(cfg: Config, ref: str):
         path = base
     else:
         path = ref
-    from ..modeling import model_source, read_gguf
+    from ..modeling import gguf_config
 
     if is_gguf(path):
-        source, extra = model_source(path, convert=False)
-        return read_gguf(path, lambda: AutoConfig.from_pretrained(source, **extra))
+        return gguf_config(path)
     if os.path.isdir(path):
         return AutoConfig.from_pretrained(path, trust_remote_code=trust)
     try:  # a hub name: the local cache only (no network for a dry run)

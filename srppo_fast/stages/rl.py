@@ -40,7 +40,7 @@ from ..ops import (coherent_gae, kl_estimate, kl_shaped_rewards_ref, masked_whit
                    value_loss)
 from ..rollout import HFRolloutEngine, SamplingParams
 from ..state import Interrupted, SignalGuard, resumable, rng_state, set_rng_state
-from ..world import verifier_for, verify
+from ..world import verifier_for
 from .lm import EpochSampler
 
 log = logging.getLogger("srppo_fast")
@@ -402,7 +402,7 @@ class RLRun:
     the first) its log-probs of a probe sequence are compared with the trainer's."""
 
     def __init__(self, ctx, rl: RLStageConfig, prompts: Prompts, steps: int, state: dict | None, resume_dir: str,
-                 stage: str = "srppo"):
+                 stage: str):
         self.ctx, self.rl, self.prompts, self.steps, self.stage = ctx, rl, prompts, steps, stage
         self.models = RLModels(ctx, rl, steps, resume_dir=resume_dir if state else None, state=state)
         self.sampler = EpochSampler(len(prompts.ids), ctx.cfg.seed, shuffle=True)
@@ -621,7 +621,7 @@ class RLRun:
         if dist.is_main() and every and (step % every == 0 or step == self.steps):
             rng = np.random.default_rng(sample_seed(self.ctx.cfg.seed, step, 1 << 41))
             self.ctx.metrics.log_samples(self.stage, step, samples_table(
-                exp, self.ctx.tokenizer(), questions, self.verifier is not None, self.ctx.cfg.logging.num_samples, rng))
+                exp, self.ctx.tokenizer(), questions, self.verifier, self.ctx.cfg.logging.num_samples, rng))
         stats.update({f"time/{k}": v for k, v in times.items()})
         total = sum(times.values()) + stats["time/sync"]
         if "time/sampler" in stats:  # how much of the sampler's time the trainer did not wait for
@@ -714,10 +714,10 @@ def run_rl_stage(ctx, name: str) -> None:
     log.info("%s: saved %s", name, ctx.checkpoint_dir(name))
 
 
-def samples_table(exp: Experience, tokenizer, questions: list[str], verify_world: bool, k: int, rng) -> list[dict]:
-    """`k` responses of the buffer for reading: the highest and the lowest reward first (alternating, so both
-    extremes show at any k), then random others; each with its prompt, reward, per-token log-ratio summary
-    (sum, largest token, its position), KL to the reference and the verifier's verdict."""
+def samples_table(exp: Experience, tokenizer, questions: list[str], verifier, k: int, rng) -> list[dict]:
+    """`k` responses of the buffer for reading: a quarter (at least one) of the highest rewards and as many of the
+    lowest, alternating, then random others; each with its prompt, reward, per-token log-ratio summary (sum,
+    largest token, its position), KL to the reference and the verifier's verdict (None without one)."""
     reward, log_ratio, kl = exp.stats["reward"], exp.stats["log_ratio"], exp.stats["kl"]
     order = torch.argsort(reward, descending=True, stable=True).tolist()
     extremes = max(1, k // 4)  # a quarter of the rows at each end (k=8: 2 highest, 2 lowest, 4 random)
@@ -738,7 +738,7 @@ def samples_table(exp: Experience, tokenizer, questions: list[str], verify_world
         row = {"pick": pick, "prompt": tokenizer.decode(prompt, skip_special_tokens=False), "response": text,
                "reward": float(reward[i]), "log_ratio_sum": None, "log_ratio_max": None,
                "log_ratio_max_token": None, "log_ratio_max_pos": None, "kl": float(kl[i]),
-               "correct": verify(questions[i], text) if verify_world else None, "length": n,
+               "correct": verifier([questions[i]], [text])["accuracy"] == 1.0 if verifier else None, "length": n,
                "ended": bool(exp.ended[i])}
         if log_ratio is not None and n:
             per_token = log_ratio[i][exp.mask[i]]
