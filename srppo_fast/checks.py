@@ -23,6 +23,15 @@ from .io import effective_dir
 
 log = logging.getLogger("srppo_fast")
 CONFIG_HEADER = "# srppo-fast: the resolved config of this run. Written by srppo-fast; edit your own config, not this.\n"
+
+
+def resolved_config_text(cfg: Config) -> str:
+    """OUTPUT_DIR/config.yaml: the header, then every key of `cfg` (also in each model card and TensorBoard)."""
+    import yaml
+
+    return CONFIG_HEADER + yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 FULL_HASH_BYTES = 256 << 20  # data files up to this size are hashed whole; larger ones by their ends
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from .checks import CONFIG_HEADER, stage_fingerprint, uses_world
+from . import __version__
+from .checks import resolved_config_text, stage_fingerprint, uses_world
 from .config import MODEL_STAGES, STAGE_TYPES, Config, is_gguf, stage_data_specs, stage_model_refs, to_dict
 from .evaluation import LABELS
 from .io import MANIFEST, atomic_write_text
@@ -27,20 +28,6 @@ log = logging.getLogger("srppo_fast")
 README = "README.md"
 METRIC_ORDER = ("accuracy", "careful_rate", "loglik", "eos_rate", "length")
 EVAL_START, EVAL_END = "<!-- srppo-fast:evaluation -->", "<!-- /srppo-fast:evaluation -->"
-
-
-def _version() -> str:
-    import srppo_fast
-
-    version = getattr(srppo_fast, "__version__", None)
-    if version:
-        return version
-    from importlib.metadata import PackageNotFoundError, version as dist_version
-
-    try:
-        return dist_version("srppo-fast")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _block(text: str, lang: str = "") -> str:
@@ -210,7 +197,7 @@ def model_card(ctx, name: str, info: dict) -> str:
              f"| checkpoint | {state} |",
              f"| base model | {_cell(base_line)} |",
              f"| tokenizer | {_cell(tok_line)} |",
-             f"| srppo-fast | {_version()} |",
+             f"| srppo-fast | {__version__} |",
              f"| saved | {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} |"]
     if STAGE_TYPES[name] == "rl" and getattr(cfg, name).advantage.estimator == "gae":
         lines.append("| critic | the value model, in `critic/` |")
@@ -236,7 +223,7 @@ def model_card(ctx, name: str, info: dict) -> str:
     lines += (["The run's own command line:", "", _block(original, "bash"), ""] if original else
               ["The run was started from Python (srppo_fast.runner.run), not from the command line.", ""])
     lines += ["<details>", "<summary>config.yaml (the resolved config)</summary>", "",
-              _block(CONFIG_HEADER + _yaml(to_dict(cfg)), "yaml"), "", "</details>", ""]
+              _block(resolved_config_text(cfg), "yaml"), "", "</details>", ""]
     return "\n".join(lines)
 
 

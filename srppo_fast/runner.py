@@ -12,11 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from . import dist
-from .checks import CONFIG_HEADER, Preflight, preflight, uses_world
-from .config import STAGE_TYPES, Config, resolved_engine, stage_model_refs, to_dict
+from .checks import Preflight, preflight, resolved_config_text, uses_world
+from .config import STAGE_TYPES, Config, resolved_engine, stage_model_refs
 from .engine import frozen_model, resolve_device, resolve_precision
 from .errors import CheckpointError, ConfigError, SrppoError
 from .io import atomic_write_text, recover_tree
@@ -155,7 +154,7 @@ def prepare(cfg: Config, checks: Preflight) -> RunContext:
     if main:
         try:
             out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out / "config.yaml", CONFIG_HEADER + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            atomic_write_text(out / "config.yaml", resolved_config_text(cfg))
         except OSError as e:
             error = e
     dist.first_error(error)

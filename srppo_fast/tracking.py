@@ -351,13 +351,12 @@ class WandbTracker(Tracker):
 
 def make_trackers(cfg, out: Path) -> list[Tracker]:
     """The trackers of cfg.logging.backends, each given the resolved config."""
-    import yaml
-
+    from .checks import resolved_config_text
     from .config import to_dict
 
-    resolved, trackers = to_dict(cfg), []
+    trackers: list[Tracker] = []
     if "tensorboard" in cfg.logging.backends:
-        trackers.append(TensorBoardTracker(out / "tensorboard", yaml.safe_dump(resolved, sort_keys=False)))
+        trackers.append(TensorBoardTracker(out / "tensorboard", resolved_config_text(cfg)))
     if "wandb" in cfg.logging.backends:
-        trackers.append(WandbTracker(out, cfg.logging.wandb, resolved))
+        trackers.append(WandbTracker(out, cfg.logging.wandb, to_dict(cfg)))
     return trackers
