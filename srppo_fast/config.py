@@ -94,8 +94,9 @@ class RuntimeConfig:
 
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "'auto' takes CUDA when visible, else the CPU.")
     precision: Literal["auto", "fp32", "bf16"] = opt(
-        "auto", "Compute precision: 'bf16' autocast, or 'fp32'; 'auto' = bf16 on CUDA with bf16 support, else fp32. "
-        "Weights and optimiser state stay fp32.")
+        "auto", "'bf16': every model's parameters, every forward (rollout, scoring, eval, update) and the KV cache in "
+        "bf16 (under autocast), trainable models with fp32 master weights, fp32 gradient accumulation and fp32 "
+        "optimiser state; or 'fp32'; 'auto' = bf16 on CUDA with bf16 support, else fp32.")
     num_threads: int = opt(0, "torch CPU threads; 0 keeps torch's default.", ge=0)
     progress: bool = opt(True, "Show a progress bar with tokens/s and ETA.")
     max_nonfinite_steps: int = opt(5, "Stop the run after this many optimizer steps in a row with a non-finite loss "
@@ -834,6 +835,13 @@ def _validate_rollout(cfg: Config, name: str) -> None:
         raise ConfigError(f"{where}.vllm.tensor_parallel_size is {ro.vllm.tensor_parallel_size} but "
                           "runtime.device is 'cpu', where each process runs its own single-device sampler; set it "
                           "to 1.")
+    from .dist import env_world_size
+
+    world, tp = env_world_size(), ro.vllm.tensor_parallel_size
+    if world % tp:
+        raise ConfigError(f"{where}.vllm.tensor_parallel_size is {tp}, which does not divide the run's {world} "
+                          f"processes (each sampler spans {tp} of them); launch a multiple of {tp} processes, or set "
+                          f"tensor_parallel_size to a divisor of {world}.")
     arch = cfg.model.arch
     if on_cpu and cfg.model.base == "scratch" and arch.get("hidden_size") and arch.get("num_attention_heads"):
         from .rollout.vllm_engine import CPU_HEAD_DIMS  # checked now, not after the stages before this one
@@ -908,6 +916,17 @@ DS_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient
                  "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16", "managed_gradient_accumulation")
 
 
+def resolved_precision(cfg: Config) -> str:
+    """What runtime.precision 'auto' picks on this machine: bf16 on a CUDA device that supports it, else fp32."""
+    if cfg.runtime.precision != "auto":
+        return cfg.runtime.precision
+    if cfg.runtime.device == "cpu":
+        return "fp32"
+    import torch
+
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
 def resolved_engine(cfg: Config) -> str:
     """What runtime.engine 'auto' picks: deepspeed when launched with more than one process, else torch."""
     if cfg.runtime.engine != "auto":
@@ -930,6 +949,11 @@ def _validate_engine(cfg: Config) -> None:
                           "ZeRO-3 partitions the parameters. Set zero_stage=3 or offload_param=false.")
     if ds.offload_optimizer and ds.zero_stage == 0:
         raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3 (it is 0).")
+    if resolved_engine(cfg) == "deepspeed" and ds.zero_stage == 0 and resolved_precision(cfg) == "bf16":
+        raise ConfigError("deepspeed.zero_stage 0 with bf16 (runtime.precision) would sum a step's micro-batch "
+                          "gradients in bf16: DeepSpeed 0.19 refuses fp32 accumulation at stage 0, and srppo-fast "
+                          "accumulates in fp32. Use zero_stage 1 (on one process it holds the same memory), or "
+                          "runtime.precision=fp32.")
     owned = [k for k in ds.config if k in DS_OWNED_KEYS]
     if owned:
         raise ConfigError(f"deepspeed.config sets {', '.join(owned)}, which srppo-fast sets from its own keys "

@@ -44,9 +44,14 @@ def _timed(fn):
     return wrapper
 
 
+OWN_GROUP = "SRPPO_FAST_OWN_GROUP"  # the MASTER_PORT of a group of one that `init` made (not a launcher's)
+
+
 def launched() -> bool:
-    """Started by torchrun / deepspeed (or any launcher that sets WORLD_SIZE and RANK)."""
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+    """Started by torchrun / deepspeed (or any launcher that sets WORLD_SIZE and RANK). The variables `init` sets
+    for a group of one of its own do not count: a child process that inherits them was not launched."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ and \
+        os.environ.get(OWN_GROUP) != os.environ.get("MASTER_PORT")
 
 
 def env_world_size() -> int:
@@ -88,9 +93,10 @@ def init(device: torch.device, timeout_minutes: int = 30) -> None:
     (DeepSpeed wants one even for a single process)."""
     if initialized():
         return
-    if not launched():
+    if not launched():  # DeepSpeed and vLLM's external launcher read these
+        port = str(_free_port())
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(_free_port())})
+                           "MASTER_PORT": port, OWN_GROUP: port})
     if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
         raise ConfigError("WORLD_SIZE and RANK are set but MASTER_ADDR / MASTER_PORT are not: start the run with "
                           "torchrun or deepspeed (README, 'Multi-GPU and multi-node'), which set all four.")

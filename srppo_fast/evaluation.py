@@ -108,8 +108,9 @@ def run_eval_stage(ctx, name: str) -> None:
     results = {}
     for ref in refs:
         t0 = time.perf_counter()
-        model = ctx.init_model(ref).to(ctx.device)
-        results[ref] = evaluate_model(model, tok, sets, ev, ctx.device)
+        model = ctx.load_frozen(name, ref, shard=False)  # the run's precision, whole on rank 0
+        with ctx.autocast():
+            results[ref] = evaluate_model(model, tok, sets, ev, ctx.device)
         for split, row in results[ref].items():
             ctx.metrics.log({"stage": name, "model": ref, "split": split, **row})
         log.info("eval %s (%.1fs): %s", ref, time.perf_counter() - t0,

@@ -9,6 +9,8 @@ packed outputs, and `unflatten` puts packed outputs back into [B, T].
 
 from __future__ import annotations
 
+import contextlib
+import types
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -65,30 +67,47 @@ def forward_logits(model, batch: PackedBatch) -> torch.Tensor:
     return packed_forward(model, batch).logits[0]
 
 
-def lm_head_weight(model) -> torch.Tensor | None:
-    """The output projection W when logits are exactly hidden @ W.T (no bias, scale or soft-capping)."""
+def lm_head(model) -> torch.nn.Module | None:
+    """The output projection when logits are exactly hidden @ W.T (no bias, scale or soft-capping)."""
     head = model.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None or not hasattr(head, "weight"):
-        return None
-    if hasattr(head.weight, "ds_id"):  # a ZeRO-3 shard, gathered only inside the head's own forward
         return None
     for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
         if getattr(model.config, attr, None) not in (None, 1, 1.0):
             return None
-    return head.weight
+    return head
+
+
+@contextlib.contextmanager
+def head_computes_logprobs(head: torch.nn.Module, temperature: float, return_entropy: bool):
+    """Make `head(hidden, labels)` run the fused log-prob op on the head's weight, inside the head module's own
+    call. Under ZeRO-3 the weight is a shard outside that call: DeepSpeed's module hooks gather it before the
+    forward and again before the backward (the fused op recomputes the logits there), as for the plain head."""
+    def forward(self, hidden, labels):
+        return linear_token_logprobs(hidden, self.weight, labels, temperature, return_entropy)
+
+    head.forward = types.MethodType(forward, head)  # an instance attribute: shadows the class's forward
+    try:
+        yield head
+    finally:
+        del head.forward
 
 
 def packed_label_logprobs(model, batch: PackedBatch, temperature: float = 1.0, return_entropy: bool = False):
     """Log-probs (and entropies) of the micro-batch's labels (positions whose label is not -100), in packed
     order: [n]. Where the model allows, the body's hidden states at those positions go through the fused
-    lm_head + log-probs op (ops.linear_token_logprobs): no [N, V] logits, none at prompt positions."""
+    lm_head + log-probs op (ops.linear_token_logprobs): no [N, V] logits, none at prompt positions; a ZeRO-3
+    sharded head too (it runs inside the head's call, where DeepSpeed gathers the weight)."""
     keep = batch.labels[0] != -100
     labels = batch.labels[0][keep]
-    weight = lm_head_weight(model)
-    if weight is None:
+    head = lm_head(model)
+    if head is None:
         return token_logprobs(forward_logits(model, batch)[keep], labels, temperature, return_entropy)
     hidden = packed_forward(model.base_model, batch).last_hidden_state[0]
-    return linear_token_logprobs(hidden[keep], weight, labels, temperature, return_entropy)
+    if hasattr(head.weight, "ds_id"):  # a ZeRO-3 shard, whole only inside the head's own call
+        with head_computes_logprobs(head, temperature, return_entropy):
+            return head(hidden[keep], labels)
+    return linear_token_logprobs(hidden[keep], head.weight, labels, temperature, return_entropy)
 
 
 def packed_response_values(critic, batch: PackedBatch) -> torch.Tensor:

@@ -378,14 +378,14 @@ def load_critic(path: str, cfg: ModelConfig):
     return own_memory(critic)
 
 
-def load_reward_model(path: str, cfg: ModelConfig):
+def load_reward_model(path: str, cfg: ModelConfig, *, dtype: torch.dtype = torch.float32):
     """An external reward model: a sequence-classification checkpoint with one output (the PPO-RM baseline)."""
     from transformers import AutoModelForSequenceClassification
 
     register_attention()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=torch.float32, attn_implementation=cfg.attn_implementation,
+            path, dtype=dtype, attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise _hf_error("reward model", path, e) from None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
 import random
 import sys
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,14 +18,23 @@ import torch
 from . import dist
 from .checks import Preflight, preflight, resolved_config_text, uses_world
 from .config import STAGE_TYPES, Config, resolved_engine, stage_model_refs
-from .engine import frozen_model, resolve_device, resolve_precision
+from .engine import autocast, frozen_model, resolve_device, resolve_precision
+from .engine.placement import Placement, cast_parameters_, measured_param_bytes, placement
 from .errors import CheckpointError, ConfigError, SrppoError
 from .io import atomic_write_text, recover_tree
 from .metrics import MetricsLog, NullMetricsLog
-from .modeling import (build_scratch_model, checkpoint_info, load_model, load_tokenizer, model_source,
-                       num_parameters, tokenizer_fingerprint, tokenizer_mismatch)
+from .modeling import (build_scratch_model, checkpoint_info, load_model, load_reward_model, load_tokenizer,
+                       model_source, num_parameters, tokenizer_fingerprint, tokenizer_mismatch)
 
 log = logging.getLogger("srppo_fast")
+
+
+@dataclass
+class LoadedModel:
+    stage: str
+    role: str  # as the memory plan names it: model, actor, critic, frozen <ref>
+    model: weakref.ref
+    param_bytes: int  # its parameters' bytes on this rank, measured when it was placed
 
 
 @dataclass
@@ -37,6 +48,8 @@ class RunContext:
     metrics: MetricsLog
     world_dir: str | None
     engine_kind: str = "torch"  # runtime.engine, resolved
+    stage: str = ""  # the stage running now
+    loaded: list = field(default_factory=list, repr=False)  # LoadedModel: every model a stage placed
     _tokenizer: object = field(default=None, repr=False)
     _checked: dict = field(default_factory=dict, repr=False)
 
@@ -101,11 +114,42 @@ class RunContext:
                 raise ConfigError(f"{stage}: {key} ('{path}') has a vocabulary of {vocab} ids but the run's tokenizer "
                                   f"('{self.tokenizer_spec()}') has {len(run_tok)}; they must share one tokenizer.")
 
-    def frozen(self, model):
-        """`model` for forwards only (engine.frozen_model)."""
-        return frozen_model(self, model)
+    def placement(self, trainable: bool) -> Placement:
+        """Where a trainable or frozen model of this run lives and in which dtype (engine/placement.py): the
+        decision the loaders, the engines and the --dry-run memory plan share."""
+        ds = self.cfg.deepspeed
+        return placement(self.precision, self.engine_kind, trainable=trainable, zero_stage=ds.zero_stage,
+                         shard_frozen=ds.shard_frozen)
+
+    def autocast(self):
+        """The compute-precision context of a forward outside any engine (eval's models)."""
+        return autocast(self.device, self.precision)
+
+    def track(self, stage: str, role: str, model: torch.nn.Module) -> torch.nn.Module:
+        """Note a model a stage placed (its parameter bytes on this rank, and a weak reference): what
+        `loaded` lists is what the memory plan is checked against and what must be gone after the stage."""
+        self.loaded.append(LoadedModel(stage, role, weakref.ref(model), measured_param_bytes(model)))
+        return model
+
+    def load_frozen(self, stage: str, ref: str, kind: str = "causal_lm", *, shard: bool = True) -> torch.nn.Module:
+        """A model that only runs forwards (pi_SFT, pi_PT, the KL reference, a reward model, eval's models),
+        loaded in the run's precision and placed on this rank: sharded under ZeRO-3 with shard_frozen unless
+        `shard` is false (eval runs on rank 0 alone: a whole copy there)."""
+        place = self.placement(trainable=False)
+        path = self.model_path(ref)
+        if kind == "sequence_classification":
+            model = load_reward_model(path, self.cfg.model, dtype=place.param_dtype)
+        elif path == "scratch":
+            model = cast_parameters_(build_scratch_model(self.cfg.model, self.tokenizer(), self.cfg.seed),
+                                     place.param_dtype)
+        else:
+            model = load_model(path, self.cfg.model, dtype=place.param_dtype)
+        placed = frozen_model(self, model) if shard else model.to(self.device).eval().requires_grad_(False)
+        return self.track(stage, f"frozen {ref}", placed)
 
     def init_model(self, init: str):
+        """A trainable model's starting weights, in fp32 (its engine keeps them as the master weights and casts
+        the module to the run's precision)."""
         path = self.model_path(init)
         if path == "scratch":
             model = build_scratch_model(self.cfg.model, self.tokenizer(), self.cfg.seed)
@@ -209,20 +253,34 @@ def run(cfg: Config) -> RunContext:
                 continue
             seed_everything(cfg.seed + 1000 * index)
             log.info("stage %d/%d: %s", index + 1, len(cfg.stages), name)
-            if STAGE_TYPES[name] == "eval":  # plain models, no engine: rank 0 evaluates, the others wait for it
-                if dist.is_main():
-                    STAGES[name](ctx, name)
-                    ctx.metrics.end_stage(name)
-                if index + 1 < len(cfg.stages):
-                    dist.barrier()
-                continue
-            STAGES[name](ctx, name)
-            ctx.metrics.end_stage(name)
+            ctx.stage = name
+            try:
+                if STAGE_TYPES[name] == "eval":  # plain models, no engine: rank 0 evaluates, the others wait for it
+                    if dist.is_main():
+                        STAGES[name](ctx, name)
+                        ctx.metrics.end_stage(name)
+                    if index + 1 < len(cfg.stages):
+                        dist.barrier()
+                    continue
+                STAGES[name](ctx, name)
+                ctx.metrics.end_stage(name)
+            finally:
+                release_memory()  # the stage's models, optimizers and engines, before the next stage loads its own
         failed = False
     finally:
         ctx.metrics.close(failed)  # the trackers' last records (a killed or failed run: up to its last step)
     log.info("done: %s", summary(ctx))
     return ctx
+
+
+def release_memory() -> None:
+    """Free what a finished stage held: its modules, optimizers and engines are unreferenced once it returns
+    (each stage closes its engines), but DeepSpeed's hooks and autograd's graphs hold them in reference cycles
+    that only the collector breaks; then the CUDA caching allocator gives the freed blocks back, so the next
+    stage's models (and a vLLM sampler that measures free memory) see them."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def summary(ctx: RunContext) -> str:
@@ -274,8 +332,10 @@ def describe_plan(cfg: Config, checks: Preflight | None = None) -> str:
     if checks:
         lines.append("checks:")
         lines += [f"  - {c}" for c in [f"output_dir '{cfg.output_dir}' is writable", *checks.checks]]
-    if resolved_engine(cfg) == "deepspeed" or (cfg.runtime.engine == "auto" and cfg.runtime.device != "cpu"
-                                               and cfg.model.base != "scratch"):
+    # the plan is for GPUs: shown unless the run is on the CPU (said so, or a scratch model where none is visible)
+    on_cpu = cfg.runtime.device == "cpu" or (cfg.runtime.device == "auto" and cfg.model.base == "scratch"
+                                             and not torch.cuda.is_available())
+    if resolved_engine(cfg) == "deepspeed" or not on_cpu:
         from .engine.memory import describe_memory
 
         lines.append(describe_memory(cfg))

@@ -81,7 +81,8 @@ def _packed_grads(model, batch, engine_kwargs) -> tuple[float, list[torch.Tensor
     with engine.autocast():
         loss = -packed_token_logprobs(engine.model, batch).sum() / batch.num_targets
     engine.backward(loss)
-    return loss.item(), [p.grad.clone() for p in engine.model.parameters()]
+    params = [engine.masters.get(id(p), p) for p in engine.model.parameters()]  # bf16: the fp32 masters hold them
+    return loss.item(), [p.grad.clone() for p in params]
 
 
 def test_gradient_checkpointing_and_bf16_on_packed_batches(world_dir, tokenizer):
@@ -106,9 +107,40 @@ def test_gradient_checkpointing_and_bf16_on_packed_batches(world_dir, tokenizer)
     for a, b in zip(grads, ckpt_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     bf16_loss, bf16_grads = _packed_grads(fresh(), batch, {"precision": "bf16"})
-    assert bf16_loss != loss  # autocast really ran in bf16
+    assert bf16_loss != loss  # the forward really ran in bf16
     assert bf16_loss == pytest.approx(loss, rel=2e-2)
-    assert all(g.dtype == torch.float32 for g in bf16_grads)  # weights and grads stay fp32
+    assert all(g.dtype == torch.float32 for g in bf16_grads)  # gradients accumulate in fp32 (the masters')
+    for a, b in zip(grads, bf16_grads):
+        assert float((a - b).norm() / a.norm()) < 0.05
+
+
+def test_bf16_engine_keeps_fp32_masters_and_sums_micro_batches_in_fp32(tokenizer):
+    """bf16: the module's parameters are bf16 (what every forward and the KV cache see), the optimizer steps fp32
+    masters, the module is their rounding after each step, and micro-batch gradients are summed in fp32: a bf16
+    running sum of 300 micro-batch gradients of 1.0 stalls at 256 (257 is not a bf16 number); fp32 gives 300."""
+    torch.manual_seed(0)
+    model = make_model(tokenizer)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = TorchEngine(model, OptimConfig(lr=1e-3, warmup_ratio=0.0, grad_clip=0.0, schedule="constant"), 4,
+                         torch.device("cpu"), precision="bf16")
+    params = list(dict.fromkeys(engine.model.parameters()))
+    assert {p.dtype for p in params} == {torch.bfloat16}
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # buffers are never cast
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    masters = [engine.masters[id(p)] for p in params]
+    assert all(m.dtype == torch.float32 for m in masters)
+    assert all(torch.equal(m, start[k]) for k, m in zip([n for n, _ in engine.model.named_parameters()], masters))
+    weight = params[1]
+    for _ in range(300):
+        weight.float().sum().backward()  # a gradient of 1.0 per element, per micro-batch
+    grad = engine.masters[id(weight)].grad
+    assert grad.dtype == torch.float32 and weight.grad is None
+    assert torch.equal(grad, torch.full_like(grad, 300.0))
+    engine.step()
+    assert all(torch.equal(p, m.to(torch.bfloat16)) for p, m in zip(params, masters))
+    state = engine.full_state_dict()
+    assert state["model.norm.weight"].dtype == torch.float32 and torch.equal(state["model.norm.weight"],
+                                                                              engine.masters[id(model.model.norm.weight)])
 
 
 def test_a_non_finite_step_is_skipped_and_counted(tiny_model):

@@ -1,4 +1,6 @@
-"""--dry-run's per-GPU memory plan (DeepSpeed's ZeRO estimators; meta-device parameter counts, no network)."""
+"""--dry-run's per-GPU memory plan (engine/placement.py's layouts; meta-device parameter counts, no network). That
+the plan's parameter bytes are what the stages really place is checked against running stages in
+test_precision.py."""
 
 import pytest
 
@@ -29,33 +31,52 @@ def test_paper_config_plan_counts_llama3_8b_and_fits():
     assert all(m.error is None for m in srppo.models)
     critic = srppo.models[1]
     assert critic.params < sft.params  # the 1-output head replaces the lm_head
-    # ZeRO-3, 8 GPUs: ~18 bytes/param / 8 + the largest layer for each trainable model
-    assert 17 * GIB <= sft.gpu_bytes <= 21 * GIB
+    # ZeRO-3, 8 GPUs, bf16: 2 (bf16 params) + 4 (fp32 grads) + 8 (Adam) + 4 (fp32 master) bytes per param / 8
+    assert sft.states == {"gradients": 4 * -(-sft.params // 8), "optimizer": 8 * -(-sft.params // 8),
+                          "master weights": 4 * -(-sft.params // 8)}
+    assert 18 * sft.params / 8 <= sft.gpu_bytes <= 18 * sft.params / 8 + 8 * 300  # per-parameter rounding up
     frozen = srppo.models[2]
-    assert frozen.sharded and frozen.gpu_bytes == -(-frozen.params * 2 // 8)
+    assert frozen.sharded and frozen.states == {} and 2 * frozen.params / 8 <= frozen.gpu_bytes < 2 * frozen.params / 8 + 600
+    # the update holds both trainable models' micro-batch activations; generate the HF KV cache of 64 rows
+    assert srppo.transient["generate"] == 2 * 32 * 8 * 128 * 64 * (1024 + 1024) * 2
+    assert srppo.transient["update"] > plans["sft"].transient["update"]
+    assert srppo.total_bytes == srppo.states_bytes + max(srppo.transient.values())
     assert srppo.fits and plans["sft"].fits and plans["sft_extended"].fits
-    assert plans["eval"].skipped
+    ev = plans["eval"]  # rank 0, one whole bf16 model at a time
+    assert ev.one_at_a_time and all(not m.sharded and m.gpu_bytes == 2 * m.params for m in ev.models)
+    assert ev.states_bytes == max(m.gpu_bytes for m in ev.models) and ev.fits
 
 
 def test_paper_config_dry_run_prints_the_plan(capsys):
     assert main(["train", "--config", PAPER, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    block = out[out.index("memory plan (DeepSpeed ZeRO-3 estimators, 8 GPUs x 80 GiB, bf16"):]
-    assert "activations and KV cache not included" in block
+    block = out[out.index("memory plan (deepspeed ZeRO-3, 8 GPUs x 80 GiB, bf16"):]
     for stage in ("sft:", "sft_extended:", "srppo:"):
         assert f"  {stage}\n" in block
-    assert "actor (trainable" in block and "critic (trainable" in block
+    assert "actor (trainable" in block and "critic (trainable" in block and "master weights" in block
     assert "frozen sft (" in block and "frozen base (" in block and "sharded over 8 GPUs" in block
-    assert block.count(": fits") == 3 and "DOES NOT FIT" not in block
-    assert "eval: runs on rank 0, not planned" in block
+    assert "transformers generate's KV cache" in block and "activations of a micro-batch" in block
+    assert block.count(": fits") == 4 and "DOES NOT FIT" not in block
+    assert "eval: (rank 0, one model at a time)" in block
 
 
 def test_a_plan_that_does_not_fit_says_so(capsys):
     assert main(["train", "--config", PAPER, "--dry-run", "runtime.gpu_memory_gib=8", "deepspeed.zero_stage=2"]) == 0
     out = capsys.readouterr().out
-    assert "ZeRO-2 estimators" in out and "x 8 GiB" in out
-    assert "DOES NOT FIT" in out and ": fits" not in out
-    assert "whole copy per GPU" in out  # frozen models are not sharded below ZeRO-3
+    assert "deepspeed ZeRO-2" in out and "x 8 GiB" in out
+    assert "DOES NOT FIT" in out
+    assert "whole on each GPU" in out  # frozen models are not sharded below ZeRO-3
+
+
+def test_the_torch_engine_on_one_gpu_is_planned(capsys):
+    """One process, the torch engine: nothing sharded, bf16 parameters + fp32 masters, gradients, moments."""
+    cfg = load_config(PAPER, ["runtime.engine=torch", "deepspeed.zero_stage=0"], check_files=False)
+    plans = {p.name: p for p in plan_memory(cfg, num_gpus=1, num_nodes=1, gpu_gib=141)}
+    sft = plans["sft"].models[0]
+    assert not sft.sharded and sft.gpu_bytes == 18 * sft.params
+    assert not plans["srppo"].fits  # four 8B models and two optimizers do not fit one GPU
+    assert main(["train", "--config", PAPER, "--dry-run", "runtime.engine=torch", "deepspeed.zero_stage=0"]) == 0
+    assert "memory plan (torch engine, one process" in capsys.readouterr().out
 
 
 def test_a_hub_base_without_arch_has_unknown_size(tmp_path):
@@ -80,4 +101,6 @@ def test_a_colocated_vllm_sampler_is_planned():
         srppo = {p.name: p for p in plan_memory(cfg, num_gpus=8, num_nodes=1, gpu_gib=80)}["srppo"]
         sampler = srppo.models[-1]
         assert sampler.role.startswith("vllm sampler") and sampler.gpu_bytes == held
-        assert srppo.total_bytes == without.total_bytes + held
+        # the sampler replaces transformers generate: no HF KV cache; its share while awake during the update
+        assert "generate" not in srppo.transient
+        assert srppo.total_bytes == without.states_bytes + without.transient["update"] + held

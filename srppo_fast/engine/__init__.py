@@ -19,11 +19,12 @@ import torch
 
 from .. import dist
 from ..errors import CheckpointError
-from .common import EngineBase, backward_together, check_divergence, lr_lambda, param_groups, resolve_device, resolve_precision
+from .common import (EngineBase, autocast, backward_together, check_divergence, lr_lambda, param_groups,
+                     resolve_device, resolve_precision)
 from .torch_engine import TorchEngine
 
-__all__ = ["EngineBase", "TorchEngine", "check_divergence", "lr_lambda", "param_groups", "resolve_device",
-           "resolve_precision", "backward_together", "build_engine", "frozen_model", "save_engines"]
+__all__ = ["EngineBase", "TorchEngine", "autocast", "check_divergence", "lr_lambda", "param_groups", "resolve_device",
+           "resolve_precision", "backward_together", "build_engine", "frozen_model", "release_frozen", "save_engines"]
 
 log = logging.getLogger("srppo_fast")
 DS_STATE_DIR = "deepspeed"  # a resumable checkpoint's DeepSpeed state: deepspeed/<engine label>/state/
@@ -45,6 +46,7 @@ def build_engine(ctx, model: torch.nn.Module, optim, total_steps: int, label: st
         engine = TorchEngine(model, optim, total_steps, ctx.device, ctx.precision, gc)
         if resume is not None:
             engine.load_state_dict(resume[1])
+        ctx.track(ctx.stage, label, engine.model)
         return engine
     from .deepspeed_engine import DeepSpeedEngine
 
@@ -59,6 +61,7 @@ def build_engine(ctx, model: torch.nn.Module, optim, total_steps: int, label: st
         else:
             engine.load_state(state_dir)
         engine.load_state_dict(resume[1])
+    ctx.track(ctx.stage, label, engine.model)
     return engine
 
 
@@ -93,6 +96,14 @@ def frozen_model(ctx, model: torch.nn.Module) -> torch.nn.Module:
 
         return frozen_deepspeed(model, ctx.device, ctx.precision, ds)
     return model.to(ctx.device).eval().requires_grad_(False)
+
+
+def release_frozen(model: torch.nn.Module | None) -> None:
+    """The stage is done with a frozen model: tear down the DeepSpeed engine that shards it, if one does."""
+    if model is not None and "_srppo_deepspeed_engine" in model.__dict__:
+        from .deepspeed_engine import release_frozen as release
+
+        release(model)
 
 
 def save_engines(path, engines: dict[str, EngineBase], tokenizer, info: dict, trainer_state: dict | None = None,

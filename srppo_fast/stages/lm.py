@@ -180,9 +180,11 @@ def run_lm_stage(ctx, name: str) -> None:
     info = {"stage": name, "step": steps, "complete": True, "fingerprint": fingerprint,
             "eval_loss_start": start_eval, "eval_loss_end": end_eval}
     if section.data == "world:corpus" and ctx.world_dir:
-        info["careful_skill"] = probe_careful_skill(ctx, name, engine.model, tok, steps)
+        with engine.autocast():
+            info["careful_skill"] = probe_careful_skill(ctx, name, engine.model, tok, steps)
     ctx.metrics.flush()
     save_engines(ckpt, {"model": engine}, tok, info, card=model_card(ctx, name, info))
+    engine.close()
     log.info("%s: saved %s", name, ckpt)
 
 

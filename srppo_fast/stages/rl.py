@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -28,14 +29,14 @@ from .. import dist
 from ..advantages import RunningMoments, baseline_advantages, compute_advantages, explained_variance
 from ..config import RLStageConfig
 from ..data import prompt_tokens, read_records
-from ..engine import backward_together, build_engine, check_divergence, save_engines
+from ..engine import backward_together, build_engine, check_divergence, release_frozen, save_engines
 from ..errors import ConfigError, DataError, SamplerError, TrainingError
 from ..batching import dummy_batch, rank_microbatches
 from ..generation import Generations, sample_seed
 from ..experience import (Experience, build_sequences, flat, packed_label_logprobs, packed_response_values,
                           packed_sequence_scores, response_mask, score_tokens)
 from ..metrics import progress
-from ..modeling import load_critic, load_model, load_reward_model, model_source
+from ..modeling import load_critic, load_model, model_source
 from ..ops import (coherent_gae, kl_estimate, kl_shaped_rewards_ref, masked_whiten, ppo_loss, sequence_rewards_ref,
                    value_loss)
 from ..rollout import HFRolloutEngine, SamplingParams
@@ -79,10 +80,10 @@ class RLModels:
         self.ctx, self.rl = ctx, rl
         frozen: dict[str, torch.nn.Module] = {}
 
-        def frozen_model(ref: str):
+        def frozen_model(ref: str):  # one copy per distinct model, in the run's precision
             path = ctx.model_path(ref)
             if path not in frozen:
-                frozen[path] = ctx.frozen(load_model(path, cfg.model))
+                frozen[path] = ctx.load_frozen(ctx.stage, ref)
             return frozen[path]
 
         actor = load_model(resume_dir, cfg.model) if state else ctx.init_model(rl.init)
@@ -99,7 +100,16 @@ class RLModels:
         if rl.reward.type == "coherent":
             self.sft, self.pt = frozen_model(rl.reward.sft), frozen_model(rl.reward.pretrained)
         else:
-            self.reward_model = ctx.frozen(load_reward_model(rl.reward.model_path, cfg.model))
+            self.reward_model = ctx.load_frozen(ctx.stage, rl.reward.model_path, "sequence_classification")
+
+    def close(self) -> None:
+        """Release the engines (optimizers, DeepSpeed state) and the frozen models: the stage is done."""
+        for engine in (self.actor, self.critic):
+            if engine is not None:
+                engine.close()
+        for model in {id(m): m for m in (self.ref, self.sft, self.pt, self.reward_model) if m is not None}.values():
+            release_frozen(model)
+        self.actor = self.critic = self.ref = self.sft = self.pt = self.reward_model = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -404,7 +414,12 @@ class RLRun:
     def __init__(self, ctx, rl: RLStageConfig, prompts: Prompts, steps: int, state: dict | None, resume_dir: str,
                  stage: str):
         self.ctx, self.rl, self.prompts, self.steps, self.stage = ctx, rl, prompts, steps, stage
+        # a sampler with its own weights starts first, while its share of the device is free; then the models
+        self.engine = self._make_vllm_engine() if rl.rollout.engine != "hf" else None
         self.models = RLModels(ctx, rl, steps, resume_dir=resume_dir if state else None, state=state)
+        if self.engine is None:
+            self.engine = HFRolloutEngine(self.models.actor.model, ctx.tokenizer(), rl.rollout.batch_size,
+                                          self.models.actor.autocast)
         self.sampler = EpochSampler(len(prompts.ids), ctx.cfg.seed, shuffle=True)
         self.moments = RunningMoments()
         self.version = 0  # actor updates so far: the policy version a sample records
@@ -415,13 +430,10 @@ class RLRun:
         if state is not None:
             self.load_state_dict(state)
         self.end = (self.sampler.position, rng_state())  # where the last complete step left the streams
-        self.engine = self._make_engine()
         self.sync_stats = self.sync_sampler(0)  # a sampler with its own weights gets the actor's (resumed or not)
 
-    def _make_engine(self):
+    def _make_vllm_engine(self):
         rl, ctx = self.rl, self.ctx
-        if rl.rollout.engine == "hf":
-            return HFRolloutEngine(self.models.actor.model, ctx.tokenizer(), rl.rollout.batch_size)
         from ..rollout.vllm_engine import VLLMRolloutEngine
 
         path = model_source(ctx.model_path(rl.init))[0]  # a GGUF file: its dequantised copy
@@ -430,7 +442,9 @@ class RLRun:
                               f"{rl.init!r} resolves to {path!r}; point the stage's init at a stage of this run or a "
                               "checkpoint directory, or use rollout.engine=hf.")
         longest = rl.max_prompt_len + rl.rollout.max_new_tokens
-        probe_len = min(longest, getattr(self.models.actor.model.config, "max_position_embeddings", longest))
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
+            positions = json.load(fh).get("max_position_embeddings") or longest
+        probe_len = min(longest, positions)
         engine = VLLMRolloutEngine(path, ctx.tokenizer().eos_token_id, rl.rollout, device=ctx.device,
                                    precision=ctx.precision, seed=ctx.cfg.seed, max_model_len=probe_len,
                                    world_size=dist.world_size())
@@ -579,6 +593,7 @@ class RLRun:
             self.pending = self.launch(step)
         current, self.pending = self.pending, None
         gens, info = self.finish(current)
+        self.engine.sleep()  # on-policy: right after generating, so scoring and the update get the device
         stats.update(info)
         if ro.async_ and step < self.steps:
             t = time.perf_counter()
@@ -608,7 +623,6 @@ class RLRun:
         stats.update(sampler_correction(rl, exp))
         times["advantages"], t = time.perf_counter() - t, time.perf_counter()
         # 5. update
-        self.engine.sleep()  # GPU colocated, on-policy: the sampler's memory goes to the update
         stats.update(ppo_update(models, exp, train_actor, seed=sample_seed(self.ctx.cfg.seed, step, 1 << 40)))
         if train_actor:
             self.version += 1
@@ -696,7 +710,8 @@ def run_rl_stage(ctx, name: str) -> None:
             if step % rl.log_every == 0 or step == steps:
                 ctx.metrics.log({"stage": name, "step": step, **stats})
             if rl.eval_every and step % rl.eval_every == 0 and rl.prompts.startswith("world:"):
-                evaluate_during_training(ctx, name, step, run.models.actor.model, tok)
+                with run.models.actor.autocast():
+                    evaluate_during_training(ctx, name, step, run.models.actor.model, tok)
             bar.update(1)
             bar.set_postfix(reward=f"{stats['reward/total']:.3f}", kl=f"{stats['kl']:.3f}",
                             acc=f"{stats.get('sample/accuracy', float('nan')):.2f}")
@@ -711,6 +726,7 @@ def run_rl_stage(ctx, name: str) -> None:
                                   "command to resume.")
     bar.close()
     save_rl(ctx, name, run.models, steps, True, fingerprint)
+    run.models.close()
     log.info("%s: saved %s", name, ctx.checkpoint_dir(name))
 
 

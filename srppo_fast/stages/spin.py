@@ -201,12 +201,12 @@ class Sampler:
     (its own weights, synced from the actor before each iteration's samples). Each rank answers every W-th
     prompt; every prompt draws from its own stream (seed, iteration, prompt), so the samples do not depend on W."""
 
-    def __init__(self, ctx, spin: SpinStageConfig, engine, init_path: str):
-        self.ctx, self.spin, self.actor = ctx, spin, engine
+    def __init__(self, ctx, spin: SpinStageConfig, init_path: str):
+        """A vllm sampler starts now, before the actor is loaded (its share of the device is free then); `attach`
+        gives the sampler its actor."""
+        self.ctx, self.spin, self.actor, self.engine = ctx, spin, None, None
         ro = spin.rollout
-        if ro.engine == "hf":
-            self.engine = HFRolloutEngine(engine.model, ctx.tokenizer(), ro.batch_size)
-        else:
+        if ro.engine != "hf":
             from ..rollout.vllm_engine import VLLMRolloutEngine
 
             init_path = model_source(init_path)[0]  # a GGUF file: its dequantised copy
@@ -218,6 +218,13 @@ class Sampler:
             self.engine = VLLMRolloutEngine(init_path, ctx.tokenizer().eos_token_id, ro, device=ctx.device,
                                             precision=ctx.precision, seed=ctx.cfg.seed, max_model_len=longest,
                                             world_size=dist.world_size())
+
+    def attach(self, engine) -> None:
+        """The actor's engine: hf samples with its module, vllm syncs from it."""
+        self.actor = engine
+        if self.engine is None:
+            self.engine = HFRolloutEngine(engine.model, self.ctx.tokenizer(), self.spin.rollout.batch_size,
+                                          engine.autocast)
 
     def sample(self, prompts: list[list[int]], iteration: int) -> tuple[Generations, dict]:
         ro, stats = self.spin.rollout, {}
@@ -253,7 +260,8 @@ class Sampler:
         return Generations(responses, ended, list(range(len(prompts)))), stats
 
     def close(self) -> None:
-        self.engine.close()
+        if self.engine is not None:
+            self.engine.close()
 
 
 def iteration_stats(demos: Demos, pairs: TokenizedSet, gens: Generations, tokenizer, verifier
@@ -287,10 +295,11 @@ def run_spin_stage(ctx, name: str) -> None:
     state = resumable(ckpt, fingerprint)
     ctx.check_models(name, {f"{name}.init": spin.init})
     init_path = ctx.model_path(spin.init)
+    sampler = Sampler(ctx, spin, init_path)  # a vllm sampler takes its share of the device first
     model = load_model(str(ckpt), ctx.cfg.model) if state else ctx.init_model(spin.init)
     engine = build_engine(ctx, model, spin.optim, steps, "model",
                           resume=(str(ckpt), state["engine"]) if state is not None else None)
-    sampler = Sampler(ctx, spin, engine, init_path)
+    sampler.attach(engine)
     verifier = verifier_for(spin.data)
     start, pairs, ref, identical, position = 0, None, None, None, 0
     if state is not None:
@@ -355,4 +364,5 @@ def run_spin_stage(ctx, name: str) -> None:
     info = {"stage": name, "step": steps, "complete": True, "fingerprint": fingerprint, "iterations": spin.iterations}
     ctx.metrics.flush()
     save_engines(ckpt, {"model": engine}, tok, info, card=model_card(ctx, name, info))
+    engine.close()
     log.info("%s: saved %s", name, ckpt)
