@@ -94,6 +94,9 @@ class Workload:
     token_clip: float = 3.0
     no_eos_penalty: float = -1.0
     seed: int = 1
+    precision: str = "fp32"       # bf16: TRL's bf16=True (its model in the checkpoint's dtype, as TRL loads a path)
+                                  # and bf16 reward models; srppo-fast gets runtime.precision=bf16 from the caller
+    timeout_s: float | None = None  # each engine's subprocess
 
     @property
     def sft(self) -> str:
@@ -189,14 +192,16 @@ def coherent_reward_fn(w: Workload, prompt_ids: list[list[int]], tokenizer, call
     import torch
     from transformers import AutoModelForCausalLM
 
-    sft, pt = (AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval().requires_grad_(False)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if w.precision == "bf16" else torch.float32
+    sft, pt = (AutoModelForCausalLM.from_pretrained(p, dtype=dtype).to(device).eval().requires_grad_(False)
                for p in (w.sft, w.pretrained))
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
 
     def response_logprobs(model, input_ids, attention_mask, starts, lengths):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
-        pos = torch.arange(input_ids.shape[1] - 1)[None]  # position t predicts token t + 1
+        pos = torch.arange(input_ids.shape[1] - 1, device=input_ids.device)[None]  # position t predicts token t + 1
         mask = (pos >= starts[:, None] - 1) & (pos < (starts + lengths)[:, None] - 1)
         return logp, mask
 
@@ -212,9 +217,10 @@ def coherent_reward_fn(w: Workload, prompt_ids: list[list[int]], tokenizer, call
             attention_mask[row, :len(s)] = 1
         starts = torch.tensor([len(prompt_ids[i]) for i in prompt_index])
         lengths = torch.tensor([len(c) for c in completion_ids])
-        logp_sft, mask = response_logprobs(sft, input_ids, attention_mask, starts, lengths)
-        logp_pt, _ = response_logprobs(pt, input_ids, attention_mask, starts, lengths)
-        per_token = ((logp_sft - logp_pt).clamp(-w.token_clip, w.token_clip) * mask).sum(-1)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        logp_sft, mask = response_logprobs(sft, input_ids, attention_mask, starts.to(device), lengths.to(device))
+        logp_pt, _ = response_logprobs(pt, input_ids, attention_mask, starts.to(device), lengths.to(device))
+        per_token = ((logp_sft - logp_pt).clamp(-w.token_clip, w.token_clip) * mask).sum(-1).cpu()
         ended = torch.tensor([len(c) > 0 and c[-1] == eos for c in completion_ids])
         reward = torch.where(ended, per_token, torch.full_like(per_token, w.no_eos_penalty))
         calls.append({"completions": len(completion_ids), "prompts": len(set(prompt_index)),
@@ -254,7 +260,7 @@ def trl_worker(w: Workload, workdir: str) -> dict:
 
     args = GRPOConfig(
         output_dir=os.path.join(workdir, "out"), report_to="none", logging_steps=1, save_strategy="no",
-        use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False, use_vllm=False, seed=w.seed,
+        use_cpu=not torch.cuda.is_available(), bf16=w.precision == "bf16", fp16=False, use_vllm=False, seed=w.seed,
         max_steps=(w.warmup + w.steps) * w.updates_per_buffer,
         per_device_train_batch_size=w.train_batch_size, gradient_accumulation_steps=1,
         steps_per_generation=w.updates_per_buffer, num_generations=w.n_samples,
@@ -265,7 +271,8 @@ def trl_worker(w: Workload, workdir: str) -> dict:
         dataloader_num_workers=0, disable_tqdm=True, log_completions=False,
         gradient_checkpointing=False,  # TRL's default is True; srppo-fast's quickstart runs without it
     )
-    model = AutoModelForCausalLM.from_pretrained(w.sft, dtype=torch.float32)
+    # fp32: the fp32 model, as srppo-fast's fp32 engine; bf16: TRL's own loading of a checkpoint path (its dtype)
+    model = AutoModelForCausalLM.from_pretrained(w.sft, dtype=torch.float32) if w.precision == "fp32" else w.sft
     trainer = GRPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                           reward_funcs=[coherent_reward_fn(w, ids, tokenizer, calls)], callbacks=[StepTimer()])
     trainer.train()
@@ -277,8 +284,11 @@ def trl_worker(w: Workload, workdir: str) -> dict:
         raise SystemExit(f"TRL did not generate {w.prompts_per_step} prompts x {w.n_samples} samples once per "
                          f"buffer: reward calls {calls}")
     measured = calls[w.warmup:]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     return {"buffer_s": buffers[w.warmup:], "mean_response_len": statistics.mean(c["mean_len"] for c in measured),
-            "reward_s": statistics.median(c["seconds"] for c in measured), "threads": torch.get_num_threads()}
+            "reward_s": statistics.median(c["seconds"] for c in measured), "threads": torch.get_num_threads(),
+            "param_dtype": str(next(trainer.model.parameters()).dtype).removeprefix("torch."),
+            "peak_allocated_gib": peak}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +324,7 @@ def run_srppo(w: Workload, workdir: str, extra: list[str]) -> dict:
            *srppo_overrides(w, out_dir), *extra]
     log_path = os.path.join(out_dir, "srppo.log")
     with open(log_path, "w") as log:
-        done = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        done = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=w.timeout_s)
     if done.returncode != 0:
         raise RuntimeError(f"srppo-fast exited with {done.returncode}; see {log_path}:\n" + _tail(log_path))
     rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl")) if line.strip()]
@@ -324,7 +334,7 @@ def run_srppo(w: Workload, workdir: str, extra: list[str]) -> dict:
     measured = steps[w.warmup:]
     return {"buffer_s": [r["time/step"] for r in measured],
             "mean_response_len": statistics.mean(r["response_length"] for r in measured),
-            "threads": _threads_from_log(log_path)}
+            "threads": _threads_from_log(log_path), "rows": measured, "out_dir": out_dir}
 
 
 def _threads_from_log(path: str) -> int | None:
@@ -346,7 +356,7 @@ def run_trl(w: Workload, workdir: str) -> dict:
     log_path = os.path.join(workdir, "trl.log")
     with open(log_path, "w") as log:
         done = subprocess.run([sys.executable, __file__, "--worker", "trl", "--workdir", workdir], cwd=REPO,
-                              stdout=log, stderr=subprocess.STDOUT)
+                              stdout=log, stderr=subprocess.STDOUT, timeout=w.timeout_s)
     if done.returncode != 0:
         raise RuntimeError(f"the TRL run exited with {done.returncode}; see {log_path}:\n" + _tail(log_path))
     with open(result) as fh:

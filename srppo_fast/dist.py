@@ -50,8 +50,8 @@ OWN_GROUP = "SRPPO_FAST_OWN_GROUP"  # the MASTER_PORT of a group of one that `in
 def launched() -> bool:
     """Started by torchrun / deepspeed (or any launcher that sets WORLD_SIZE and RANK). The variables `init` sets
     for a group of one of its own do not count: a child process that inherits them was not launched."""
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ and \
-        os.environ.get(OWN_GROUP) != os.environ.get("MASTER_PORT")
+    own = os.environ.get(OWN_GROUP)
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ and (own is None or own != os.environ.get("MASTER_PORT"))
 
 
 def env_world_size() -> int:

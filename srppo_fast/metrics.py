@@ -180,3 +180,16 @@ def read_metrics(path: str | Path, *, require: dict[str, type] | None = None,
 
 def progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, unit="step")
+
+
+def device_memory(device) -> dict[str, float]:
+    """The CUDA device's peak allocated and reserved memory (GiB) since the last call (the step's, when called once
+    per step), then the peaks are reset; {} elsewhere. What --dry-run's memory plan is checked against."""
+    import torch
+
+    if device.type != "cuda":
+        return {}
+    out = {"memory/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+           "memory/peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+    torch.cuda.reset_peak_memory_stats(device)
+    return out

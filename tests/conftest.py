@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -66,3 +67,63 @@ def tiny_run_overrides(out_dir) -> list[str]:
     return [f"output_dir={out_dir}", "runtime.progress=false", "logging.backends=[jsonl]", *world, *arch,
             "pretrain.max_steps=6", "pretrain.batch_size=16", "sft.epochs=2", "sft.batch_size=4",
             "sft.optim.lr=1e-3"]
+
+
+# ------------------------------------------------------------------------------------------------
+# what a run computes in, phase by phase (test_precision.py; used in-process and inside launched subprocesses)
+
+PHASES = {  # phase -> (module, attribute) of the function whose calls make up that phase
+    "lm update": ("srppo_fast.stages.lm", "lm_train_step"),
+    "lm held-out loss": ("srppo_fast.stages.lm", "lm_eval_loss"),
+    "spin sampling": ("srppo_fast.stages.spin", "Sampler.sample"),
+    "spin reference": ("srppo_fast.stages.spin", "pair_logprobs"),
+    "spin update": ("srppo_fast.stages.spin", "spin_train_step"),
+    "rl rollout": ("srppo_fast.stages.rl", "RLRun.rollout"),
+    "rl scoring": ("srppo_fast.stages.rl", "score"),
+    "rl update": ("srppo_fast.stages.rl", "ppo_update"),
+    "eval": ("srppo_fast.evaluation", "evaluate_model"),
+}
+
+
+@contextlib.contextmanager
+def linear_dtype_trace():
+    """Yield a dict phase -> {(input dtype, weight dtype): count of nn.Linear calls} over the phases above (a
+    forward pre-hook on every nn.Linear; each phase entered by patching its function)."""
+    import functools
+    import importlib
+
+    trace: dict[str, dict[tuple[str, str], int]] = {}
+    current: list[str] = []
+
+    def hook(module, args):
+        if current and isinstance(module, torch.nn.Linear) and args and torch.is_tensor(args[0]):
+            key = (str(args[0].dtype).removeprefix("torch."), str(module.weight.dtype).removeprefix("torch."))
+            bucket = trace.setdefault(current[-1], {})
+            bucket[key] = bucket.get(key, 0) + 1
+
+    def enter(phase, fn):
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            current.append(phase)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                current.pop()
+        return wrapped
+
+    patched = []
+    for phase, (module_name, attr) in PHASES.items():
+        owner = importlib.import_module(module_name)
+        *path, name = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        original = getattr(owner, name)
+        setattr(owner, name, enter(phase, original))
+        patched.append((owner, name, original))
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        yield trace
+    finally:
+        handle.remove()
+        for owner, name, original in patched:
+            setattr(owner, name, original)

@@ -25,3 +25,29 @@ def test_kernel_benchmarks_run(op, capsys):
 def test_packing_benchmark_runs(capsys):
     assert main(["bench", "--op", "packing", "--quick"]) == 0
     assert "speedup" in capsys.readouterr().out
+
+
+def test_gpu_e2e_runs_end_to_end_at_toy_size(tmp_path):
+    """benchmarks/gpu_e2e.py, every phase at toy size on the CPU (TRL's too: it is in the dev extra), so the
+    script a lent GPU runs cannot rot: each phase ends 'ok' (the GPU-only test phase says it skipped) and its row
+    carries what the GPU run reports."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "e2e.csv"
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "OMP_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "benchmarks/gpu_e2e.py", "--toy", "--out", str(out),
+                           "--workdir", str(tmp_path / "work")], capture_output=True, text=True, env=env, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = list(csv.DictReader(out.open()))
+    status = {(r["phase"], r["engine"]): r["status"] for r in rows}
+    assert status == {("matmul", ""): "ok", ("build", ""): "ok", ("fused_op", ""): "ok", ("gpu_tests", ""): "skipped",
+                      ("trl", "trl"): "ok", ("sft", "torch"): "ok", ("srppo", "torch"): "ok",
+                      ("sft", "deepspeed"): "ok", ("srppo", "deepspeed"): "ok"}, status
+    by = {(r["phase"], r["engine"]): r for r in rows}
+    assert all(float(by[("sft", e)]["tokens_per_s"]) > 0 and by[("sft", e)]["mfu"] for e in ("torch", "deepspeed"))
+    assert all(float(by[("srppo", e)]["samples_per_s"]) > 0 and float(by[("srppo", e)]["ratio_vs_trl"]) > 0
+               for e in ("torch", "deepspeed"))
+    assert all(r["hardware"].startswith("CPU") and r["git_sha"] for r in rows)

@@ -299,3 +299,24 @@ def test_spin_under_zero3_at_world_size_2_matches_the_torch_engine(tmp_path):
     assert_same_run(a, b, stages=("pretrain", "sft", "spin"))
     rows = [r for r in metrics(b).values() if r["stage"] == "spin" and "loss" in r]
     assert len(rows) == 4 and all(r["rank_imbalance"] >= 1.0 for r in rows)
+
+
+@pytest.mark.parametrize("tied", ["0", "1"])
+def test_a_zero3_sharded_head_keeps_the_fused_logprob_path(tmp_path, tied):
+    """Under ZeRO-3 the lm_head is a shard outside its own call; the fused op runs inside that call (DeepSpeed
+    gathers the weight for the forward and again for the backward's recomputation), so no [packed tokens, V]
+    logits are made and the outputs and every gradient equal the plain model's (2 ranks, each its own
+    micro-batch, untied and tied heads; tests/scripts/zero3_fused_head.py)."""
+    result = tmp_path / "z3.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "tests/scripts/zero3_fused_head.py", str(result), tied], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"z3.rank{rank}.json").read_text())
+        assert r["world"] == 2 and r["head_numel_outside_call"] == 0  # the head really is sharded
+        assert r["fused_calls"] == {"forward": 1, "backward": 1}
+        assert r["widest_vocab_rows"] == r["label_positions"] < r["packed_tokens"]  # chunks of label rows only
+        assert r["logp_diff"] <= 1e-5 and r["entropy_diff"] <= 1e-5
+        assert max(r["grad_diff"].values()) <= 1e-5, r["grad_diff"]

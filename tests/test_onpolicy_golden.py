@@ -3,7 +3,10 @@
 The golden file holds the SRPPO metrics of a tiny run (pretrain, SFT, 2 SRPPO steps with GAE) recorded by
 the code before `srppo_fast/rollout/` existed (commit f35cbd5 plus the new config keys). The run is a
 subprocess with one thread, so its floating-point order does not depend on the machine's core count. Every
-metric but the timings must match to 1e-6 relative: a changed sample, advantage or update shows at once.
+metric but the timings must match to 2e-4 relative (1e-5 absolute): a changed sample, advantage or update moves
+them by 1e-2 or more. (The kernels themselves round differently on different CPUs, whatever the thread count:
+on a machine with AVX-512 the same commit gave up to 7e-5 relative and 2e-6 absolute from the golden file, so
+1e-6 failed there; the tolerance is for that, not for any change of the maths.)
 
 Regenerate (only for a deliberate change of the on-policy maths): python -m tests.test_onpolicy_golden --write
 """
@@ -48,7 +51,7 @@ def test_async_false_is_the_on_policy_loop_of_before(tmp_path):
             if key in ("stage", "step") or not isinstance(value, (int, float)):
                 continue
             assert key in row, key
-            assert math.isclose(row[key], value, rel_tol=1e-6, abs_tol=1e-9), (row["step"], key, row[key], value)
+            assert math.isclose(row[key], value, rel_tol=2e-4, abs_tol=1e-5), (row["step"], key, row[key], value)
             compared += 1
     assert compared >= 40
 

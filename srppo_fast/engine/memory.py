@@ -178,7 +178,7 @@ def hf_config_for(cfg: Config, ref: str):
             arch = dict(cfg.model.arch)
             vocab = arch.pop("vocab_size", None)
             if vocab is None:
-                vocab = cfg.world.vocab_size if cfg.model.tokenizer in ("auto", "world") else 512
+                vocab = _scratch_vocab(cfg)
             return check_arch(ModelConfig(**{**cfg.model.__dict__, "arch": arch}), int(vocab))
         path = base
     else:
@@ -198,6 +198,22 @@ def hf_config_for(cfg: Config, ref: str):
     if path == cfg.model.base:
         raise UnknownSize("unknown size: give model.arch")
     raise UnknownSize(f"unknown size: '{path}' is not a local directory nor in the hub cache")
+
+
+def _scratch_vocab(cfg: Config) -> int:
+    """A scratch model is sized to its tokenizer: the run's (the world's, once built in output_dir), else the world's
+    target vocabulary (a small corpus can give a BPE fewer tokens than that), else 512."""
+    spec = cfg.model.tokenizer
+    if spec in ("auto", "world"):
+        spec = os.path.join(cfg.output_dir, "world", "tokenizer")
+        if not os.path.isdir(spec):
+            return cfg.world.vocab_size
+    try:
+        from ..modeling import load_tokenizer
+
+        return len(load_tokenizer(spec, trust_remote_code=cfg.model.trust_remote_code, convert=False))
+    except Exception:  # noqa: BLE001 - the dry run never fails on the plan
+        return cfg.world.vocab_size if cfg.model.tokenizer in ("auto", "world") else 512
 
 
 def parameter_numels(hf_config, kind: str = "causal_lm") -> tuple[list[int], int]:

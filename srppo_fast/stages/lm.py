@@ -14,7 +14,7 @@ from ..batching import PackedBatch, padded_pad_fraction, rank_microbatches
 from ..config import LMStageConfig
 from ..data import TokenizedSet, load_lm_data
 from ..engine import EngineBase, build_engine, check_divergence, save_engines
-from ..metrics import progress
+from ..metrics import device_memory, progress
 from ..modeling import load_model
 from ..experience import packed_label_logprobs
 from ..state import Interrupted, SignalGuard, resumable, rng_state, set_rng_state
@@ -75,7 +75,7 @@ def lm_train_step(engine: EngineBase, data: TokenizedSet, seq_ids: np.ndarray, b
     lengths = [data.lengths[b.seq_ids] for b in share.real()]
     out = {"loss": loss_sum, **stats, "nonfinite_steps": engine.nonfinite_steps, "tokens": n_tokens,
            "tokens_per_s": n_tokens / elapsed, "microbatches": len(share.batches), "pad_fraction": 0.0,
-           "padded_pad_fraction": padded_pad_fraction(lengths)}
+           "padded_pad_fraction": padded_pad_fraction(lengths), **device_memory(engine.device)}
     if dist.world_size() > 1:
         out.update({"rank_imbalance": share.imbalance, "time/comm": dist.comm_seconds() - comm0,
                     "time/optimizer_step": t_step})
