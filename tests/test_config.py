@@ -83,6 +83,9 @@ BAD = [
     ({"output_dir": "  "}, [], ["output_dir is empty"]),
     ({"stages": ["pretrain", "sft", "srppo"], "srppo": {"kl": {"placement": "loss"}}}, [],
      ["srppo.kl.placement is 'loss' with srppo.kl.estimator 'k1'", "k2 or k3"]),
+    # bf16 accumulates in fp32 everywhere; DeepSpeed 0.19 cannot at ZeRO-0
+    ({"runtime": {"engine": "deepspeed", "precision": "bf16"}, "deepspeed": {"zero_stage": 0}}, [],
+     ["deepspeed.zero_stage 0 with bf16", "fp32", "Use zero_stage 1"]),
 ]
 
 
@@ -190,3 +193,21 @@ def test_config_command_lists_every_key(capsys):
     out = capsys.readouterr().out
     assert "pretrain.epochs  [a number] = 3.0" in out and "srppo.kl.coef" in out
     assert out.count("\n    ") == len(config_reference())
+
+
+def test_deepspeed_bf16_accumulates_and_reduces_in_fp32():
+    """bf16 under ZeRO 1-3: a step's micro-batch gradients summed in fp32 and reduced in fp32, as the torch engine
+    sums them; frozen (inference) engines and fp32 runs need neither."""
+    from srppo_fast.config import DeepSpeedConfig, OptimConfig
+    from srppo_fast.engine.deepspeed_engine import ds_config
+
+    for stage in (1, 2, 3):
+        cfg = ds_config(DeepSpeedConfig(zero_stage=stage), "bf16", optim=OptimConfig())
+        assert cfg["data_types"] == {"grad_accum_dtype": "fp32"} and cfg["communication_data_type"] == "fp32"
+        assert cfg["bf16"] == {"enabled": True}
+    assert "data_types" not in ds_config(DeepSpeedConfig(zero_stage=2), "fp32", optim=OptimConfig())
+    assert "data_types" not in ds_config(DeepSpeedConfig(zero_stage=3), "bf16", zero_stage=3)  # frozen
+    # a user's deepspeed.config may still trade precision for bandwidth
+    own = ds_config(DeepSpeedConfig(zero_stage=2, config={"communication_data_type": "bf16"}), "bf16",
+                    optim=OptimConfig())
+    assert own["communication_data_type"] == "bf16"

@@ -331,9 +331,12 @@ class VLLMRolloutEngine:
             self.events.append("sleep")
 
     def wake(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
-        """Wake the sleeping parts among `tags`, in that order."""
+        """Wake the sleeping parts among `tags`, in that order; before the weights come back, the caching
+        allocator returns the update's freed blocks to the device (vLLM allocates outside torch's cache)."""
         for tag in tags:
             if tag in self.asleep:
+                if tag == "weights" and self.gpu and torch.cuda.is_available():
+                    torch.cuda.empty_cache()
                 self._call(f"wake_up {tag}", lambda t=tag: self.llm.wake_up(tags=[t]))
                 self.asleep.discard(tag)
                 self.events.append(f"wake:{tag}")
@@ -358,8 +361,6 @@ class VLLMRolloutEngine:
         not leave the others waiting in the next gather, so this rank keeps gathering every bucket, sends no
         more, and raises its error at the end, when the callers agree on it (dist.first_error)."""
         self.validate(model)
-        if self.gpu and torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the update's freed blocks, before the sampler's weights come back
         self.wake(("weights",))  # the KV cache stays asleep until the weights are in
         self.events.append("sync")
         bucket_bytes = int(self.rollout.sync_bucket_mib * 2**20)
