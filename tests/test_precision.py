@@ -106,3 +106,31 @@ def test_deepspeed_zero3_two_processes_bf16_run_matches_the_plan_shard_by_shard(
     shard = {(s, role): b for s, role, b, _ in results[1]["loaded"]}
     whole = {(s, role): b for s, role, b, _ in results[0]["loaded"] if s == "eval"}
     assert shard[("srppo", "frozen sft")] < whole[("eval", "frozen sft")]  # sharded over the two ranks
+
+
+def test_a_bf16_run_killed_mid_save_resumes_to_the_uninterrupted_weights(tmp_path):
+    """bf16 on the torch engine: the checkpoint holds the fp32 masters and the optimizer state, so a run killed
+    in the middle of its second save and run again ends with the uninterrupted run's weights, bit for bit."""
+    from safetensors.torch import load_file
+
+    args = [sys.executable, "-m", "srppo_fast", "train", "--config", QUICKSTART, "stages=[pretrain]",
+            "pretrain.max_steps=3", "pretrain.save_every=1", "runtime.device=cpu", "runtime.precision=bf16",
+            "runtime.num_threads=1"]
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "OMP_NUM_THREADS": "1"}
+
+    def run(out: Path, **extra_env) -> subprocess.CompletedProcess:
+        return subprocess.run([*args, *tiny_run_overrides(out)], capture_output=True, text=True, timeout=600,
+                              env={**env, **extra_env})
+
+    trace = tmp_path / "trace"
+    whole = run(tmp_path / "whole", SRPPO_FAST_TEST_FS_TRACE=str(trace))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    writes = [int(line.split(" ", 1)[0]) for line in trace.read_text().splitlines()
+              if line.split(" ", 1)[1] == "write model"]
+    assert run(tmp_path / "killed", SRPPO_FAST_TEST_KILL_AT=str(writes[1])).returncode != 0
+    resumed = run(tmp_path / "killed")
+    assert resumed.returncode == 0 and "resum" in resumed.stderr.lower(), resumed.stderr[-3000:]
+    a = load_file(tmp_path / "whole" / "checkpoints" / "pretrain" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "checkpoints" / "pretrain" / "model.safetensors")
+    assert a.keys() == b.keys() and all(t.dtype == torch.float32 for t in a.values())  # the fp32 masters
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -42,11 +42,12 @@ class TorchEngine(EngineBase):
     # -- fp32 master weights (bf16 runs) -----------------------------------------------------------
 
     def _split_master_weights(self) -> None:
-        """The module's trainable parameters become bf16; their fp32 values become the masters."""
+        """The module's trainable parameters become bf16; their fp32 tensors become the masters (no copy: the
+        engine's memory is the plan's 18 bytes per parameter from the start)."""
         for p in distinct_parameters(self.model):
             if not p.requires_grad:
                 continue
-            master = torch.nn.Parameter(p.detach().float().clone(memory_format=torch.contiguous_format))
+            master = torch.nn.Parameter(p.detach().float())  # the loaded fp32 storage itself
             self.masters[id(p)] = master
             self._hooks.append(p.register_post_accumulate_grad_hook(self._accumulate_into(master)))
         cast_parameters_(self.model, self.compute_dtype)
