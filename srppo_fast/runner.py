@@ -18,7 +18,7 @@ import torch
 from . import dist
 from .checks import Preflight, preflight, resolved_config_text, uses_world
 from .config import STAGE_TYPES, Config, resolved_engine, stage_model_refs
-from .engine import autocast, frozen_model, resolve_device, resolve_precision
+from .engine import EngineBase, autocast, frozen_model, release_frozen, resolve_device, resolve_precision
 from .engine.placement import Placement, cast_parameters_, measured_param_bytes, placement
 from .errors import CheckpointError, ConfigError, SrppoError
 from .io import atomic_write_text, recover_tree
@@ -50,6 +50,7 @@ class RunContext:
     engine_kind: str = "torch"  # runtime.engine, resolved
     stage: str = ""  # the stage running now
     loaded: list = field(default_factory=list, repr=False)  # LoadedModel: every model a stage placed
+    owned: list = field(default_factory=list, repr=False)  # the running stage's engines and frozen models
     _tokenizer: object = field(default=None, repr=False)
     _checked: dict = field(default_factory=dict, repr=False)
 
@@ -145,7 +146,21 @@ class RunContext:
         else:
             model = load_model(path, self.cfg.model, dtype=place.param_dtype)
         placed = frozen_model(self, model) if shard else model.to(self.device).eval().requires_grad_(False)
+        if "_srppo_deepspeed_engine" in placed.__dict__:  # a ZeRO-3 shard: its engine is torn down with the stage
+            self.owned.append(placed)
         return self.track(stage, f"frozen {ref}", placed)
+
+    def release_stage(self) -> None:
+        """The stage is over, however it ended: close its engines and tear down the DeepSpeed engines that shard
+        its frozen models (both idempotent: the stages close theirs on success), then free the memory."""
+        owned, self.owned = self.owned, []
+        for thing in owned:
+            if isinstance(thing, EngineBase):
+                thing.close()
+            else:
+                release_frozen(thing)
+        del owned
+        release_memory()
 
     def init_model(self, init: str):
         """A trainable model's starting weights, in fp32 (its engine keeps them as the master weights and casts
@@ -265,7 +280,7 @@ def run(cfg: Config) -> RunContext:
                 STAGES[name](ctx, name)
                 ctx.metrics.end_stage(name)
             finally:
-                release_memory()  # the stage's models, optimizers and engines, before the next stage loads its own
+                ctx.release_stage()  # its models, optimizers and engines, before the next stage loads its own
         failed = False
     finally:
         ctx.metrics.close(failed)  # the trackers' last records (a killed or failed run: up to its last step)

@@ -85,7 +85,9 @@ BAD = [
      ["srppo.kl.placement is 'loss' with srppo.kl.estimator 'k1'", "k2 or k3"]),
     # bf16 accumulates in fp32 everywhere; DeepSpeed 0.19 cannot at ZeRO-0
     ({"runtime": {"engine": "deepspeed", "precision": "bf16"}, "deepspeed": {"zero_stage": 0}}, [],
-     ["deepspeed.zero_stage 0 with bf16", "fp32", "Use zero_stage 1"]),
+     ["deepspeed.zero_stage 0 with bf16", "fp32", "Use zero_stage 2"]),
+    ({"runtime": {"engine": "deepspeed", "precision": "bf16"}, "deepspeed": {"zero_stage": 1}}, [],
+     ["deepspeed.zero_stage 1 with bf16", "BF16_Optimizer", "Use zero_stage 2"]),
 ]
 
 
@@ -196,12 +198,12 @@ def test_config_command_lists_every_key(capsys):
 
 
 def test_deepspeed_bf16_accumulates_and_reduces_in_fp32():
-    """bf16 under ZeRO 1-3: a step's micro-batch gradients summed in fp32 and reduced in fp32, as the torch engine
-    sums them; frozen (inference) engines and fp32 runs need neither."""
+    """bf16 under ZeRO 2-3 (1 and 0 are refused): a step's micro-batch gradients summed in fp32 and reduced in
+    fp32, as the torch engine sums them; frozen (inference) engines and fp32 runs need neither."""
     from srppo_fast.config import DeepSpeedConfig, OptimConfig
     from srppo_fast.engine.deepspeed_engine import ds_config
 
-    for stage in (1, 2, 3):
+    for stage in (2, 3):
         cfg = ds_config(DeepSpeedConfig(zero_stage=stage), "bf16", optim=OptimConfig())
         assert cfg["data_types"] == {"grad_accum_dtype": "fp32"} and cfg["communication_data_type"] == "fp32"
         assert cfg["bf16"] == {"enabled": True}

@@ -320,3 +320,21 @@ def test_a_zero3_sharded_head_keeps_the_fused_logprob_path(tmp_path, tied):
         assert r["widest_vocab_rows"] == r["label_positions"] < r["packed_tokens"]  # chunks of label rows only
         assert r["logp_diff"] <= 1e-5 and r["entropy_diff"] <= 1e-5
         assert max(r["grad_diff"].values()) <= 1e-5, r["grad_diff"]
+
+
+def test_a_step_of_several_micro_batches_is_their_whole_gradient_at_every_stage(tmp_path):
+    """The stages run forwards on the module itself, not through DeepSpeed's forward, whose bookkeeping ZeRO
+    relies on: without it ZeRO-3 kept only the last micro-batch of a step and ZeRO-1 in bf16 (BF16_Optimizer)
+    counted some twice. Three micro-batches per step: every stage's gradient norm (the reduced, accumulated
+    gradient) is the torch engine's, fp32 to 1e-5 and bf16 to 5e-3 relative, over two steps
+    (tests/scripts/ds_accumulation.py)."""
+    result = tmp_path / "norms.json"
+    proc = subprocess.run([sys.executable, "tests/scripts/ds_accumulation.py", str(result)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    norms = json.loads(result.read_text())
+    for name, got in norms.items():
+        precision = name.rsplit("-", 1)[1]
+        want = norms[f"torch-{precision}"]
+        tol = 1e-5 if precision == "fp32" else 5e-3
+        assert got == pytest.approx(want, rel=tol), (name, got, want)

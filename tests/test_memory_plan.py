@@ -101,6 +101,12 @@ def test_a_colocated_vllm_sampler_is_planned():
         srppo = {p.name: p for p in plan_memory(cfg, num_gpus=8, num_nodes=1, gpu_gib=80)}["srppo"]
         sampler = srppo.models[-1]
         assert sampler.role.startswith("vllm sampler") and sampler.gpu_bytes == held
-        # the sampler replaces transformers generate: no HF KV cache; its share while awake during the update
+        # the sampler replaces transformers generate: no HF KV cache. Asleep on-policy, it needs its share while
+        # it generates, beside every model's states; overlapping the update it holds it throughout
         assert "generate" not in srppo.transient
-        assert srppo.total_bytes == without.states_bytes + without.transient["update"] + held
+        if held:
+            assert "sampler" not in srppo.transient
+            assert srppo.total_bytes == without.states_bytes + without.transient["update"] + held
+        else:
+            assert srppo.transient["sampler"] == int(0.25 * 80 * GIB)
+            assert srppo.total_bytes == without.states_bytes + max(without.transient["update"], int(0.25 * 80 * GIB))

@@ -228,7 +228,7 @@ def test_two_processes_with_deepspeed(base_run, tmp_path, mode):
     assert all(r["sync/bytes"] == full for r in rows if "sync/bytes" in r)  # whole parameters, not shards
 
 
-def test_vllm_options_that_contradict(tmp_path):
+def test_vllm_options_that_contradict(tmp_path, monkeypatch):
     base = [f"output_dir={tmp_path}"]
     with pytest.raises(ConfigError, match="async is true but .*engine is 'hf'"):
         load_config(QUICKSTART, [*base, "srppo.rollout.async=true"], check_files=False)
@@ -243,6 +243,18 @@ def test_vllm_options_that_contradict(tmp_path):
                     check_files=False)
     with pytest.raises(ConfigError, match="max_staleness"):
         load_config(QUICKSTART, [*base, "srppo.rollout.max_staleness=0"], check_files=False)
+    # launched with 3 processes: a sampler spanning 2 of them leaves one out (a dry run, not launched, plans on)
+    tp = [*base, "srppo.rollout.engine=vllm", "runtime.device=cuda", "srppo.rollout.vllm.tensor_parallel_size=2"]
+    monkeypatch.delenv("SRPPO_FAST_OWN_GROUP", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="tensor_parallel_size is 2, which does not divide the run's 3 processes"):
+        load_config(QUICKSTART, tp, check_files=False)
+    monkeypatch.delenv("WORLD_SIZE")
+    # on a GPU one sampler serves every vLLM stage: they must start it alike
+    with pytest.raises(ConfigError, match="spin and srppo both sample with vLLM on a GPU but with different"):
+        load_config(QUICKSTART, [*base, "runtime.device=cuda", "spin.rollout.engine=vllm", "srppo.rollout.engine=vllm",
+                                 "srppo.rollout.vllm.gpu_memory_utilization=0.5"], check_files=False)
 
 
 def test_spin_samples_through_the_vllm_sampler(base_run, tmp_path):
@@ -326,3 +338,20 @@ def test_a_sampler_failing_on_one_rank_mid_sync_ends_every_rank_under_zero3(base
     assert "injected sampler failure during the weight sync" in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.count("the vLLM sampler failed in 'weight sync'") >= 2  # both ranks report it
     assert elapsed < 240, elapsed  # a hang would wait for the process group's 30-minute timeout
+
+
+def test_one_sampler_serves_every_vllm_stage_of_a_run(base_run, tmp_path):
+    """SPIN then SRPPO, both on vLLM, in one run: the sampler SPIN started (its context the longest of the two
+    stages') is the one SRPPO samples from, its weights replaced by SRPPO's first sync and verified on the probe.
+    (On a GPU a second sampler's wake-up would wake the first's memory too: vLLM's sleep mode is per process.)"""
+    out = copy_run(base_run, tmp_path)
+    proc = cli(out, ["spin.iterations=1", "spin.epochs=1", "spin.batch_size=4", "spin.rollout.max_new_tokens=12",
+                     "spin.max_prompt_len=32", "spin.max_seq_len=128", "spin.micro_batch_tokens=512",
+                     "spin.rollout.engine=vllm", "spin.rollout.sync_bucket_mib=0.05", "srppo.max_steps=2"],
+               stages="[pretrain,sft,spin,srppo]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("sampler from") == 1, proc.stderr[-3000:]  # started once
+    assert "vLLM sampler reused for" in proc.stderr
+    rows = srppo_rows(out)
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["sync/check_max"] < 1e-3
+    assert rows[0]["rollout/logprob_diff_mean"] < 1e-4  # it sampled from srppo's actor, not spin's last weights

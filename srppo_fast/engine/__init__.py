@@ -44,6 +44,7 @@ def build_engine(ctx, model: torch.nn.Module, optim, total_steps: int, label: st
     gc = ctx.cfg.model.gradient_checkpointing
     if kind == "torch":
         engine = TorchEngine(model, optim, total_steps, ctx.device, ctx.precision, gc)
+        ctx.owned.append(engine)  # closed when the stage ends, however it ends
         if resume is not None:
             engine.load_state_dict(resume[1])
         ctx.track(ctx.stage, label, engine.model)
@@ -54,6 +55,7 @@ def build_engine(ctx, model: torch.nn.Module, optim, total_steps: int, label: st
     saved = resume[1]["deepspeed"] if resume is not None else None
     universal = saved is not None and (saved["world_size"] != dist.world_size() or saved["zero_stage"] != ds.zero_stage)
     engine = DeepSpeedEngine(model, optim, total_steps, ctx.device, ctx.precision, gc, ds, universal=universal)
+    ctx.owned.append(engine)
     if resume is not None:
         state_dir = os.path.join(resume[0], DS_STATE_DIR, label)
         if universal:

@@ -69,11 +69,12 @@ def ds_config(ds: DeepSpeedConfig, precision: str, *, optim: OptimConfig | None 
            "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
     if optim is not None:
         cfg.update(managed_gradient_accumulation=False, gradient_clipping=float(optim.grad_clip))
-        if precision == "bf16" and stage > 0:
+        if precision == "bf16" and stage > 1:
             # a step's micro-batches summed in fp32 (DeepSpeed's default for bf16 is bf16), reduced over the ranks
             # in fp32 too: bf16 reduction rounds each micro-batch's gradient before the fp32 sum (measured with 4
             # micro-batches on 2 ranks: 1.4e-3 relative against 7e-7). Stage 0 refuses fp32 accumulation in
-            # DeepSpeed 0.19 (config.validate refuses bf16 there).
+            # DeepSpeed 0.19 and stage 1 routes it to BF16_Optimizer, which counted micro-batches twice without
+            # DeepSpeed's forward: config.validate refuses bf16 below stage 2.
             cfg.update(data_types={"grad_accum_dtype": "fp32"}, communication_data_type="fp32")
     if universal:
         cfg["checkpoint"] = {"load_universal": True}
@@ -98,6 +99,13 @@ class DeepSpeedEngine(EngineBase):
         self.model = self.ds.module
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        # DeepSpeed's own forward() starts every micro-batch with this; the stages run forwards on the module
+        # itself, so it is done here, between that forward and its backward. Without it ZeRO-3 kept only the last
+        # micro-batch's gradient of a step and ZeRO-1 with fp32 accumulation (BF16_Optimizer) counted some twice
+        # (a step of 3 micro-batches: grad norm 0.72 and 2.65 against 1.23; tests/test_deepspeed.py).
+        clear = getattr(self.ds.optimizer, "clear_backward_seen_flag", None)
+        if clear is not None:
+            clear()
         self.ds.backward(self.scale_loss(loss), retain_graph=retain_graph, scale_wrt_gas=False)
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:

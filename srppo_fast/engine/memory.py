@@ -14,7 +14,8 @@ Per stage, the largest of its phases' transient needs (estimates, beside the mod
                     recomputed; the fused log-prob op's logits workspace (one chunk); DeepSpeed's gradient
                     reduction bucket (ZeRO 1/2) or the gathered layers (ZeRO-3)
     generate        transformers generate's KV cache: 2 x layers x KV heads x head dim x rows x (longest prompt
-                    + response) x bytes; a colocated vLLM sampler: its gpu_memory_utilization share while awake
+                    + response) x bytes; a colocated vLLM sampler that sleeps on-policy: its
+                    gpu_memory_utilization share while it generates (one that never sleeps holds it throughout)
 The eval stage loads its models one at a time on rank 0: its total is the largest.
 """
 
@@ -352,14 +353,14 @@ def plan_memory(cfg: Config, num_gpus: int, num_nodes: int, gpu_gib: float) -> l
         stage_kind = STAGE_TYPES[name]
         models = [_plan_model(cfg, *spec, num_gpus, stage_kind, cache) for spec in _stage_models(cfg, name)]
         plan = StagePlan(name, models, gpu_gib, one_at_a_time=stage_kind == "eval")
-        plan.transient = _transient(cfg, name, models, num_gpus)
+        plan.transient = _transient(cfg, name, models, num_gpus, gpu_gib)
         if stage_kind in ("rl", "spin") and getattr(cfg, name).rollout.engine == "vllm":
             models.append(_sampler_plan(cfg, name, gpu_gib))
         plans.append(plan)
     return plans
 
 
-def _transient(cfg: Config, name: str, models: list[ModelPlan], num_gpus: int) -> dict[str, int]:
+def _transient(cfg: Config, name: str, models: list[ModelPlan], num_gpus: int, gpu_gib: float) -> dict[str, int]:
     """The stage's phases' transient needs beyond the models' states (estimates)."""
     s = getattr(cfg, name)
     kind = STAGE_TYPES[name]
@@ -389,6 +390,10 @@ def _transient(cfg: Config, name: str, models: list[ModelPlan], num_gpus: int) -
         if actor is not None:
             longest = s.max_prompt_len + s.rollout.max_new_tokens
             out["generate"] = kv_cache_bytes(actor.hf_config, s.rollout.batch_size, longest, size)
+    elif kind in ("rl", "spin") and s.rollout.vllm.sleep and not s.rollout.async_:
+        # a sleeping sampler holds nothing during scoring and the update, and its whole share while it generates,
+        # beside every model the stage keeps on the device
+        out["sampler"] = int(s.rollout.vllm.gpu_memory_utilization * gpu_gib * GIB)
     if kind == "eval":
         biggest = max(known, key=lambda m: m.params or 0)
         prompt = 512  # eval prompts: not known before the data is read; a generous bound
@@ -459,7 +464,7 @@ def describe_memory(cfg: Config) -> str:
                              f"{', '.join(m.serves)}): {_gib(m.gpu_bytes)} per GPU")
         for phase, need in plan.transient.items():
             what = {"update": "activations of a micro-batch (and DeepSpeed's buffers)",
-                    "generate": "transformers generate's KV cache"}[phase]
+                    "generate": "transformers generate's KV cache", "sampler": "the vLLM sampler while it generates"}[phase]
             lines.append(f"    {phase}: {what}: {_gib(need)} (estimate)")
         total = plan.total_bytes
         known = plan.states_bytes

@@ -137,6 +137,51 @@ def checkpoint_shapes(model_dir: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def sampler_dtype(rollout, device: torch.device, precision: str) -> str:
+    opts = rollout.vllm
+    if opts.dtype != "auto":
+        return opts.dtype
+    return "float32" if device.type != "cuda" else {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+
+
+def sampler_settings(model_dir: str, rollout, device: torch.device, precision: str, max_model_len: int) -> str:
+    """What a sampler is started with, beside the weights a sync replaces: the architecture (config.json without
+    names and dtypes), the engine's options, its context length and device."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+        config.pop(key, None)
+    o = rollout.vllm
+    return json.dumps([config, sampler_dtype(rollout, device, precision), o.tensor_parallel_size,
+                       o.gpu_memory_utilization, o.kv_cache_gib, o.max_num_seqs, o.enforce_eager,
+                       o.sleep and not rollout.async_, max_model_len, device.type], sort_keys=True)
+
+
+def context_length(cfg, model_dir: str) -> int:
+    """The context a sampler is started with: the longest prompt + response of every stage of the run that samples
+    with vLLM (so that each stage's sampler serves the next, see `sampler`), within the model's positions."""
+    from ..config import STAGE_TYPES
+
+    longest = max(getattr(cfg, s).max_prompt_len + getattr(cfg, s).rollout.max_new_tokens for s in cfg.stages
+                  if STAGE_TYPES[s] in ("rl", "spin") and getattr(cfg, s).rollout.engine == "vllm")
+    positions = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings")
+    return min(longest, positions) if positions else longest
+
+
+def sampler(model_dir: str, eos_token_id: int, rollout, *, device: torch.device, precision: str, seed: int,
+            max_model_len: int, world_size: int = 1) -> "VLLMRolloutEngine":
+    """The process's sampler for a stage: an earlier stage's when it was started with the same settings (its
+    weights are then replaced by the stage's first sync, which every stage does before sampling), else a new one.
+    One sampler per process: vLLM's GPU sleep mode keeps one allocator per process, whose wake-up would wake every
+    sleeping sampler at once (config.validate gives a run's vLLM stages one setting on a GPU)."""
+    settings = sampler_settings(model_dir, rollout, device, precision, max_model_len)
+    for engine in _LIVE:
+        if engine.settings == settings and not engine.stopped and not engine.busy():
+            engine.reuse(model_dir, eos_token_id, rollout)
+            return engine
+    return VLLMRolloutEngine(model_dir, eos_token_id, rollout, device=device, precision=precision, seed=seed,
+                             max_model_len=max_model_len, world_size=world_size)
+
+
 class VLLMRolloutEngine:
     name = "vllm"
 
@@ -149,9 +194,9 @@ class VLLMRolloutEngine:
         self.gpu = device.type == "cuda"
         self.timeout = rollout.timeout_s
         opts = rollout.vllm
-        dtype = opts.dtype if opts.dtype != "auto" else \
-            ("float32" if not self.gpu else {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32"))
+        dtype = sampler_dtype(rollout, device, precision)
         self.dtype = getattr(torch, dtype)
+        self.settings = sampler_settings(model_dir, rollout, device, precision, max_model_len)
         self.expected = checkpoint_shapes(model_dir)
         self.version = 0
         self.syncs = 0
@@ -194,6 +239,14 @@ class VLLMRolloutEngine:
         log.info("vLLM %s sampler from %s (%s, %s) started in %.1f s", vllm.__version__, model_dir, dtype,
                  "colocated" if self.gpu else "in-process", time.perf_counter() - started)
 
+    def reuse(self, model_dir: str, eos_token_id: int, rollout) -> None:
+        """A later stage takes this sampler over: it serves that stage's weights from its first sync on."""
+        self.rollout, self.eos, self.timeout = rollout, eos_token_id, rollout.timeout_s
+        self.expected = checkpoint_shapes(model_dir)
+        self.version, self.syncs, self.incomplete = 0, 0, []
+        self.events.append("reuse")
+        log.info("vLLM sampler reused for %s (its weights come with the first sync)", model_dir)
+
     # -- plumbing ---------------------------------------------------------------------------------
 
     def _call(self, what: str, fn, timeout: float | None = None):
@@ -225,13 +278,12 @@ class VLLMRolloutEngine:
                               "those.")
 
     def close(self) -> None:
-        """The stage is done with the sampler: free its GPU memory (level 2: nothing of it is needed again). The
-        engine itself lives to the end of the process (shutdown_all): vLLM's shutdown destroys the default process
-        group, which later stages use."""
-        if self.gpu and self.rollout.vllm.sleep and not self.busy():
+        """The stage is done with the sampler: free its GPU memory (asleep; a later vLLM stage may take it over, see
+        `sampler`). The engine itself lives to the end of the process (shutdown_all): vLLM's shutdown destroys the
+        default process group, which later stages use."""
+        if self.gpu and self.sleeps and not self.busy():
             with contextlib.suppress(SamplerError):
-                self._call("sleep", lambda: self.llm.sleep(level=2), timeout=60)
-                self.asleep = {"weights", "kv_cache"}
+                self.sleep()
 
     def busy(self) -> bool:
         """A call into the sampler is running or queued (a stopped sampler runs nothing)."""
@@ -361,16 +413,16 @@ class VLLMRolloutEngine:
         not leave the others waiting in the next gather, so this rank keeps gathering every bucket, sends no
         more, and raises its error at the end, when the callers agree on it (dist.first_error)."""
         self.validate(model)
-        self.wake(("weights",))  # the KV cache stays asleep until the weights are in
-        self.events.append("sync")
         bucket_bytes = int(self.rollout.sync_bucket_mib * 2**20)
         device = None if self.gpu else torch.device("cpu")
         started, sent, n = time.perf_counter(), 0, 0
         fail_rank = os.environ.get("SRPPO_FAST_TEST_SAMPLER_FAIL_SYNC")  # tests: this rank's sampler fails mid-sync
         error: SamplerError | None = None
         try:
+            self.wake(("weights",))  # the KV cache stays asleep until the weights are in
+            self.events.append("sync")
             self._call("weight sync (begin)", lambda: self.llm.collective_rpc("srppo_begin_sync"))
-        except SamplerError as e:
+        except SamplerError as e:  # a wake that fails (out of memory) too: the gathers below still run
             error = e
         for i, bucket in enumerate(weight_buckets(model, bucket_bytes, self.dtype, device)):
             if error is not None or i == skip_bucket:

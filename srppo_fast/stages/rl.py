@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -434,20 +433,17 @@ class RLRun:
 
     def _make_vllm_engine(self):
         rl, ctx = self.rl, self.ctx
-        from ..rollout.vllm_engine import VLLMRolloutEngine
+        from ..rollout.vllm_engine import context_length, sampler
 
         path = model_source(ctx.model_path(rl.init))[0]  # a GGUF file: its dequantised copy
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError(f"{rl.rollout.engine} rollouts start the sampler from a checkpoint directory, but "
                               f"{rl.init!r} resolves to {path!r}; point the stage's init at a stage of this run or a "
                               "checkpoint directory, or use rollout.engine=hf.")
-        longest = rl.max_prompt_len + rl.rollout.max_new_tokens
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
-            positions = json.load(fh).get("max_position_embeddings") or longest
-        probe_len = min(longest, positions)
-        engine = VLLMRolloutEngine(path, ctx.tokenizer().eos_token_id, rl.rollout, device=ctx.device,
-                                   precision=ctx.precision, seed=ctx.cfg.seed, max_model_len=probe_len,
-                                   world_size=dist.world_size())
+        context = context_length(ctx.cfg, path)
+        probe_len = min(rl.max_prompt_len + rl.rollout.max_new_tokens, context)
+        engine = sampler(path, ctx.tokenizer().eos_token_id, rl.rollout, device=ctx.device, precision=ctx.precision,
+                         seed=ctx.cfg.seed, max_model_len=context, world_size=dist.world_size())
         # the probe: two prompts of the set back to back (text the model has seen the like of), fixed per run
         self.probe = (self.prompts.ids[0] + self.prompts.ids[min(1, len(self.prompts.ids) - 1)])[:probe_len]
         return engine

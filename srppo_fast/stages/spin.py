@@ -207,17 +207,16 @@ class Sampler:
         self.ctx, self.spin, self.actor, self.engine = ctx, spin, None, None
         ro = spin.rollout
         if ro.engine != "hf":
-            from ..rollout.vllm_engine import VLLMRolloutEngine
+            from ..rollout.vllm_engine import context_length, sampler
 
             init_path = model_source(init_path)[0]  # a GGUF file: its dequantised copy
             if not os.path.isfile(os.path.join(init_path, "config.json")):
                 raise ConfigError(f"vllm sampling starts the sampler from a checkpoint directory, but spin.init "
                                   f"resolves to {init_path!r}; point it at a stage of this run or a checkpoint "
                                   "directory, or use spin.rollout.engine=hf.")
-            longest = spin.max_prompt_len + ro.max_new_tokens
-            self.engine = VLLMRolloutEngine(init_path, ctx.tokenizer().eos_token_id, ro, device=ctx.device,
-                                            precision=ctx.precision, seed=ctx.cfg.seed, max_model_len=longest,
-                                            world_size=dist.world_size())
+            self.engine = sampler(init_path, ctx.tokenizer().eos_token_id, ro, device=ctx.device,
+                                  precision=ctx.precision, seed=ctx.cfg.seed,
+                                  max_model_len=context_length(ctx.cfg, init_path), world_size=dist.world_size())
 
     def attach(self, engine) -> None:
         """The actor's engine: hf samples with its module, vllm syncs from it."""
