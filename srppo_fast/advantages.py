@@ -9,6 +9,12 @@ prompt_index [B] groups the n samples of each prompt. Returns (advantages, retur
     grpo       A_t = (G_t - mean_group G_0) / (std_group G_0 + eps)     (unbiased std), and A = 0 for a
                group with no spread to learn from: one sample, or std_group <= tie_tol * max(1, max_group |G_0|)
 
+Whitening over the buffer (mean 0, std 1 over the masked tokens) follows `advantage.whiten`; null, the
+default, means true for gae and reinforce and false for rloo and grpo (`resolve_whiten`, the one place
+that says so). The group baselines of rloo and grpo already centre each prompt's samples (grpo also scales
+them), and whitening afterwards would shift a tied group's zero advantage to -mean / std; none of TRL,
+verl and OpenRLHF whitens rloo or grpo advantages by default. An explicit true still whitens them.
+
 Why the GRPO tie rule: dividing by std + eps turns rounding differences into full-size advantages. The
 same response scored in two micro-batches gives totals equal up to ~1e-5; their std is ~1e-5 and
 (G - mean) / (std + 1e-6) is of order 1 (up to 1.5 in a group of 4), as large as a genuine spread like
@@ -74,18 +80,29 @@ def baseline_advantages(estimator: str, returns: torch.Tensor, mask: torch.Tenso
     return adv.to(returns.dtype)
 
 
+def resolve_whiten(estimator: str, whiten: bool | None) -> bool:
+    """Whether `estimator`'s advantages are whitened over the buffer: `whiten` when given (advantage.whiten),
+    else (null, the default) true for gae and reinforce, false for rloo and grpo (module doc)."""
+    if whiten is not None:
+        return bool(whiten)
+    if estimator not in ("gae", "reinforce", "rloo", "grpo"):
+        raise ValueError(f"unknown advantage estimator {estimator!r}; use gae, reinforce, rloo or grpo")
+    return estimator in ("gae", "reinforce")
+
+
 def compute_advantages(estimator: str, rewards: torch.Tensor, mask: torch.Tensor, *, values: torch.Tensor | None = None,
                        prompt_index: np.ndarray | None = None, gamma: float = 1.0, lam: float = 0.95,
-                       whiten: bool = True, eps: float = 1e-6, tie_tol: float = TIE_TOL
+                       whiten: bool | None = None, eps: float = 1e-6, tie_tol: float = TIE_TOL
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, returns) [B, T] of `estimator` (see the module doc), whitened over the masked tokens
-    when `whiten`. eps and tie_tol: GRPO's, as baseline_advantages."""
+    when resolve_whiten(estimator, whiten) (None: the estimator's default). eps and tie_tol: GRPO's, as
+    baseline_advantages."""
     if estimator == "gae":
         advantages, returns = gae(rewards, values, mask, gamma, lam)
     else:
         returns = returns_to_go(rewards, mask, gamma)  # G_t
         advantages = baseline_advantages(estimator, returns, mask, prompt_index, eps, tie_tol)
-    if whiten:
+    if resolve_whiten(estimator, whiten):
         advantages = masked_whiten(advantages, mask)
     return advantages, returns
 

@@ -267,7 +267,10 @@ class AdvantageConfig:
         "'grpo' (group-normalised).")
     gamma: float = opt(1.0, "Discount.", ge=0, le=1)
     lam: float = opt(0.95, "GAE lambda.", ge=0, le=1)
-    whiten: bool = opt(True, "Whiten advantages over the rollout buffer (mean 0, std 1).")
+    whiten: Optional[bool] = opt(None, "Whiten advantages over the rollout buffer (mean 0, std 1). null (the "
+                                 "default): true for gae and reinforce, false for rloo and grpo, whose group baselines "
+                                 "already normalise them (and a tied group then keeps its zero advantage), as the peers "
+                                 "do.")
 
 
 @dataclass
@@ -280,6 +283,9 @@ class PPOConfig:
     clip_eps: float = opt(0.2, "Surrogate clip epsilon.", gt=0)
     clip_eps_high: Optional[float] = opt(None, "Upper clip epsilon (default: clip_eps).", gt=0)
     value_clip: Optional[float] = opt(0.2, "Value clip around the old values (null: unclipped).", gt=0)
+    dual_clip: Optional[float] = opt(None, "Dual-clip PPO: with a negative advantage the policy loss per token is at "
+                                     "most dual_clip x |advantage| (a ratio far above 1 no longer dominates); null: "
+                                     "off. Must be above 1.", gt=1)
     entropy_coef: float = opt(0.0, "Entropy bonus in the actor loss.", ge=0)
 
 

@@ -81,6 +81,11 @@ def evaluate_model(model, tokenizer, sets: list[EvalSet], ev: EvalConfig, device
     return results
 
 
+def _cell(value, fmt: str) -> str:
+    """A statistic for the table: n/a where it is not defined for the model and set (absent, None or NaN)."""
+    return "n/a" if value is None or value != value else format(value, fmt)
+
+
 def markdown_table(results: dict) -> str:
     """Models as rows; per set: accuracy (and careful share) and the reference log-likelihood."""
     sets = list(next(iter(results.values())).keys()) if results else []
@@ -89,10 +94,10 @@ def markdown_table(results: dict) -> str:
     for model, rows in results.items():
         cells = [LABELS.get(model, model)]
         for s in sets:
-            acc = rows[s].get("accuracy")
-            cells.append("n/a" if acc is None else f"{acc:.3f} (careful {rows[s].get('careful_rate', 0):.2f})"
-                         if "careful_rate" in rows[s] else f"{acc:.3f}")
-        cells += [f"{rows[s]['loglik']:.4f}" if "loglik" in rows[s] else "n/a" for s in sets]
+            acc = _cell(rows[s].get("accuracy"), ".3f")
+            cells.append(f"{acc} (careful {_cell(rows[s]['careful_rate'], '.2f')})" if "careful_rate" in rows[s]
+                         else acc)
+        cells += [_cell(rows[s].get("loglik"), ".4f") for s in sets]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

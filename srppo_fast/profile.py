@@ -95,6 +95,11 @@ def run_profile(path: str, overrides: list[str], steps: int, trace: str | None) 
     if resolved_engine(cfg) == "deepspeed" or dist.launched():
         dist.init(resolve_device(cfg.runtime.device))
     if dist.rank() == 0:
+        from .lock import RunLockedError, lock_holder
+
+        holder = lock_holder(out)
+        if holder is not None:  # another profile is writing there: never sweep it away
+            raise RunLockedError(f"{out} is in use by another run ({holder}); wait for it to finish.")
         if out.exists() and (out / "config.yaml").is_file():  # an earlier profile of ours: start clean
             shutil.rmtree(out)
         world = out.parent / "world"

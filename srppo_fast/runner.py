@@ -22,6 +22,7 @@ from .engine import EngineBase, autocast, frozen_model, release_frozen, resolve_
 from .engine.placement import Placement, cast_parameters_, measured_param_bytes, placement
 from .errors import CheckpointError, ConfigError, SrppoError
 from .io import atomic_write_text, recover_tree
+from .lock import RunLock, RunLockedError, lock_holder, watch_launcher
 from .metrics import MetricsLog, NullMetricsLog
 from .modeling import (build_scratch_model, checkpoint_info, load_model, load_reward_model, load_tokenizer,
                        model_source, num_parameters, tokenizer_fingerprint, tokenizer_mismatch)
@@ -256,7 +257,30 @@ def run(cfg: Config) -> RunContext:
         # a rank waiting in a collective for a rank whose sampler hangs must outlast that sampler's timeout
         sampler_timeouts = [getattr(cfg, s).rollout.timeout_s for s in cfg.stages if STAGE_TYPES[s] in ("rl", "spin")]
         dist.init(resolve_device(cfg.runtime.device), max([30, *(math.ceil(t / 60) + 5 for t in sampler_timeouts)]))
+    watch_launcher()  # launched workers stop (saving first) when their launcher is gone
+    out = Path(cfg.output_dir)
+    error = None
+    if dist.is_main() and (holder := lock_holder(out)) is not None:  # refused at once, before the checks
+        error = RunLockedError(f"output_dir {out} is in use by another run ({holder}); wait for it to finish or "
+                               "stop it, or give this run another output_dir.")
+    dist.first_error(error)
     checks = preflight(cfg)
+    lock = RunLock(out) if dist.is_main() else None  # the whole launch holds it through rank 0
+    error = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunLockedError as e:
+            error = e
+    dist.first_error(error)
+    try:
+        return _run_stages(cfg, checks, STAGES)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_stages(cfg: Config, checks: Preflight, STAGES) -> RunContext:
     dist.barrier()  # every rank has checked before rank 0 writes
     ctx = prepare(cfg, checks)
     failed = True
@@ -346,7 +370,10 @@ def describe_plan(cfg: Config, checks: Preflight | None = None) -> str:
         lines.append(f"  {i}. {line}")
     if checks:
         lines.append("checks:")
-        lines += [f"  - {c}" for c in [f"output_dir '{cfg.output_dir}' is writable", *checks.checks]]
+        holder = lock_holder(cfg.output_dir)
+        lines += [f"  - {c}" for c in [f"output_dir '{cfg.output_dir}' is writable" if holder is None else
+                                       f"output_dir '{cfg.output_dir}' is IN USE by another run ({holder}): a run "
+                                       "now would be refused", *checks.checks]]
     # the plan is for GPUs: shown unless the run is on the CPU (said so, or a scratch model where none is visible)
     on_cpu = cfg.runtime.device == "cpu" or (cfg.runtime.device == "auto" and cfg.model.base == "scratch"
                                              and not torch.cuda.is_available())

@@ -7,14 +7,29 @@ they must be finite). Losses and stats are token sums divided by `normalizer` (>
 mask's token count), so the values of micro-batches of one optimizer step add up to the step's token
 mean when they are all given the step's token count.
 
-    ratio   = exp(logp - old_logp)
+    x       = clamp(logp - old_logp, -LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    ratio   = exp(x)
     pg      = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high))
+    pg      = min(pg, -A * dual_clip)   where A < 0, with dual_clip (> 1; dual-clip PPO, Ye et al. 2020)
     actor   = pg + kl_coef * KL(logp || ref_logp) - entropy_coef * entropy
-    v_clip  = old_v + clip(v - old_v, -value_clip, value_clip)
+    v_clip  = clamp(v, old_v - value_clip, old_v + value_clip)
     critic  = 0.5 * max((v - R)^2, (v_clip - R)^2)      (0.5 * (v - R)^2 without value_clip)
 
-    approx_kl (a stat) = mean of exp(x) - 1 - x, x = logp - old_logp: Schulman's k3 estimate of
-        KL(pi_old || pi) from the tokens, which are samples of pi_old (= kl_estimate(old_logp, logp, "k3"))
+    approx_kl (a stat) = mean of exp(x) - 1 - x: Schulman's k3 estimate of KL(pi_old || pi) from the
+        tokens, which are samples of pi_old (= kl_estimate(old_logp, logp, "k3") for |x| <= the bound)
+    clip_frac = share of tokens where the clipped branch is the larger; dual_clip_frac (with dual_clip) =
+        share where A < 0 and the dual clip bounds the loss; value_clip_frac = share where the clipped
+        value's error is the larger (only values that moved more than value_clip: v_clip is v itself
+        inside the band, bit for bit, so a value that moved less is never counted)
+
+The log-ratio bound. LOG_RATIO_BOUND = 20, as verl and OpenRLHF clamp it: exp(20) = 4.9e8 is finite in
+fp32 with room to spare (|A| exp(20) overflows only for |A| > 7e29), while an unclamped x = 100 gives
+exp(100) = inf in fp32 and an inf loss that the non-finite guard skips. |x| > 20 means a token's
+probability changed by a factor above 4.9e8 since sampling, which no PPO step at a sane learning rate
+reaches (the clip stops the gradient near |x| = 0.2): the clamp only keeps such a token from poisoning
+the step. Where |x| <= 20 every loss, stat and gradient is bit for bit what the unclamped formula gives;
+beyond it the ratio is exp(+-20) and the token's policy-gradient term has no slope (torch.clamp's
+gradient), in both implementations. The KL term (kl_coef, against ref_logp) is not clamped.
 """
 
 from __future__ import annotations
@@ -26,6 +41,7 @@ import torch
 from ._triton import bool_mask, mask_bytes, resolve_impl, tl, triton
 
 KLEstimator = Literal["k1", "k2", "k3"]
+LOG_RATIO_BOUND = 20.0  # |logp - old_logp| is clamped to this before exp (module doc)
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimator = "k3") -> torch.Tensor:
@@ -39,6 +55,11 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimat
     if estimator == "k3":
         return torch.expm1(-log_ratio) + log_ratio  # exp(-x) - 1 + x >= 0, computed without cancellation
     raise ValueError(f"unknown KL estimator {estimator!r}; use k1, k2 or k3")
+
+
+def _check_dual_clip(dual_clip: float | None) -> None:
+    if dual_clip is not None and not dual_clip > 1:
+        raise ValueError(f"ppo_loss: dual_clip must be > 1 (the loss bound is dual_clip x |A|), got {dual_clip}")
 
 
 def _normalizer(mask: torch.Tensor, normalizer: float | None):
@@ -61,25 +82,34 @@ def _inv_normalizer(mask: torch.Tensor, normalizer: float | None) -> torch.Tenso
 def policy_loss_ref(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                     clip_eps: float = 0.2, clip_eps_high: float | None = None, entropy: torch.Tensor | None = None,
                     entropy_coef: float = 0.0, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0,
-                    kl_estimator: KLEstimator = "k3", normalizer: float | None = None) -> tuple[torch.Tensor, dict]:
-    """The actor's loss (clipped surrogate + KL + entropy terms) and its stats (detached). A token counts
-    where mask != 0."""
+                    kl_estimator: KLEstimator = "k3", dual_clip: float | None = None,
+                    normalizer: float | None = None) -> tuple[torch.Tensor, dict]:
+    """The actor's loss (clipped surrogate, dual clip + KL + entropy terms) and its stats (detached). A token
+    counts where mask != 0."""
+    _check_dual_clip(dual_clip)
     mask = bool_mask(mask)
     m = mask.to(torch.float32)
     norm = _normalizer(mask, normalizer)
     high = clip_eps if clip_eps_high is None else clip_eps_high
-    log_ratio = (logp.float() - old_logp.float()) * m
+    log_ratio = ((logp.float() - old_logp.float()) * m).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     ratio = torch.exp(log_ratio)
     adv = advantages.float()
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + high)
-    loss = (torch.maximum(unclipped, clipped) * m).sum() / norm
+    pg = torch.maximum(unclipped, clipped)
+    if dual_clip is not None:  # A < 0: the loss is at most dual_clip * |A|, with no slope where that binds
+        bound = -adv * dual_clip
+        dual = (adv < 0) & (pg > bound)
+        pg = torch.where(dual, bound, pg)  # = min(pg, bound) where A < 0; the bound has no slope in logp
+    loss = (pg * m).sum() / norm
     stats = {
         "pg_loss": loss.detach(),
         "clip_frac": ((clipped > unclipped).float() * m).sum() / norm,
         # k3 of KL(pi_old || pi) on samples of pi_old: exp(x) - 1 - x = kl_estimate(old_logp, logp, "k3")
         "approx_kl": ((torch.expm1(log_ratio) - log_ratio) * m).sum() / norm,
     }
+    if dual_clip is not None:
+        stats["dual_clip_frac"] = (dual.float() * m).sum() / norm
     if entropy is not None:
         ent = (entropy.float() * m).sum() / norm
         stats["entropy"] = ent.detach()
@@ -101,7 +131,8 @@ def value_loss_ref(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     err = (v - ret) ** 2
     stats = {}
     if value_clip is not None:
-        v_clipped = old_values.float() + (v - old_values.float()).clamp(-value_clip, value_clip)
+        old_v = old_values.float()
+        v_clipped = v.clamp(old_v - value_clip, old_v + value_clip)  # v itself inside the band, bit for bit
         err_clipped = (v_clipped - ret) ** 2
         stats["value_clip_frac"] = (((err_clipped > err).float() * m).sum() / norm).detach()
         err = torch.maximum(err, err_clipped)
@@ -127,7 +158,8 @@ def ppo_loss_ref(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.T
 # ------------------------------------------------------------------------------------------------
 # kernels: one launch forward (losses and stats), one launch backward (every gradient)
 
-STATS = ("pg_loss", "clip_frac", "approx_kl", "entropy", "kl_loss", "value_loss", "value_clip_frac")
+STATS = ("pg_loss", "clip_frac", "approx_kl", "entropy", "kl_loss", "value_loss", "value_clip_frac",
+         "dual_clip_frac")
 
 
 @triton.jit
@@ -143,20 +175,32 @@ def _kl_and_grad(x, CODE: tl.constexpr):
 
 
 @triton.jit
-def _surrogate(logp, old_logp, adv, keep, clip_low, clip_high):
-    """Clipped surrogate terms per token: (log ratio, ratio, unclipped -A r, clipped -A clip(r)); the log ratio
-    is 0 where the token does not count (keep False), as in the reference."""
-    log_ratio = tl.where(keep, logp - old_logp, 0.0)
+def _surrogate(logp, old_logp, adv, keep, clip_low, clip_high, dual_clip, BOUND: tl.constexpr,
+               HAS_DUAL: tl.constexpr):
+    """Surrogate terms per token: (clamped log ratio, ratio, loss, the clip binds, the dual clip binds, the log
+    ratio is beyond +-BOUND). The log ratio is 0 where the token does not count (keep False), as in the
+    reference."""
+    raw = tl.where(keep, logp - old_logp, 0.0)
+    outside = (raw > BOUND) | (raw < -BOUND)  # comparisons, not min/max: a NaN stays NaN, as in the reference
+    log_ratio = tl.where(outside, tl.where(raw > 0, BOUND, -BOUND), raw)
     ratio = tl.exp(log_ratio)
-    return log_ratio, ratio, -adv * ratio, -adv * tl.minimum(tl.maximum(ratio, clip_low), clip_high)
+    unclipped = -adv * ratio
+    clipped = -adv * tl.minimum(tl.maximum(ratio, clip_low), clip_high)
+    pg = tl.maximum(unclipped, clipped)
+    dual = tl.zeros_like(keep)  # all False
+    if HAS_DUAL:
+        bound = -adv * dual_clip
+        dual = (adv < 0) & (pg > bound)
+        pg = tl.where(dual, bound, pg)
+    return log_ratio, ratio, pg, clipped > unclipped, dual, outside
 
 
 @triton.jit
 def _value_terms(v, old_v, ret, value_clip):
-    """Clipped value loss terms per token: (v - old_v, clipped value, squared error, clipped squared error)."""
-    delta = v - old_v
-    v_clip = old_v + tl.minimum(tl.maximum(delta, -value_clip), value_clip)
-    return delta, v_clip, (v - ret) * (v - ret), (v_clip - ret) * (v_clip - ret)
+    """Clipped value loss terms per token: (clipped value, squared error, clipped squared error). The clipped
+    value is v itself inside the band, so the clipped error is the larger only where v moved beyond it."""
+    v_clip = tl.minimum(tl.maximum(v, old_v - value_clip), old_v + value_clip)
+    return v_clip, (v - ret) * (v - ret), (v_clip - ret) * (v_clip - ret)
 
 
 @triton.jit
@@ -168,23 +212,26 @@ def _ppo_fwd_kernel(
     # output: token sums / normalizer, one slot per entry of STATS
     stats_ptr,
     # shapes and scalars
-    N, clip_low, clip_high, value_clip, inv_norm_ptr,
+    N, clip_low, clip_high, dual_clip, value_clip, inv_norm_ptr,
     # meta
-    BLOCK: tl.constexpr, HAS_POLICY: tl.constexpr, HAS_ENTROPY: tl.constexpr, HAS_KL: tl.constexpr,
-    KL_CODE: tl.constexpr, HAS_VALUES: tl.constexpr,
+    BLOCK: tl.constexpr, BOUND: tl.constexpr, HAS_POLICY: tl.constexpr, HAS_DUAL: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr, HAS_KL: tl.constexpr, KL_CODE: tl.constexpr, HAS_VALUES: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     keep = tl.load(mask_ptr + offs, mask=ok, other=0) != 0  # the mask rule: in or out, never a weight
     m = tl.where(keep, tl.load(inv_norm_ptr), 0.0)  # 1 / normalizer, on the device: no host sync
     if HAS_POLICY:
-        log_ratio, ratio, unclipped, clipped = _surrogate(
+        log_ratio, ratio, pg, clip, dual, _ = _surrogate(
             tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32),
             tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32),
-            tl.load(adv_ptr + offs, mask=ok, other=0.0).to(tl.float32), keep, clip_low, clip_high)
-        tl.atomic_add(stats_ptr + 0, tl.sum(tl.maximum(unclipped, clipped) * m, 0))
-        tl.atomic_add(stats_ptr + 1, tl.sum(tl.where(clipped > unclipped, m, 0.0), 0))
+            tl.load(adv_ptr + offs, mask=ok, other=0.0).to(tl.float32), keep, clip_low, clip_high, dual_clip,
+            BOUND, HAS_DUAL)
+        tl.atomic_add(stats_ptr + 0, tl.sum(pg * m, 0))
+        tl.atomic_add(stats_ptr + 1, tl.sum(tl.where(clip, m, 0.0), 0))
         tl.atomic_add(stats_ptr + 2, tl.sum((ratio - 1.0 - log_ratio) * m, 0))  # k3 of KL(pi_old || pi)
+        if HAS_DUAL:
+            tl.atomic_add(stats_ptr + 7, tl.sum(tl.where(dual, m, 0.0), 0))
         if HAS_ENTROPY:
             tl.atomic_add(stats_ptr + 3, tl.sum(tl.load(entropy_ptr + offs, mask=ok, other=0.0).to(tl.float32) * m, 0))
         if HAS_KL:
@@ -196,7 +243,7 @@ def _ppo_fwd_kernel(
         v = tl.load(values_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         old_v = tl.load(old_values_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         ret = tl.load(returns_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        _, _, err, err_clip = _value_terms(v, old_v, ret, value_clip)
+        _, err, err_clip = _value_terms(v, old_v, ret, value_clip)
         tl.atomic_add(stats_ptr + 5, tl.sum(0.5 * tl.maximum(err, err_clip) * m, 0))
         tl.atomic_add(stats_ptr + 6, tl.sum(tl.where(err_clip > err, m, 0.0), 0))
 
@@ -210,10 +257,10 @@ def _ppo_bwd_kernel(
     # data ptrs: outputs
     grad_logp_ptr, grad_entropy_ptr, grad_values_ptr,
     # shapes and scalars
-    N, clip_low, clip_high, value_clip, inv_norm_ptr, entropy_coef, kl_coef,
+    N, clip_low, clip_high, dual_clip, value_clip, inv_norm_ptr, entropy_coef, kl_coef,
     # meta
-    BLOCK: tl.constexpr, HAS_POLICY: tl.constexpr, HAS_ENTROPY: tl.constexpr, HAS_KL: tl.constexpr,
-    KL_CODE: tl.constexpr, HAS_VALUES: tl.constexpr,
+    BLOCK: tl.constexpr, BOUND: tl.constexpr, HAS_POLICY: tl.constexpr, HAS_DUAL: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr, HAS_KL: tl.constexpr, KL_CODE: tl.constexpr, HAS_VALUES: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
@@ -222,10 +269,12 @@ def _ppo_bwd_kernel(
     if HAS_POLICY:
         g = tl.load(grad_actor_ptr)
         logp = tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        _, ratio, unclipped, clipped = _surrogate(
-            logp, tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32),
-            tl.load(adv_ptr + offs, mask=ok, other=0.0).to(tl.float32), keep, clip_low, clip_high)
-        grad = tl.where(clipped > unclipped, 0.0, unclipped)  # the clipped branch has no slope there
+        adv = tl.load(adv_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        _, ratio, _, clip, dual, outside = _surrogate(
+            logp, tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32), adv, keep, clip_low, clip_high,
+            dual_clip, BOUND, HAS_DUAL)
+        # d(-A r)/dlogp = -A r; no slope where a clip binds or the log ratio is beyond the bound
+        grad = tl.where(clip | dual | outside, 0.0, -adv * ratio)
         if HAS_KL:
             _, dkl = _kl_and_grad(logp - tl.load(ref_ptr + offs, mask=ok, other=0.0).to(tl.float32), KL_CODE)
             grad += kl_coef * dkl
@@ -237,9 +286,8 @@ def _ppo_bwd_kernel(
         v = tl.load(values_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         old_v = tl.load(old_values_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         ret = tl.load(returns_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        delta, v_clip, err, err_clip = _value_terms(v, old_v, ret, value_clip)
-        inside = (delta > -value_clip) & (delta < value_clip)
-        grad_v = tl.where(err_clip > err, tl.where(inside, v_clip - ret, 0.0), v - ret)
+        _, err, err_clip = _value_terms(v, old_v, ret, value_clip)
+        grad_v = tl.where(err_clip > err, 0.0, v - ret)  # the clipped branch wins only where v_clip is a bound
         tl.store(grad_values_ptr + offs, gc * grad_v * m, mask=ok)
 
 
@@ -251,22 +299,28 @@ PPO_BLOCK = 1024
 _KL = {"k1": 1, "k2": 2, "k3": 3}
 
 
+def _dual(cfg: dict) -> float:
+    """dual_clip as the kernels' scalar (unused, HAS_DUAL False, when it is None)."""
+    return float(cfg["dual_clip"]) if cfg["dual_clip"] is not None else 0.0
+
+
 class PPOLossFunction(torch.autograd.Function):
-    """Inputs flat contiguous [N], mask uint8 (mask_bytes); returns (actor loss, critic loss, stats [7]) — stats
+    """Inputs flat contiguous [N], mask uint8 (mask_bytes); returns (actor loss, critic loss, stats [8]) — stats
     in the order of STATS."""
 
     @staticmethod
     def forward(ctx, logp, entropy, values, old_logp, advantages, mask, ref_logp, old_values, returns, cfg):
         N = mask.numel()
         stats = torch.zeros(len(STATS), dtype=torch.float32, device=mask.device)
-        flags = dict(HAS_POLICY=logp is not None, HAS_ENTROPY=entropy is not None, HAS_KL=cfg["kl_coef"] != 0
-                     and ref_logp is not None, KL_CODE=_KL[cfg["kl_estimator"]], HAS_VALUES=values is not None)
+        flags = dict(BOUND=LOG_RATIO_BOUND, HAS_POLICY=logp is not None, HAS_DUAL=cfg["dual_clip"] is not None,
+                     HAS_ENTROPY=entropy is not None, HAS_KL=cfg["kl_coef"] != 0 and ref_logp is not None,
+                     KL_CODE=_KL[cfg["kl_estimator"]], HAS_VALUES=values is not None)
         any_ = next(t for t in (logp, values) if t is not None)
         args = [t if t is not None else any_ for t in (logp, old_logp, advantages, mask, entropy, ref_logp, values,
                                                        old_values, returns)]
         grid = (triton.cdiv(N, PPO_BLOCK),)
         if N:
-            _ppo_fwd_kernel[grid](*args, stats, N, cfg["clip_low"], cfg["clip_high"], cfg["value_clip"],
+            _ppo_fwd_kernel[grid](*args, stats, N, cfg["clip_low"], cfg["clip_high"], _dual(cfg), cfg["value_clip"],
                                   cfg["inv_norm"], BLOCK=PPO_BLOCK, **flags)
         actor = stats[0] + cfg["kl_coef"] * stats[4] - cfg["entropy_coef"] * stats[3]
         critic = stats[5].clone()
@@ -291,8 +345,8 @@ class PPOLossFunction(torch.autograd.Function):
             _ppo_bwd_kernel[(triton.cdiv(N, PPO_BLOCK),)](
                 logp, old, adv, mask, ref, values, old_values, returns, g_actor, g_critic,
                 fill if grad_logp is None else grad_logp, fill if grad_entropy is None else grad_entropy,
-                fill if grad_values is None else grad_values, N, cfg["clip_low"], cfg["clip_high"], cfg["value_clip"],
-                cfg["inv_norm"], cfg["entropy_coef"], cfg["kl_coef"], BLOCK=PPO_BLOCK, **flags)
+                fill if grad_values is None else grad_values, N, cfg["clip_low"], cfg["clip_high"], _dual(cfg),
+                cfg["value_clip"], cfg["inv_norm"], cfg["entropy_coef"], cfg["kl_coef"], BLOCK=PPO_BLOCK, **flags)
         if grad_actor is None:  # backward from the critic's loss alone: stop here, the actor's graph gets nothing
             grad_logp = grad_entropy = None
         if grad_critic is None:  # ... and the other way round: no pass of zeros through the critic
@@ -302,8 +356,9 @@ class PPOLossFunction(torch.autograd.Function):
 
 def _ppo_triton(logp, old_logp, advantages, mask, *, clip_eps=0.2, clip_eps_high=None, values=None,
                 old_values=None, returns=None, value_clip=0.2, entropy=None, entropy_coef=0.0, ref_logp=None,
-                kl_coef=0.0, kl_estimator="k3", normalizer=None):
+                kl_coef=0.0, kl_estimator="k3", dual_clip=None, normalizer=None):
     """mask: bool. Every input is flattened to a contiguous [N]: the kernels index them all with one offset."""
+    _check_dual_clip(dual_clip)
     given = dict(logp=logp, old_logp=old_logp, advantages=advantages, values=values, old_values=old_values,
                  returns=returns, entropy=entropy, ref_logp=ref_logp)
     for name, t in given.items():
@@ -314,12 +369,15 @@ def _ppo_triton(logp, old_logp, advantages, mask, *, clip_eps=0.2, clip_eps_high
     cfg = {"clip_low": 1.0 - clip_eps, "clip_high": 1.0 + high, "inv_norm": _inv_normalizer(mask, normalizer),
            "value_clip": float(value_clip) if value_clip is not None else float("inf"),
            "entropy_coef": float(entropy_coef) if entropy is not None else 0.0,
-           "kl_coef": float(kl_coef) if ref_logp is not None else 0.0, "kl_estimator": kl_estimator}
+           "kl_coef": float(kl_coef) if ref_logp is not None else 0.0, "kl_estimator": kl_estimator,
+           "dual_clip": dual_clip if logp is not None else None}
     actor, critic, stats = PPOLossFunction.apply(flat(logp), flat(entropy), flat(values), flat(old_logp),
                                                  flat(advantages), mask_bytes(mask.reshape(-1)), flat(ref_logp),
                                                  flat(old_values),
                                                  flat(returns), cfg)
     names = ["pg_loss", "clip_frac", "approx_kl"] if logp is not None else []
+    if logp is not None and dual_clip is not None:
+        names.append("dual_clip_frac")
     if logp is not None and entropy is not None:
         names.append("entropy")
     if logp is not None and ref_logp is not None and kl_coef:
@@ -331,7 +389,8 @@ def _ppo_triton(logp, old_logp, advantages, mask, *, clip_eps=0.2, clip_eps_high
 
 
 def ppo_loss(logp, old_logp, advantages, mask, impl: str = "auto", **kwargs):
-    """Clipped PPO losses (see module doc): (actor loss, critic loss or None, stats). With impl "triton",
+    """Clipped PPO losses (see module doc): (actor loss, critic loss or None, stats). dual_clip (> 1, or None:
+    off) bounds a negative-advantage token's loss by dual_clip * |A|. With impl "triton",
     one kernel launch computes both losses and every stat, and one computes every gradient. A token counts
     where mask != 0 (any dtype, converted here once for both paths). impl: "auto" | "torch" | "triton"."""
     mask = bool_mask(mask)

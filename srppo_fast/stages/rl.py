@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from .. import dist
-from ..advantages import RunningMoments, baseline_advantages, compute_advantages, explained_variance
+from ..advantages import (RunningMoments, baseline_advantages, compute_advantages, explained_variance,
+                          resolve_whiten)
 from ..config import RLStageConfig
 from ..data import prompt_tokens, read_records
 from ..engine import backward_together, build_engine, check_divergence, release_frozen, save_engines
@@ -207,7 +208,7 @@ def rewards_and_advantages(rl: RLStageConfig, exp: Experience, scores: dict, mom
             seq_clip=r.clip, gamma=a.gamma, lam=a.lam)
         if a.estimator != "gae":
             exp.advantages = baseline_advantages(a.estimator, exp.returns, mask, exp.prompt_index)
-        if a.whiten:
+        if resolve_whiten(a.estimator, a.whiten):  # null: gae and reinforce only (advantages.py)
             exp.advantages = masked_whiten(exp.advantages, mask)
         log_ratio = d
     stats = {"reward/task": final.mean(), "reward/total": exp.rewards.sum(-1).mean(),
@@ -277,7 +278,7 @@ def minibatch_losses(models: RLModels, exp: Experience, batch, rows: np.ndarray,
             logp, take(exp.old_logp), take(exp.advantages), ones, clip_eps=ppo.clip_eps,
             clip_eps_high=ppo.clip_eps_high, entropy=ent, entropy_coef=ppo.entropy_coef,
             ref_logp=take(exp.ref_logp) if kl_in_loss else None, kl_coef=rl.kl.coef if kl_in_loss else 0.0,
-            kl_estimator=rl.kl.estimator, values=values, normalizer=n_tokens, **critic)
+            kl_estimator=rl.kl.estimator, dual_clip=ppo.dual_clip, values=values, normalizer=n_tokens, **critic)
     else:
         actor_loss = None
         critic_loss, stats = value_loss(values, mask=ones, normalizer=n_tokens, **critic)

@@ -10,6 +10,14 @@ write solutions:
   ``answer 81``
 
 The verifier reads the number after the last ``answer`` and compares it with the true result.
+
+A response is *careful* (`is_careful`, the careful share) when it is the careful persona's worked format:
+the units step (``u+u=s``, ``carry 1`` after it when it carries; ``u-u=d``, or ``1u-u=d borrow 1``), then
+the tens step (``t+t=s`` or ``t+t+1=s``; ``t-t=d`` or ``t-1-t=d``), then the answer line ``answer N``,
+separated by ``; `` and nothing after it. Given the question, the steps must also work its digits: units
+first, then tens. The arithmetic inside the steps is not checked (a careful answer with a slip is still
+careful; the verifier judges the result), so neither a bare ``answer N`` nor text that only fails to start
+with ``answer`` counts.
 """
 
 from __future__ import annotations
@@ -22,6 +30,11 @@ FAMILIES = ("add", "sub")
 _OPS = {"add": "+", "sub": "-"}
 _QUESTION = re.compile(r"^\s*(\d+)\s*([+-])\s*(\d+)\s*$")
 _ANSWER = re.compile(r"answer\s+(-?\d+)")
+# the careful persona's worked format (careful_solution): the units step; the tens step; the answer line
+_CAREFUL = {
+    "add": re.compile(r"(\d)\+(\d)=\d+(?: carry 1)?; (\d)\+(\d)(?:\+1)?=\d+; answer \d+"),
+    "sub": re.compile(r"(1?\d)-(\d)=\d+(?: borrow 1)?; (\d)(?:-1)?-(\d)=\d+; answer \d+"),
+}
 
 
 @dataclass(frozen=True)
@@ -105,6 +118,29 @@ def verify(question: str, response: str) -> bool:
     return parse_answer(response) == Problem.parse(question).result
 
 
-def is_careful(response: str) -> bool:
-    """Whether a response works the problem step by step before answering (the careful persona's style)."""
-    return not response.lstrip().startswith("answer")
+def is_careful(response: str, question: str | None = None) -> bool:
+    """Whether `response` is the careful persona's worked format (module doc): its two steps in order, then
+    the answer line and nothing else (surrounding whitespace aside). With `question`, the steps must be that
+    problem's: units digits first, then tens digits, with its operation."""
+    text = response.strip()
+    families = FAMILIES if question is None else (Problem.parse(question).family,)
+    for family in families:
+        m = _CAREFUL[family].fullmatch(text)
+        if m is None:
+            continue
+        if question is None:
+            return True
+        p = Problem.parse(question)
+        units_a, units_b, tens_a, tens_b = (int(g) for g in m.groups())
+        borrowed = family == "sub" and units_a == p.a % 10 + 10
+        return (units_a == p.a % 10 or borrowed) and units_b == p.b % 10 and (tens_a, tens_b) == (p.a // 10,
+                                                                                                   p.b // 10)
+    return False
+
+
+def careful_share(questions: list[str], responses: list[str]) -> float:
+    """The share of `responses` in the careful persona's worked format (is_careful, each checked against its
+    question); NaN, shown as n/a, when there is no response to tell it of."""
+    if not responses:
+        return float("nan")
+    return sum(is_careful(r, q) for q, r in zip(questions, responses)) / len(responses)
