@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import STAGE_TYPES, Config, is_gguf, stage_data_specs, stage_model_refs, to_dict
+from .config import (STAGE_TYPES, Config, is_gguf, resolved_engine, resolved_precision, stage_data_specs,
+                     stage_model_refs, to_dict)
 from .errors import CheckpointError, ConfigError, DataError
 from .io import effective_dir
 
@@ -81,12 +82,20 @@ def uses_world(cfg: Config) -> bool:
     return any(s == "world" or s.startswith("world:") for s in specs)
 
 
-# keys that change when things are logged or saved, never what is trained
+# What makes a finished stage "the same": every key that changes the trained weights beyond floating-point
+# rounding. runtime.precision does (fp32 and bf16 train different models), and so do the stage's section (but when
+# it logs, evaluates or saves), the model (but how attention and checkpointing compute the same thing), the seed,
+# the world and the data. How the same maths is computed does not: runtime.engine, the deepspeed section (ZeRO
+# stage, offload), the number of processes, model.attn_implementation, model.gradient_checkpointing, the kernels'
+# implementation (SRPPO_FAST_IMPL), threads; each is parity-tested to rounding (tests/test_deepspeed.py,
+# test_packed_forward.py, test_impl_parity.py). A resumable checkpoint is refused by another engine all the same:
+# its optimizer state is the engine's own (stage_status).
 _NOT_RESULTS = {"save_every", "log_every", "eval_every"}
+_MODEL_NOT_RESULTS = {"attn_implementation", "gradient_checkpointing"}
 
 
-def _result_keys(section: dict) -> dict:
-    return {k: v for k, v in section.items() if k not in _NOT_RESULTS}
+def _result_keys(section: dict, skip: set = _NOT_RESULTS) -> dict:
+    return {k: v for k, v in section.items() if k not in skip}
 
 
 def stage_fingerprint(cfg: Config, name: str) -> dict:
@@ -99,7 +108,9 @@ def stage_fingerprint(cfg: Config, name: str) -> dict:
             upstream = stage_fingerprint(cfg, ref)
             data.update(upstream.pop("data", {}))
             fp.update(upstream)
-    fp.update({name: _result_keys(to_dict(getattr(cfg, name))), "model": to_dict(cfg.model), "seed": cfg.seed})
+    fp.update({name: _result_keys(to_dict(getattr(cfg, name))), "model": _result_keys(to_dict(cfg.model),
+                                                                                     _MODEL_NOT_RESULTS),
+               "seed": cfg.seed, "precision": resolved_precision(cfg)})
     if uses_world(cfg):
         fp["world"] = to_dict(cfg.world)
     for spec in stage_data_specs(cfg, name):
@@ -169,6 +180,12 @@ def stage_status(cfg: Config, name: str) -> StageStatus:
     complete = bool(info.get("complete"))
     if not complete and not (source / "trainer_state.pt").is_file():
         return StageStatus(name, "start", fingerprint=want)  # an unfinished save without state: start over
+    if not complete:  # its optimizer state is its engine's own: another engine cannot take it over
+        saved = "deepspeed" if (source / "deepspeed").is_dir() else "torch"
+        if saved != resolved_engine(cfg):
+            raise CheckpointError(f"{path} was saved by the {saved} engine but this run uses the "
+                                  f"{resolved_engine(cfg)} engine (runtime.engine); resume with runtime.engine={saved}, "
+                                  "or delete that checkpoint to start the stage over.")
     if info.get("fingerprint") != want:
         what = "a finished run" if complete else "an unfinished run"
         raise CheckpointError(f"{path} holds {what} of a different config (changed: "
@@ -267,20 +284,25 @@ def _check_tokenizer_path(path: str, trust_remote_code: bool) -> str:
     return f"model.tokenizer: '{path}' loads ({len(tok)} tokens)"
 
 
-def _check_data_head(spec: str, kind: str, key: str, lines: int = 8) -> str:
+def _check_data(spec: str, kind: str, key: str, final_answer: bool = False) -> str:
+    """Every record of a data file or dataset directory, streamed (one record in memory at a time): it parses,
+    holds what `kind` needs and valid text; with final_answer (SPIN) each conversation ends with the answer. The
+    first problem is one DataError naming its file and line, before the run writes anything."""
     from .data import iter_raw, normalise
 
     if spec.startswith(("world:", "hf:")):
         return f"{key}: {spec} (not opened before the run)"
     seen = 0
     for where, obj in iter_raw(spec):
-        normalise(obj, where, kind)
+        record = normalise(obj, where, kind)
+        if final_answer and record.messages and record.messages[-1]["role"] != "assistant":
+            raise DataError(f"{where}: SPIN needs conversations that end with the assistant's turn (the "
+                            "demonstration it prefers to the model's own answer); this one ends with a "
+                            f"{record.messages[-1]['role']} turn.")
         seen += 1
-        if seen >= lines:
-            break
     if not seen:
         raise DataError(f"{key}: '{spec}' holds no records; give a file with one JSON object per line.")
-    return f"{key}: '{spec}' opens and its first {seen} records parse"
+    return f"{key}: '{spec}': all {seen} records parse and hold what the stage needs"
 
 
 def check_inputs(cfg: Config) -> list[str]:
@@ -312,7 +334,7 @@ def check_inputs(cfg: Config) -> list[str]:
         data_kind = {"lm": "lm" if getattr(section, "loss_on", "") == "all" else "sft", "rl": "prompt",
                      "spin": "sft", "eval": "prompt"}[kind]
         for spec in stage_data_specs(cfg, name):
-            done.append(_check_data_head(spec, data_kind, f"{name} data"))
+            done.append(_check_data(spec, data_kind, f"{name} data", final_answer=kind == "spin"))
     return done
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import reprlib
 import math
 import os
 import types
@@ -462,12 +463,12 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
-        raise ConfigError(f"{key}: {value!r} is not allowed; use {_type_name(tp)}.")
+        raise ConfigError(f"{key}: {shown(value)} is not allowed; use {_type_name(tp)}.")
     if dataclasses.is_dataclass(tp):
         if value is None:
             return tp()
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of its fields, got {value!r}.")
+            raise ConfigError(f"{key}: expected a mapping of its fields, got {shown(value)}.")
         return build(tp, value, key)
     if tp is bool:
         if isinstance(value, bool):
@@ -490,7 +491,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
                 pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
-                raise ConfigError(f"{key}: {value!r} is not a finite number; give a finite value.")
+                raise ConfigError(f"{key}: {shown(value)} is not a finite number; give a finite value.")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -503,7 +504,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     elif tp is dict:
         if isinstance(value, dict):
             return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}).")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {shown(value)} ({type(value).__name__}).")
 
 
 def _check_bounds(f: dataclasses.Field, value: Any, key: str) -> None:
@@ -514,7 +515,7 @@ def _check_bounds(f: dataclasses.Field, value: Any, key: str) -> None:
                             ("lt", lambda v, b: v < b, "less than"), ("le", lambda v, b: v <= b, "at most")):
         b = m.get(bound)
         if b is not None and not ok(value, b):
-            raise ConfigError(f"{key}: {value!r} is out of range; it must be {word} {b:g}.")
+            raise ConfigError(f"{key}: {shown(value)} is out of range; it must be {word} {b:g}.")
 
 
 def build(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
@@ -577,6 +578,82 @@ def _section_type(cls: Any, name: str) -> Any:
     return typing.get_type_hints(cls).get(name)
 
 
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlist, _SHOWN.maxdict, _SHOWN.maxlevel = 60, 60, 6, 6, 3
+
+
+def shown(value: Any) -> str:
+    """A value as an error message shows it: bounded in length and depth, however large or deep the value (a YAML
+    alias bomb is a few nodes that expand to billions)."""
+    return _SHOWN.repr(value)
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few kilobytes; a megabyte is not a config
+MAX_CONFIG_NODES = 100_000  # values after YAML aliases are expanded
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as a config means it: a key twice in one mapping is an error naming both lines (plain YAML keeps the
+    last silently: a second `pretrain:` drops the whole first section), and aliases may not expand the document
+    beyond MAX_CONFIG_NODES values (a billion-laughs bomb is refused before anything walks it). Merge keys
+    (`<<: *sft`) stay: a key given beside a merge overrides the merged one, as YAML says."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = key_node.value
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise ConfigError(f"config file '{self.name}': key '{key}' appears twice in one mapping (lines "
+                                      f"{seen[key]} and {line}); YAML would silently keep only the second, so "
+                                      "merge them into one.")
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node, memo: dict) -> int:
+    """How many values `node` stands for with every alias expanded (each distinct node counted once per use)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a recursive alias counts once: it cannot be expanded anyway
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, memo) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = size
+    return size
+
+
+def parse_yaml_config(text: str, path: str):
+    """The config file's YAML, strictly (see _StrictLoader), or one ConfigError naming the line."""
+    if len(text.encode("utf-8", errors="replace")) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file '{path}' is larger than {MAX_CONFIG_BYTES >> 20} MiB, which no config is; "
+                          "give the YAML config of a run.")
+    loader = _StrictLoader(text)
+    loader.name = path
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {})
+        if size > MAX_CONFIG_NODES:
+            raise ConfigError(f"config file '{path}' expands to {size:,} values once its YAML aliases are resolved "
+                              f"(more than {MAX_CONFIG_NODES:,}: aliases nested in aliases?); write the values out.")
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}: "
+                          f"{getattr(e, 'problem', None) or e}; fix the syntax there.") from None
+    finally:
+        loader.dispose()
+
+
 def apply_override(raw: dict, item: str, schema: type = None) -> None:
     """Apply one `dotted.key=value` override (the value is parsed as YAML) to the raw config dict."""
     if "=" not in item:
@@ -609,13 +686,7 @@ def load_config(path: str | None, overrides: list[str] = (), *, check_files: boo
     if path is not None:
         text = read_text_file(path, "config file", "pass an existing YAML file to --config (e.g. "
                               "configs/quickstart.yaml).", ConfigError)
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"config file '{path}' is not valid YAML{where}: "
-                              f"{getattr(e, 'problem', None) or e}; fix the syntax there.") from None
+        raw = parse_yaml_config(text, path)
         if raw is None:
             raise ConfigError(f"config file '{path}' is empty; list the stages and settings of a run (see "
                               "configs/quickstart.yaml), or write {} to mean every default.")
@@ -678,7 +749,7 @@ def _check_model_ref(cfg: Config, ref: str, key: str, before: list[str], check_f
 def _check_optim(optim: OptimConfig, key: str) -> None:
     betas = optim.betas
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-        raise ConfigError(f"{key}.betas must be two numbers in [0, 1), got {betas!r}.")
+        raise ConfigError(f"{key}.betas must be two numbers in [0, 1), got {shown(betas)}.")
 
 
 def _validate_lm(cfg: Config, name: str, before: list[str], check_files: bool) -> None:
@@ -860,6 +931,49 @@ def _validate_rollout(cfg: Config, name: str) -> None:
                               f"{', '.join(map(str, CPU_HEAD_DIMS))}); change model.arch, or use {where}.engine=hf.")
 
 
+def _validate_environment(cfg: Config) -> None:
+    """Every environment variable srppo-fast reads, checked with the config (so a bad one stops the run, and a dry
+    run, before anything is written)."""
+    env = os.environ
+    impl = env.get("SRPPO_FAST_IMPL")
+    if impl is not None:
+        if impl not in ("auto", "torch", "triton"):
+            raise ConfigError(f"SRPPO_FAST_IMPL is {shown(impl)}; set it to auto, torch or triton, or unset it.")
+        if impl == "triton":
+            import importlib.util
+
+            if importlib.util.find_spec("triton") is None:
+                raise ConfigError("SRPPO_FAST_IMPL is triton but Triton is not installed: pip install triton, or "
+                                  "unset SRPPO_FAST_IMPL.")
+            import torch
+
+            on_cpu = cfg.runtime.device == "cpu" or not torch.cuda.is_available()
+            if on_cpu and env.get("TRITON_INTERPRET") != "1":
+                raise ConfigError("SRPPO_FAST_IMPL is triton but the run computes on the CPU, where Triton kernels run "
+                                  "only interpreted: set TRITON_INTERPRET=1 too, or unset SRPPO_FAST_IMPL.")
+    shm = env.get("SRPPO_FAST_DS_SHM")
+    if shm is not None and shm not in ("0", "1"):
+        raise ConfigError(f"SRPPO_FAST_DS_SHM is {shown(shm)}; set it to 1 (build DeepSpeed's CPU shared-memory "
+                          "all-reduce) or 0, or unset it.")
+    cache = env.get("SRPPO_FAST_CACHE")
+    if cache is not None and (not cache.strip() or os.path.isfile(cache)):
+        raise ConfigError(f"SRPPO_FAST_CACHE is {shown(cache)}, which is not a directory; point it at a directory "
+                          "for srppo-fast's cache, or unset it.")
+    from .dist import launched
+
+    if launched():
+        try:
+            world, rank = int(env["WORLD_SIZE"]), int(env["RANK"])
+            local = int(env.get("LOCAL_RANK", "0"))
+        except ValueError:
+            raise ConfigError(f"WORLD_SIZE / RANK / LOCAL_RANK must be integers, got {shown(env.get('WORLD_SIZE'))} / "
+                              f"{shown(env.get('RANK'))} / {shown(env.get('LOCAL_RANK'))}; start the run with torchrun "
+                              "or deepspeed, which set them.") from None
+        if world < 1 or not 0 <= rank < world or local < 0:
+            raise ConfigError(f"WORLD_SIZE={world}, RANK={rank}, LOCAL_RANK={local} do not describe a process of a "
+                              "launch; start the run with torchrun or deepspeed, which set them.")
+
+
 def _validate_samplers(cfg: Config) -> None:
     """On a GPU the stages that sample with vLLM share one sampler (rollout.vllm_engine.sampler: vLLM's sleep mode
     keeps one allocator per process, so a second sampler's wake-up would wake the first's memory too), so they
@@ -907,6 +1021,7 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
     if cfg.model.attn_implementation == "flash_attention_2" and cfg.runtime.device == "cpu":
         raise ConfigError("model.attn_implementation is 'flash_attention_2', which runs on CUDA only, but "
                           "runtime.device is 'cpu'; use varlen_sdpa (the default) on the CPU.")
+    _validate_environment(cfg)
     _validate_engine(cfg)
     _validate_samplers(cfg)
     _validate_logging(cfg.logging)

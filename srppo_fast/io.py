@@ -94,7 +94,7 @@ def read_text_file(path: str | Path, label: str, fix: str, error: type = None) -
     error = error or SrppoError
     if os.path.isdir(path):
         raise error(f"{label} '{path}' is a directory; {fix}")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):  # a pipe the shell hands over (`--config <(...)`, /dev/stdin) exists and is read once
         raise error(f"{label} '{path}' does not exist; {fix}")
     try:
         with open(path, encoding="utf-8") as fh:

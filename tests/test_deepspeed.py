@@ -223,8 +223,10 @@ def test_a_torch_checkpoint_is_not_resumed_by_the_deepspeed_engine(tmp_path):
               if line.split(" ", 1)[1] == "write model"]
     shutil.rmtree(out)
     assert launch(out, [*extra, "runtime.engine=torch"], env={"SRPPO_FAST_TEST_KILL_AT": str(writes[1])}).returncode
+    config_yaml = (out / "config.yaml").read_text()
     proc = launch(out, [*extra, "runtime.engine=deepspeed"])
     assert proc.returncode != 0 and "saved by the torch engine but this run uses the deepspeed engine" in proc.stderr
+    assert (out / "config.yaml").read_text() == config_yaml  # refused by the checks, before anything was written
 
 
 def test_sigterm_to_the_launcher_saves_every_rank_and_the_same_command_resumes(tmp_path):

@@ -339,13 +339,15 @@ def test_ppo_loss_backward_from_one_loss_reaches_only_its_model(impl):
 
 @pytest.mark.parametrize("N", [1, 7, 1024, 1025, 3000])
 @pytest.mark.parametrize("kl", ["k1", "k2", "k3"])
-@pytest.mark.parametrize("options", ["all", "policy_only", "no_value_clip"])
+@pytest.mark.parametrize("options", ["all", "policy_only", "no_value_clip", "dual_clip"])
 def test_ppo_loss_matches_reference(N, kl, options):
     logp0, d = _ppo_inputs(N, seed=N)
     kwargs = dict(clip_eps=0.2, clip_eps_high=0.28, value_clip=0.2, entropy_coef=0.01, kl_coef=0.1,
                   kl_estimator=kl, normalizer=N * 0.9)
     if options == "no_value_clip":
         kwargs["value_clip"] = None
+    if options == "dual_clip":  # binds where A < 0 and r > 1.5: about 1 token in 12 here
+        kwargs["dual_clip"] = 1.5
 
     def run(impl):
         logp = logp0.to(DEVICE).clone().requires_grad_()
@@ -368,6 +370,38 @@ def test_ppo_loss_matches_reference(N, kl, options):
     for a, b in zip(tri[3:], ref[3:]):
         if b is not None:
             close(a.cpu(), b.cpu())
+
+
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+def test_ppo_loss_extreme_log_ratios_match_reference(dual_clip):
+    """A tenth of the tokens with |logp - old_logp| between 25 and 100 (beyond the bound of 20): both
+    implementations stay finite and agree, the gradient of those tokens is 0, and the value clip counts the
+    same tokens in both."""
+    N = 1025
+    logp0, d = _ppo_inputs(N, seed=5)
+    g = torch.Generator().manual_seed(6)
+    far = torch.rand(N, generator=g) < 0.1
+    shift = (torch.rand(N, generator=g) * 75 + 25) * torch.where(torch.rand(N, generator=g) < 0.5, -1.0, 1.0)
+    old_logp = torch.where(far.to(DEVICE), logp0.to(DEVICE) - shift.to(DEVICE), d["old_logp"])
+
+    def run(impl):
+        logp = logp0.to(DEVICE).clone().requires_grad_()
+        values = d["values"].clone().requires_grad_()
+        actor, critic, stats = ppo_loss(logp, old_logp, d["advantages"], d["mask"], impl=impl, values=values,
+                                        old_values=d["old_values"], returns=d["returns"], dual_clip=dual_clip)
+        (actor + critic).backward()
+        return [actor.detach(), critic.detach(), *(stats[k] for k in sorted(stats)), logp.grad, values.grad]
+
+    tri, ref = run("triton"), run("torch")
+    assert all(torch.isfinite(x).all() for x in tri + ref)
+    for a, b in zip(tri, ref):
+        close(a.cpu(), b.cpu())
+    assert (tri[-2].cpu()[far] == 0).all() and (ref[-2].cpu()[far] == 0).all()
+    assert float(tri[-2].abs().sum()) > 0  # the other tokens do have a slope
+    clip_frac = sorted(["pg_loss", "clip_frac", "approx_kl", "value_loss", "value_clip_frac"] +
+                       (["dual_clip_frac"] if dual_clip else [])).index("value_clip_frac")
+    n = int(d["mask"].sum())  # the same tokens counted (the fractions are sums of 1/n in different orders)
+    assert round(float(tri[2 + clip_frac]) * n) == round(float(ref[2 + clip_frac]) * n) > 0
 
 
 def test_value_loss_alone_matches_reference():

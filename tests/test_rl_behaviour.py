@@ -8,6 +8,8 @@ what the real trainer functions (srppo_fast.stages.rl, srppo_fast.ops) make of t
   with the fused op run as the PyTorch reference and as the Triton kernel (interpreted on CPU);
 * the no-EOS policy: a response without EOS gets exactly `no_eos_penalty`, the others keep theirs;
 * running reward whitening (`reward.whiten`) uses the mean/std of every reward seen so far;
+* advantage whitening's default (`advantage.whiten: null`): rloo and grpo are not whitened, so a prompt whose
+  samples tie keeps exactly zero advantage; an explicit true whitens them;
 * the KL-in-the-loss term (k2, k3) pulls the policy toward pi_ref, by the hand-computed gradient;
 * end to end (score -> rewards_and_advantages -> ppo_update on tiny models): an actor trained with
   the coherent reward, or with the KL-in-loss term alone, raises the probability of the token that
@@ -188,6 +190,75 @@ def test_reward_whitening_of_one_large_buffer_has_mean_0_std_1(impl):
     np.testing.assert_allclose(final, (raw - raw.mean()) / raw.std(ddof=1), rtol=1e-4, atol=1e-4)
     # whitening keeps the order of the responses (it is an increasing affine map)
     assert np.array_equal(np.argsort(final, kind="stable"), np.argsort(raw, kind="stable"))
+
+
+# ------------------------------------------------------------------------------------------------
+# advantage whitening: null (the default) leaves rloo and grpo alone, so a tied group keeps zero advantage
+
+
+def tie_experience() -> tuple[Experience, dict]:
+    """Five responses to two prompts (T=2), d = log pi_SFT - log pi_PT per token, sequence reward R = sum d:
+
+        prompt 0, rows 0-2: d = [0.5, 0.5], [1, 0], [0.25, 0.75]   R = 1, 1, 1 (a tie, in different tokens)
+        prompt 1, row 3:    d = [1, 2]                              R = 3
+        prompt 1, row 4:    d = [1] (one token; pad entry garbage)  R = 1
+    The d are dyadic, so every sum is exact in both implementations.
+    """
+    d = T([[0.5, 0.5], [1.0, 0.0], [0.25, 0.75], [1.0, 2.0], [1.0, 9.0]])
+    mask = T([[True, True]] * 4 + [[True, False]])
+    pt = torch.full_like(d, -3.0)
+    sft = pt + d
+    seqs = build_sequences([[5, 6]] * 3 + [[7]] * 2, [[3, 4], [8, 4], [9, 2], [3, 4], [3]])
+    exp = Experience(seqs, mask, np.array([0, 0, 0, 1, 1]), torch.ones(5, dtype=torch.bool), sft * mask,
+                     sft * mask, None)
+    return exp, {"sft": sft, "pt": pt}
+
+
+# By hand, gamma 1, the reward on each response's last token, so G_t = R at every token:
+#   rloo: prompt 0: R - mean of the other two = 0; row 3: 3 - 1 = 2; row 4: 1 - 3 = -2
+#   grpo: prompt 0 tied: 0; prompt 1: mean 2, unbiased std sqrt(2): +-1 / (sqrt(2) + 1e-6)
+# Whitened (advantage.whiten=true), over the 9 tokens [0 x 6, a, a, -a]: mean a/9, variance 26 a^2 / 81, so
+# prompt 0 -> -1/sqrt(26), row 3 -> 8/sqrt(26), row 4 -> -10/sqrt(26), for rloo (a = 2) and grpo alike.
+A_GRPO = 1.0 / (math.sqrt(2.0) + 1e-6)
+TIE_HAND = {"rloo": [[0, 0]] * 3 + [[2, 2], [-2, 0]], "grpo": [[0, 0]] * 3 + [[A_GRPO, A_GRPO], [-A_GRPO, 0]]}
+TIE_WHITENED = [[-1, -1]] * 3 + [[8, 8], [-10, 0]]  # x 1/sqrt(26)
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo"])
+@pytest.mark.parametrize("reward", ["coherent", "model"])
+def test_tied_group_keeps_zero_advantage_under_the_default_whitening(impl, estimator, reward):
+    # the stage config as a user gets it: advantage.whiten not given (null)
+    rl = build(RLStageConfig, {"kl": {"coef": 0.0}, "advantage": {"estimator": estimator}}, "srppo")
+    assert rl.advantage.whiten is None
+    exp, scores = tie_experience()
+    if reward == "model":  # one score per response, the same totals: compute_advantages' path
+        scores = {"model": T([1.0, 1.0, 1.0, 3.0, 1.0])}
+    rewards_and_advantages(rl, exp, scores, RunningMoments())
+    assert (exp.advantages[:3] == 0).all()  # exactly: the tie rule survives
+    torch.testing.assert_close(exp.advantages, T(TIE_HAND[estimator]), rtol=1e-6, atol=0)
+    # an explicit true still whitens: the tied group moves to -mean / std
+    rl = build(RLStageConfig, {"kl": {"coef": 0.0}, "advantage": {"estimator": estimator, "whiten": True}},
+               "srppo")
+    exp, _ = tie_experience()
+    rewards_and_advantages(rl, exp, scores, RunningMoments())
+    torch.testing.assert_close(exp.advantages, T(TIE_WHITENED) / math.sqrt(26.0), rtol=1e-5, atol=0)
+    valid = exp.advantages[exp.mask].double()
+    assert float(valid.mean()) == pytest.approx(0.0, abs=1e-6)
+    assert float(valid.std(unbiased=False)) == pytest.approx(1.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("reward", ["coherent", "model"])
+def test_reinforce_is_whitened_under_the_default(impl, reward):
+    # reinforce, whiten null: G_0 = [1, 1, 1, 3, 1], baseline 7/5, so A = G_t - 1.4 on the 9 tokens is -0.4 x 7
+    # and 1.6 x 2: mean 2/45, centred -4/9 and 14/9, biased variance (7 * 16 + 2 * 196) / 729 = 56/81, so the
+    # whitened advantages are -4/sqrt(56) and 14/sqrt(56)
+    rl = build(RLStageConfig, {"kl": {"coef": 0.0}, "advantage": {"estimator": "reinforce"}}, "srppo")
+    exp, scores = tie_experience()
+    if reward == "model":
+        scores = {"model": T([1.0, 1.0, 1.0, 3.0, 1.0])}
+    rewards_and_advantages(rl, exp, scores, RunningMoments())
+    torch.testing.assert_close(exp.advantages, T([[-4, -4]] * 3 + [[14, 14], [-4, 0]]) / math.sqrt(56.0), rtol=1e-5,
+                               atol=0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from srppo_fast.advantages import RunningMoments, baseline_advantages, compute_advantages, explained_variance
+from srppo_fast.advantages import (RunningMoments, baseline_advantages, compute_advantages, explained_variance,
+                                   resolve_whiten)
 from srppo_fast.ops import (coherent_rewards_ref, gae, kl_estimate, kl_shaped_rewards_ref, ppo_loss, returns_to_go,
-                            sequence_rewards_ref)
+                            sequence_rewards_ref, value_loss)
 
 T = torch.tensor
+IMPLS = ["torch", "triton"]  # triton: the kernels through TRITON_INTERPRET=1 on CPU (conftest sets it)
 
 
 def test_gae_hand_case():
@@ -82,6 +84,130 @@ def test_ppo_loss_gradient_is_zero_where_clipped():
     actor.backward()
     # d/dlogp of -A * ratio / n = -ratio / 2 where unclipped; 0 where the clip is active
     torch.testing.assert_close(logp.grad, T([0.0, -0.25]))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_value_clip_counts_only_values_that_moved_beyond_the_clip(impl):
+    # clip 0.2; v = [0.01, -0.06, 1], old_v = [-0.06, 0.08, 0.5], R = [0, 0, 2]:
+    #   t0, t1 moved 0.07 and 0.14 < 0.2: v_clip = v, error v^2 = 1e-4 and 3.6e-3, not clipped
+    #   t2 moved 0.5: v_clip = 0.7, (0.7 - 2)^2 = 1.69 > (1 - 2)^2 = 1: clipped, no slope
+    # (the formula old + clamp(v - old) rounds t0 and t1 away from v, 0.01 + 1.9e-9 and -0.06 - 3.7e-9, and the
+    # max then took the rounded value: value_clip_frac 1, not 1/3)
+    v = T([0.01, -0.06, 1.0], requires_grad=True)
+    old_v, ret = T([-0.06, 0.08, 0.5]), T([0.0, 0.0, 2.0])
+    rounded = old_v[:2] + (v[:2].detach() - old_v[:2]).clamp(-0.2, 0.2)
+    assert (rounded != v[:2].detach()).all() and ((rounded - ret[:2]) ** 2 > v[:2].detach() ** 2).all()
+    loss, stats = value_loss(v, old_v, ret, T([True, True, True]), impl=impl, value_clip=0.2)
+    loss.backward()
+    assert float(stats["value_clip_frac"]) == pytest.approx(1 / 3, abs=1e-7)
+    assert float(loss.detach()) == pytest.approx(0.5 * (1e-4 + 3.6e-3 + 1.69) / 3, rel=1e-6)
+    # d/dv of 0.5 (v - R)^2 / 3 = (v - R) / 3 where unclipped; 0 where the clipped branch wins
+    torch.testing.assert_close(v.grad, T([0.01 / 3, -0.06 / 3, 0.0]), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_value_clip_never_counts_a_value_inside_the_band(impl):
+    """Every token moved less than the clip (|v - old_v| < 0.2 - 1e-6 in fp64): nothing is clipped, the loss is
+    the plain squared error and the gradient (v - R) / n. On the same data the formula old + clamp(v - old)
+    counted tokens as clipped (asserted, so the case can tell the two apart)."""
+    g = torch.Generator().manual_seed(0)
+    N, c = 20000, 0.2
+    v = torch.randn(N, generator=g)
+    old_v = v + (torch.rand(N, generator=g) * 2 - 1) * (c - 1e-6)
+    old_v = torch.where((v.double() - old_v.double()).abs() < c - 1e-6, old_v, v)  # fp32 rounding at the edge
+    ret = torch.randn(N, generator=g)
+    rounded = old_v + (v - old_v).clamp(-c, c)
+    assert int(((rounded - ret) ** 2 > (v - ret) ** 2).sum()) > 10  # measured: 54 of 20000
+    leaf = v.clone().requires_grad_()
+    loss, stats = value_loss(leaf, old_v, ret, torch.ones(N, dtype=torch.bool), impl=impl, value_clip=c)
+    loss.backward()
+    assert float(stats["value_clip_frac"]) == 0.0
+    assert float(loss.detach()) == pytest.approx(float(0.5 * ((v.double() - ret.double()) ** 2).mean()), rel=1e-5)
+    torch.testing.assert_close(leaf.grad, (v - ret) / N, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ppo_loss_stays_finite_at_extreme_log_ratios(impl):
+    # log ratio x = [100, ln 0.5, -100, ln 4], A = [-1, 1, 1, -1], eps 0.2; x is clamped to +-20:
+    #   t0: ratio e^20, A < 0: max(e^20, 1.2) = e^20 (finite; x beyond the bound: no slope)
+    #   t1: ratio 0.5, A > 0: max(-0.5, -0.8) = -0.5, slope -A r / 4 = -0.125
+    #   t2: ratio e^-20, A > 0: max(-e^-20, -0.8) = -e^-20 (beyond the bound: no slope)
+    #   t3: ratio 4, A < 0: max(4, 1.2) = 4, slope -A r / 4 = 1
+    # unclamped, t0 gave exp(100) = inf in fp32: an inf loss (and approx_kl), the step skipped
+    e20 = math.exp(20.0)
+    x = T([100.0, math.log(0.5), -100.0, math.log(4.0)])
+    adv = T([-1.0, 1.0, 1.0, -1.0])
+    logp = (x - 1.0).requires_grad_()
+    actor, _, stats = ppo_loss(logp, torch.full((4,), -1.0), adv, T([True] * 4), impl=impl, clip_eps=0.2)
+    actor.backward()
+    assert math.isfinite(float(actor)) and math.isfinite(float(stats["approx_kl"]))
+    assert float(actor) == pytest.approx((e20 - 0.5 - math.exp(-20.0) + 4.0) / 4, rel=1e-6)
+    torch.testing.assert_close(logp.grad, T([0.0, -0.125, 0.0, 1.0]), rtol=1e-6, atol=0)
+    # approx_kl of the clamped x: (e^20 - 1 - 20) + (0.5 - 1 + ln 2) + (e^-20 - 1 + 20) + (4 - 1 - ln 4)
+    kl = (e20 - 21.0) + (math.log(2.0) - 0.5) + (math.exp(-20.0) + 19.0) + (3.0 - math.log(4.0))
+    assert float(stats["approx_kl"]) == pytest.approx(kl / 4, rel=1e-6)
+    # dual clip 3: t0's loss becomes 3 |A| = 3 and t3's 3 (4 > 3), both without slope
+    logp.grad = None
+    actor, _, stats = ppo_loss(logp, torch.full((4,), -1.0), adv, T([True] * 4), impl=impl, clip_eps=0.2,
+                               dual_clip=3.0)
+    actor.backward()
+    assert float(actor) == pytest.approx((3.0 - 0.5 - math.exp(-20.0) + 3.0) / 4, rel=1e-6)
+    assert float(stats["dual_clip_frac"]) == pytest.approx(0.5)
+    torch.testing.assert_close(logp.grad, T([0.0, -0.125, 0.0, 0.0]), rtol=1e-6, atol=0)
+
+
+def _unclamped_policy_loss(logp, old_logp, adv, m, eps):
+    """The policy loss as written before the log-ratio bound (the textbook formula), for the bit-for-bit check."""
+    log_ratio = (logp - old_logp) * m
+    ratio = torch.exp(log_ratio)
+    unclipped, clipped = -adv * ratio, -adv * ratio.clamp(1.0 - eps, 1.0 + eps)
+    loss = (torch.maximum(unclipped, clipped) * m).sum() / m.sum()
+    return loss, (torch.expm1(log_ratio) - log_ratio).mul(m).sum() / m.sum()
+
+
+def test_log_ratio_bound_changes_nothing_inside_it():
+    # |x| <= 20, including exactly +-20: loss, approx_kl and gradient are bit for bit the unclamped formula's
+    g = torch.Generator().manual_seed(1)
+    N = 4099
+    x = torch.cat([T([20.0, -20.0, 19.999998, 0.0]), (torch.rand(N - 4, generator=g) * 2 - 1) * 20])
+    old, adv = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    mask = torch.rand(N, generator=g) > 0.1
+    assert ((old + x) - old).abs().max() <= 20.0
+    a, b = (old + x).requires_grad_(), (old + x).requires_grad_()
+    actor, _, stats = ppo_loss(a, old, adv, mask, impl="torch", clip_eps=0.2)
+    actor.backward()
+    loss, approx_kl = _unclamped_policy_loss(b, old, adv, mask.float(), 0.2)
+    loss.backward()
+    assert torch.equal(actor.detach(), loss.detach()) and torch.equal(stats["approx_kl"], approx_kl.detach())
+    assert torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dual_clip_hand_case(impl):
+    # ratio r = [4, 1.5, 0.5, 4, 10], A = [-1, -2, -1, 1, -0.5], eps 0.2, dual_clip 3; per token
+    # max(-A r, -A clip(r)), then min(that, 3 |A|) where A < 0:
+    #   t0: max(4, 1.2) = 4 -> min(4, 3) = 3      dual clip binds: no slope
+    #   t1: max(3, 2.4) = 3 -> min(3, 6) = 3      slope -A r = 3
+    #   t2: max(0.5, 0.8) = 0.8 -> 0.8            clipped: no slope
+    #   t3: max(-4, -1.2) = -1.2 (A > 0: no dual clip; clipped, no slope)
+    #   t4: max(5, 0.6) = 5 -> min(5, 1.5) = 1.5  dual clip binds
+    # loss (3 + 3 + 0.8 - 1.2 + 1.5) / 5 = 1.42; clip_frac 2/5 (t2, t3); dual_clip_frac 2/5 (t0, t4)
+    # without the dual clip: (4 + 3 + 0.8 - 1.2 + 5) / 5 = 2.32, slopes [4, 3, 0, 0, 5] / 5
+    r = T([4.0, 1.5, 0.5, 4.0, 10.0])
+    adv = T([-1.0, -2.0, -1.0, 1.0, -0.5])
+    mask = T([True] * 5)
+    for dual, loss, grad in ((3.0, 1.42, [0.0, 0.6, 0.0, 0.0, 0.0]), (None, 2.32, [0.8, 0.6, 0.0, 0.0, 1.0])):
+        logp = torch.log(r).requires_grad_()
+        actor, _, stats = ppo_loss(logp, torch.zeros(5), adv, mask, impl=impl, clip_eps=0.2, dual_clip=dual)
+        actor.backward()
+        assert float(actor) == pytest.approx(loss, rel=1e-6)
+        assert float(stats["clip_frac"]) == pytest.approx(0.4)
+        assert ("dual_clip_frac" in stats) == (dual is not None)
+        if dual is not None:
+            assert float(stats["dual_clip_frac"]) == pytest.approx(0.4)
+        torch.testing.assert_close(logp.grad, T(grad), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="dual_clip must be > 1"):
+        ppo_loss(torch.log(r), torch.zeros(5), adv, mask, impl=impl, dual_clip=1.0)
 
 
 def test_kl_estimators_hand_values():
@@ -175,6 +301,23 @@ def test_grpo_zero_group_advantage_holds_at_every_token():
                               np.array([0, 0]), eps=0.0, tie_tol=0.0)
     s = math.sqrt(2.0)  # std of {2, 4}; mean 3
     torch.testing.assert_close(adv, T([[-1 / s, -2 / s], [1 / s, -2.5 / s]]))
+
+
+def test_whitening_default_per_estimator():
+    # advantage.whiten null: true for gae and reinforce, false for rloo and grpo; an explicit value wins
+    assert [resolve_whiten(e, None) for e in ("gae", "reinforce", "rloo", "grpo")] == [True, True, False, False]
+    assert all(resolve_whiten(e, True) for e in ("gae", "reinforce", "rloo", "grpo"))
+    assert not any(resolve_whiten(e, False) for e in ("gae", "reinforce", "rloo", "grpo"))
+    with pytest.raises(ValueError, match="unknown advantage estimator"):
+        resolve_whiten("ppo", None)
+    # compute_advantages follows it: grpo with a tied group keeps its zeros unless whitening is asked for
+    rewards = T([[1.0], [1.0], [0.0], [2.0]])
+    mask, groups = torch.ones(4, 1, dtype=torch.bool), np.array([0, 0, 1, 1])
+    adv, _ = compute_advantages("grpo", rewards, mask, prompt_index=groups)
+    assert (adv[:2] == 0).all() and (adv[2:] != 0).all()
+    # whitened: [0, 0, -a, a] has mean 0 and biased std a / sqrt(2): [0, 0, -sqrt(2), sqrt(2)]
+    adv, _ = compute_advantages("grpo", rewards, mask, prompt_index=groups, whiten=True)
+    torch.testing.assert_close(adv[:, 0], T([0.0, 0.0, -math.sqrt(2.0), math.sqrt(2.0)]), rtol=1e-5, atol=0)
 
 
 def test_advantage_whitening_and_explained_variance():
