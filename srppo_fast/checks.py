@@ -20,7 +20,7 @@ import yaml
 from .config import (STAGE_TYPES, Config, is_gguf, resolved_engine, resolved_precision, stage_data_specs,
                      stage_model_refs, to_dict)
 from .errors import CheckpointError, ConfigError, DataError
-from .io import effective_dir
+from .io import effective_dir, manifest_problem
 
 log = logging.getLogger("srppo_fast")
 CONFIG_HEADER = "# srppo-fast: the resolved config of this run. Written by srppo-fast; edit your own config, not this.\n"
@@ -177,6 +177,10 @@ def stage_status(cfg: Config, name: str) -> StageStatus:
     if info is None:
         raise CheckpointError(f"{path} exists but is not an srppo-fast checkpoint (no srppo_checkpoint.json), so it "
                               "will not be overwritten; move it away or use another output_dir.")
+    damage = manifest_problem(source)
+    if damage is not None:  # found before anything loads it (a reader's traceback otherwise)
+        raise CheckpointError(f"the checkpoint {source} is damaged: {damage} (cut short by a copy or a disk error?); "
+                              f"restore that file, or delete {path} to redo the stage.")
     complete = bool(info.get("complete"))
     if not complete and not (source / "trainer_state.pt").is_file():
         return StageStatus(name, "start", fingerprint=want)  # an unfinished save without state: start over

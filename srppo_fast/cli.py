@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 import yaml
 
@@ -67,6 +69,11 @@ def cmd_train(args) -> int:
     try:
         run(cfg)
         dist.barrier()  # no rank tears down its end while another still talks to it
+    except RuntimeError as e:
+        if _peer_failure_line(e) is not None:  # the launcher now stops the survivors with SIGTERM: this rank is
+            for sig in (signal.SIGTERM, signal.SIGINT):  # already stopping, and says why in one line
+                signal.signal(sig, signal.SIG_IGN)
+        raise
     finally:
         _wind_down()
     return 0
@@ -224,6 +231,23 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _peer_failure_line(e: RuntimeError) -> str | None:
+    """One line for a collective that failed because another rank of the launch is gone (its process died or was
+    killed: gloo's "Connection closed by peer", NCCL's remote errors), else None (a bug: its traceback stays)."""
+    from . import dist
+
+    text = " ".join(str(e).split())
+    peer = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout",
+            "remote process exited", "NCCL communicator was aborted", "Timed out waiting")
+    if not dist.launched() or not any(p in text for p in peer):
+        return None
+    me, world = dist.env_rank(), dist.env_world_size()
+    other = f"rank {1 - me}" if world == 2 else f"another of ranks 0-{world - 1}"
+    return (f"rank {me}: {other} of this launch is gone (its process died or was killed; the launcher's log says "
+            f"which and why), so this rank stopped too ({text[:160]}). The last complete checkpoint in each stage's "
+            "checkpoints/ directory is safe: run the same command to resume from it.")
+
+
 def _os_error_line(e: OSError) -> str:
     """One line for an OSError: the path(s) and the reason when it names a file, else its message."""
     if e.filename is not None:
@@ -233,10 +257,24 @@ def _os_error_line(e: OSError) -> str:
     return f"{message} ({type(e).__name__}); check the paths this command uses and the free disk space."
 
 
+_signalled: list[str] = []
+
+
+def _sigterm_like_sigint(signum, frame) -> None:
+    """SIGTERM outside a stage's loop does what SIGINT does there (Python's KeyboardInterrupt): one line and exit
+    130, rather than an exit 143 without a word. Inside a loop, the stage's SignalGuard handles both alike."""
+    _signalled.append(signal.Signals(signum).name)
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"train": cmd_train, "config": cmd_config, "world": cmd_world, "report": cmd_report,
                "bench": cmd_bench, "profile": cmd_profile}[args.command]
+    previous = None
+    _signalled.clear()
+    if threading.current_thread() is threading.main_thread():
+        previous = (signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, _sigterm_like_sigint))
     try:
         return handler(args)
     except SrppoError as e:
@@ -250,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
             os._exit(code)
         return code
     except KeyboardInterrupt:
-        print("srppo-fast: interrupted", file=sys.stderr)
+        what = _signalled[-1] if _signalled else "SIGINT"
+        print(f"srppo-fast: interrupted by {what} outside a training loop (loading, evaluating or saving): what the "
+              "last save holds is kept; run the same command to resume.", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit goes nowhere
@@ -261,11 +301,21 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"srppo-fast: error: {_os_error_line(e)}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a peer rank that died takes the process group down with it: one line, not gloo's
+        line = _peer_failure_line(e)
+        if line is None:
+            raise
+        print(f"srppo-fast: error: {line}", file=sys.stderr)
+        return 2
     except UnicodeDecodeError as e:
         byte = bytes(e.object[e.start:e.start + 1]).hex()
         print(f"srppo-fast: error: a file is not {e.encoding} text (byte 0x{byte} at offset {e.start}: {e.reason}); "
               "save the inputs (config, data, README) as UTF-8.", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous[0])
+            signal.signal(signal.SIGTERM, previous[1])
 
 
 if __name__ == "__main__":

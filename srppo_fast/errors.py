@@ -21,5 +21,10 @@ class TrainingError(SrppoError):
     """Training diverged (non-finite losses, gradients or weights): the run stops before saving garbage."""
 
 
+class StorageError(SrppoError):
+    """A write failed for want of space or of a working disk: the message names the path; what was saved before
+    stays intact."""
+
+
 class SamplerError(SrppoError):
     """The rollout sampler (vLLM) failed, hung past its timeout, or serves weights other than the trainer's."""

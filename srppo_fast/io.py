@@ -80,9 +80,15 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        reason = write_failure(e, path) if isinstance(e, Exception) else None
+        if reason is not None:  # the OS names no path for a full disk: this line does
+            from .errors import StorageError
+
+            raise StorageError(f"cannot write {path}: {reason}; free some space and run the same command (what was "
+                               "written before is intact).") from None
         raise
 
 
@@ -136,6 +142,56 @@ def _files(root: Path) -> dict[str, int]:
             if rel != MANIFEST:
                 out[rel] = file.stat().st_size
     return out
+
+
+def write_failure(e: BaseException, path: str | Path | None = None) -> str | None:
+    """The reason a write failed, in words, when `e` is the disk's doing (full, quota, read-only, I/O error), from an
+    OSError or a library that wraps one in its own message (safetensors: "No space left on device (os error 28)";
+    torch.save: "unexpected pos", which says only that a write fell short: the free space where `path` lives
+    tells); else None."""
+    import errno as errno_
+
+    if isinstance(e, OSError) and e.errno in (errno_.ENOSPC, errno_.EDQUOT, errno_.EROFS, errno_.EIO, errno_.EFBIG):
+        return e.strerror or os.strerror(e.errno)
+    text = str(e)
+    for needle, reason in (("os error 28", "No space left on device"), ("No space left", "No space left on device"),
+                           ("os error 122", "Disk quota exceeded"), ("os error 30", "Read-only file system"),
+                           ("os error 5)", "Input/output error")):
+        if needle in text:
+            return reason
+    if "unexpected pos" in text:
+        where = Path(path) if path is not None else None
+        while where is not None and not where.exists() and where != where.parent:
+            where = where.parent
+        try:
+            if where is not None and shutil.disk_usage(where).free < (16 << 20):
+                return "No space left on device"
+        except OSError:
+            pass
+        return "a write fell short (a full disk or quota?)"
+    return None
+
+
+def manifest_problem(path: str | Path) -> str | None:
+    """What is wrong with a saved directory against the manifest its save wrote (a file missing, or of another
+    size: cut short by a copy, a disk error), or None; None too for a directory without a manifest. Sizes only:
+    hashing a multi-GB checkpoint at every start would cost more than the check is worth."""
+    path = Path(path)
+    try:
+        with open(path / MANIFEST, encoding="utf-8") as fh:
+            files = json.load(fh)["files"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its manifest {path / MANIFEST} cannot be read ({e})"
+    for rel, size in sorted(files.items()):
+        file = path / rel
+        if not file.is_file():
+            return f"{file} is missing (its save wrote {size:,} bytes)"
+        actual = file.stat().st_size
+        if actual != size:
+            return f"{file} is {actual:,} bytes but its save wrote {size:,}"
+    return None
 
 
 def is_complete(path: str | Path) -> bool:

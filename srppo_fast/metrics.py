@@ -12,7 +12,7 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from .errors import DataError, SrppoError
+from .errors import DataError, SrppoError, StorageError
 from .io import atomic_file
 
 
@@ -59,9 +59,13 @@ class MetricsLog:
             _drop_partial_tail(path)
 
     def _append(self, path: Path, records: list[dict]) -> None:
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write("".join(json.dumps(r) + "\n" for r in records))
-            fh.flush()
+        try:
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write("".join(json.dumps(r) + "\n" for r in records))
+                fh.flush()
+        except OSError as e:  # a full disk: the OS names no path; this line does (a cut line is dropped on resume)
+            raise StorageError(f"cannot append to {path}: {e.strerror or e}; free some space and run the same command: "
+                               "it resumes from the last checkpoint, which is intact.") from None
 
     def _each_tracker(self, method: str, *args) -> None:
         """A tracker that fails is switched off with one warning; metrics.jsonl goes on (it is the record).

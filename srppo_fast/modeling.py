@@ -17,8 +17,8 @@ import torch
 
 from .attention import register as register_attention
 from .config import WHEEL_PREFIX, ModelConfig, is_gguf
-from .errors import CheckpointError, ConfigError, TrainingError
-from .io import atomic_dir, fs_step
+from .errors import CheckpointError, ConfigError, StorageError, TrainingError
+from .io import atomic_dir, fs_step, write_failure
 
 log = logging.getLogger(__name__)
 CHECKPOINT_MARKER = "srppo_checkpoint.json"
@@ -314,6 +314,18 @@ def save_checkpoint(path: str | Path, model, tokenizer, info: dict, extra: dict[
             raise TrainingError(f"refusing to save {path}: the {label}'s weights are not finite (first: "
                                 f"{bad[0]}); training diverged before this step (lower the learning rate or the "
                                 "reward scale).")
+    try:
+        _write_checkpoint(path, model, tokenizer, info, extra, modules, states, before, card)
+    except Exception as e:  # the disk's doing (full, quota, I/O): one line naming the path, the old copy intact
+        reason = write_failure(e, path)
+        if reason is None:
+            raise
+        raise StorageError(f"saving the checkpoint {path} failed: {reason}. The previous copy of {path} (if any) is "
+                           "intact and nothing half-written is left; free some space and run the same command to "
+                           "resume from it.") from None
+
+
+def _write_checkpoint(path, model, tokenizer, info, extra, modules, states, before, card) -> None:
     with atomic_dir(path) as tmp:
         if before is not None:
             before(tmp)

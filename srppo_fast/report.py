@@ -17,6 +17,7 @@ import base64
 import datetime
 import hashlib
 import html
+import io
 import json
 import os
 import re
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import SrppoError
-from .io import atomic_write_text, read_text_file
+from .io import atomic_file, atomic_write_text, read_text_file
 from .metrics import read_metrics
 
 RL_PANELS = [
@@ -84,11 +85,15 @@ def _figure(stage: str, rows: list[dict], panels: list, out: Path) -> tuple[Path
     if fig is None:
         return None
     path = out / (re.sub(r"[^\w.-]", "_", stage) + ".png")  # a stage name is never a path
+    buffer = io.BytesIO()
     try:
-        fig.savefig(path, dpi=110)
+        fig.savefig(buffer, format="png", dpi=110)
     finally:
         plt.close(fig)
-    return path, path.read_bytes()
+    png = buffer.getvalue()
+    with atomic_file(path, "wb") as fh:  # a kill or a full disk leaves the previous figure, never a cut one
+        fh.write(png)
+    return path, png
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,9 +67,19 @@ class SignalGuard:
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None and not issubclass(exc_type, (KeyboardInterrupt, Interrupted)):
+            # failing already (a peer rank died: its launcher now sends this rank SIGTERM): a signal must not replace
+            # the error that says what happened; the CLI restores the handlers when it returns
+            for sig in self._old:
+                signal.signal(sig, _noted_while_failing)
+            return
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+
+
+def _noted_while_failing(signum, frame) -> None:
+    log.warning("%s received while stopping on an error: already stopping", signal.Signals(signum).name)
 
 
 def resumable(path: str | Path, fingerprint: dict) -> dict | None:
