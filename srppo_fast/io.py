@@ -71,7 +71,10 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator:
     """Open a temporary file beside `path`; on success it replaces `path` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # named by the file it was for, not the temporary name
+        raise OSError(e.errno, e.strerror, str(path)) from None
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result should look like a normal file
     try:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as fh:

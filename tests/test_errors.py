@@ -288,14 +288,13 @@ def test_report_dir_is_a_file(tmp_path, capsys):
 
 
 def test_report_cannot_write(tmp_path, capsys, monkeypatch):
-    """Simulated for every user (root writes anywhere): saving the figure fails as on a read-only directory."""
-    matplotlib = pytest.importorskip("matplotlib")
-    import matplotlib.figure
+    """Simulated for every user (root writes anywhere): writing the figure fails as on a read-only directory."""
+    pytest.importorskip("matplotlib")
 
-    def denied(self, fname, *args, **kwargs):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(fname))
+    def denied(*args, dir=None, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.path.join(dir, "tmpname"))
 
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", denied)
+    monkeypatch.setattr(srppo_fast.io.tempfile, "mkstemp", denied)
     run = run_dir(tmp_path, lines(ROWS))
     assert error_line(["report", str(run)], capsys) == (
         f"srppo-fast: error: cannot write {run / 'report' / 'sft.png'}: Permission denied; check the permissions of "
