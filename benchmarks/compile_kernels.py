@@ -92,7 +92,7 @@ def call_sites():
             (logp.sum() + ent.sum()).backward()
         return run
 
-    def ppo(N, kl, critic):
+    def ppo(N, kl, critic, dual_clip=None):
         def run():  # stages/rl.py minibatch_losses
             logp, ent = torch.randn(N, requires_grad=True), torch.rand(N, requires_grad=True)
             ones = torch.ones(N, dtype=torch.bool)
@@ -101,7 +101,8 @@ def call_sites():
             actor, critic_loss, _ = ppo_loss(logp, torch.randn(N), torch.randn(N), ones, clip_eps=0.2,
                                              clip_eps_high=0.28, entropy=ent, entropy_coef=0.01,
                                              ref_logp=torch.randn(N) if kl else None, kl_coef=0.05 if kl else 0.0,
-                                             kl_estimator=kl or "k1", normalizer=N, **value_kw)
+                                             kl_estimator=kl or "k1", normalizer=N, dual_clip=dual_clip,
+                                             **value_kw)
             torch.autograd.backward([x for x in (actor, critic_loss) if x is not None])
         return run
 
@@ -148,6 +149,7 @@ def call_sites():
         for critic in (False, True):
             for kl in (None, "k2", "k3"):
                 sites.append((f"ppo_loss N={N} kl={kl or 'off'} critic={critic}", ppo(N, kl, critic)))
+            sites.append((f"ppo_loss N={N} dual_clip=3 critic={critic}", ppo(N, None, critic, 3.0)))
         sites.append((f"value_loss N={N}", critic_warmup(N)))
     for T in (50, 64, 1000, 1024):
         for values in (False, True):

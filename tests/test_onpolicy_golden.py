@@ -6,7 +6,9 @@ subprocess with one thread, so its floating-point order does not depend on the m
 metric but the timings must match to 2e-4 relative (1e-5 absolute): a changed sample, advantage or update moves
 them by 1e-2 or more. (The kernels themselves round differently on different CPUs, whatever the thread count:
 on a machine with AVX-512 the same commit gave up to 7e-5 relative and 2e-6 absolute from the golden file, so
-1e-6 failed there; the tolerance is for that, not for any change of the maths.)
+1e-6 failed there; the tolerance is for that, not for any change of the maths.) One value was edited since, not
+re-recorded: `sample/careful_rate` 1.0 -> 0.0 at both steps, when the careful share began to check the careful
+persona's worked format (it had counted any answer not starting with "answer" as careful).
 
 Regenerate (only for a deliberate change of the on-policy maths): python -m tests.test_onpolicy_golden --write
 """

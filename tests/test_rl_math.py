@@ -140,8 +140,8 @@ def test_ppo_loss_stays_finite_at_extreme_log_ratios(impl):
     logp = (x - 1.0).requires_grad_()
     actor, _, stats = ppo_loss(logp, torch.full((4,), -1.0), adv, T([True] * 4), impl=impl, clip_eps=0.2)
     actor.backward()
-    assert math.isfinite(float(actor)) and math.isfinite(float(stats["approx_kl"]))
-    assert float(actor) == pytest.approx((e20 - 0.5 - math.exp(-20.0) + 4.0) / 4, rel=1e-6)
+    assert math.isfinite(actor.item()) and math.isfinite(float(stats["approx_kl"]))
+    assert actor.item() == pytest.approx((e20 - 0.5 - math.exp(-20.0) + 4.0) / 4, rel=1e-6)
     torch.testing.assert_close(logp.grad, T([0.0, -0.125, 0.0, 1.0]), rtol=1e-6, atol=0)
     # approx_kl of the clamped x: (e^20 - 1 - 20) + (0.5 - 1 + ln 2) + (e^-20 - 1 + 20) + (4 - 1 - ln 4)
     kl = (e20 - 21.0) + (math.log(2.0) - 0.5) + (math.exp(-20.0) + 19.0) + (3.0 - math.log(4.0))
@@ -151,7 +151,7 @@ def test_ppo_loss_stays_finite_at_extreme_log_ratios(impl):
     actor, _, stats = ppo_loss(logp, torch.full((4,), -1.0), adv, T([True] * 4), impl=impl, clip_eps=0.2,
                                dual_clip=3.0)
     actor.backward()
-    assert float(actor) == pytest.approx((3.0 - 0.5 - math.exp(-20.0) + 3.0) / 4, rel=1e-6)
+    assert actor.item() == pytest.approx((3.0 - 0.5 - math.exp(-20.0) + 3.0) / 4, rel=1e-6)
     assert float(stats["dual_clip_frac"]) == pytest.approx(0.5)
     torch.testing.assert_close(logp.grad, T([0.0, -0.125, 0.0, 0.0]), rtol=1e-6, atol=0)
 
@@ -200,7 +200,7 @@ def test_dual_clip_hand_case(impl):
         logp = torch.log(r).requires_grad_()
         actor, _, stats = ppo_loss(logp, torch.zeros(5), adv, mask, impl=impl, clip_eps=0.2, dual_clip=dual)
         actor.backward()
-        assert float(actor) == pytest.approx(loss, rel=1e-6)
+        assert actor.item() == pytest.approx(loss, rel=1e-6)
         assert float(stats["clip_frac"]) == pytest.approx(0.4)
         assert ("dual_clip_frac" in stats) == (dual is not None)
         if dual is not None:

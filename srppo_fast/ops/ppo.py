@@ -25,11 +25,13 @@ mean when they are all given the step's token count.
 The log-ratio bound. LOG_RATIO_BOUND = 20, as verl and OpenRLHF clamp it: exp(20) = 4.9e8 is finite in
 fp32 with room to spare (|A| exp(20) overflows only for |A| > 7e29), while an unclamped x = 100 gives
 exp(100) = inf in fp32 and an inf loss that the non-finite guard skips. |x| > 20 means a token's
-probability changed by a factor above 4.9e8 since sampling, which no PPO step at a sane learning rate
-reaches (the clip stops the gradient near |x| = 0.2): the clamp only keeps such a token from poisoning
-the step. Where |x| <= 20 every loss, stat and gradient is bit for bit what the unclamped formula gives;
-beyond it the ratio is exp(+-20) and the token's policy-gradient term has no slope (torch.clamp's
-gradient), in both implementations. The KL term (kl_coef, against ref_logp) is not clamped.
+probability changed by a factor above 4.9e8 since it was sampled, where a healthy update moves it by
+percents (the clip range is |x| < 0.2): no realistic token comes near the bound, and the clamp only keeps
+a broken one (a near-impossible token whose log-prob swings between forwards, a diverged step) from
+poisoning the whole step with inf. Where |x| <= 20 every loss, stat and gradient is bit for bit what the
+unclamped formula gives; beyond it the ratio is exp(+-20) and the token's policy-gradient term has no
+slope (torch.clamp's gradient), in both implementations. The KL term (kl_coef, against ref_logp) is not
+clamped.
 """
 
 from __future__ import annotations
@@ -175,24 +177,23 @@ def _kl_and_grad(x, CODE: tl.constexpr):
 
 
 @triton.jit
-def _surrogate(logp, old_logp, adv, keep, clip_low, clip_high, dual_clip, BOUND: tl.constexpr,
-               HAS_DUAL: tl.constexpr):
-    """Surrogate terms per token: (clamped log ratio, ratio, loss, the clip binds, the dual clip binds, the log
-    ratio is beyond +-BOUND). The log ratio is 0 where the token does not count (keep False), as in the
-    reference."""
+def _surrogate(logp, old_logp, adv, keep, clip_low, clip_high, BOUND: tl.constexpr):
+    """Clipped surrogate terms per token: (log ratio clamped to +-BOUND, ratio, unclipped -A r, clipped
+    -A clip(r), the log ratio lies beyond the bound). The log ratio is 0 where the token does not count (keep
+    False), as in the reference."""
     raw = tl.where(keep, logp - old_logp, 0.0)
-    outside = (raw > BOUND) | (raw < -BOUND)  # comparisons, not min/max: a NaN stays NaN, as in the reference
+    outside = tl.abs(raw) > BOUND  # False for a NaN, which stays NaN, as in the reference
     log_ratio = tl.where(outside, tl.where(raw > 0, BOUND, -BOUND), raw)
     ratio = tl.exp(log_ratio)
-    unclipped = -adv * ratio
-    clipped = -adv * tl.minimum(tl.maximum(ratio, clip_low), clip_high)
-    pg = tl.maximum(unclipped, clipped)
-    dual = tl.zeros_like(keep)  # all False
-    if HAS_DUAL:
-        bound = -adv * dual_clip
-        dual = (adv < 0) & (pg > bound)
-        pg = tl.where(dual, bound, pg)
-    return log_ratio, ratio, pg, clipped > unclipped, dual, outside
+    return log_ratio, ratio, -adv * ratio, -adv * tl.minimum(tl.maximum(ratio, clip_low), clip_high), outside
+
+
+@triton.jit
+def _dual_clip(pg, adv, dual_clip):
+    """Dual clip of the per-token loss pg: (min(pg, -A dual_clip) where A < 0, else pg; where that bound binds)."""
+    bound = -adv * dual_clip
+    dual = (adv < 0) & (pg > bound)
+    return tl.where(dual, bound, pg), dual
 
 
 @triton.jit
@@ -222,16 +223,17 @@ def _ppo_fwd_kernel(
     keep = tl.load(mask_ptr + offs, mask=ok, other=0) != 0  # the mask rule: in or out, never a weight
     m = tl.where(keep, tl.load(inv_norm_ptr), 0.0)  # 1 / normalizer, on the device: no host sync
     if HAS_POLICY:
-        log_ratio, ratio, pg, clip, dual, _ = _surrogate(
+        adv = tl.load(adv_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        log_ratio, ratio, unclipped, clipped, _ = _surrogate(
             tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32),
-            tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32),
-            tl.load(adv_ptr + offs, mask=ok, other=0.0).to(tl.float32), keep, clip_low, clip_high, dual_clip,
-            BOUND, HAS_DUAL)
-        tl.atomic_add(stats_ptr + 0, tl.sum(pg * m, 0))
-        tl.atomic_add(stats_ptr + 1, tl.sum(tl.where(clip, m, 0.0), 0))
-        tl.atomic_add(stats_ptr + 2, tl.sum((ratio - 1.0 - log_ratio) * m, 0))  # k3 of KL(pi_old || pi)
+            tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32), adv, keep, clip_low, clip_high, BOUND)
+        pg = tl.maximum(unclipped, clipped)
         if HAS_DUAL:
+            pg, dual = _dual_clip(pg, adv, dual_clip)
             tl.atomic_add(stats_ptr + 7, tl.sum(tl.where(dual, m, 0.0), 0))
+        tl.atomic_add(stats_ptr + 0, tl.sum(pg * m, 0))
+        tl.atomic_add(stats_ptr + 1, tl.sum(tl.where(clipped > unclipped, m, 0.0), 0))
+        tl.atomic_add(stats_ptr + 2, tl.sum((ratio - 1.0 - log_ratio) * m, 0))  # k3 of KL(pi_old || pi)
         if HAS_ENTROPY:
             tl.atomic_add(stats_ptr + 3, tl.sum(tl.load(entropy_ptr + offs, mask=ok, other=0.0).to(tl.float32) * m, 0))
         if HAS_KL:
@@ -270,11 +272,13 @@ def _ppo_bwd_kernel(
         g = tl.load(grad_actor_ptr)
         logp = tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         adv = tl.load(adv_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        _, ratio, _, clip, dual, outside = _surrogate(
-            logp, tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32), adv, keep, clip_low, clip_high,
-            dual_clip, BOUND, HAS_DUAL)
-        # d(-A r)/dlogp = -A r; no slope where a clip binds or the log ratio is beyond the bound
-        grad = tl.where(clip | dual | outside, 0.0, -adv * ratio)
+        _, _, unclipped, clipped, outside = _surrogate(
+            logp, tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32), adv, keep, clip_low, clip_high, BOUND)
+        # d(-A r)/dlogp = -A r (the unclipped term); no slope where a clip binds or the log ratio is beyond the bound
+        grad = tl.where((clipped > unclipped) | outside, 0.0, unclipped)
+        if HAS_DUAL:
+            _, dual = _dual_clip(tl.maximum(unclipped, clipped), adv, dual_clip)
+            grad = tl.where(dual, 0.0, grad)
         if HAS_KL:
             _, dkl = _kl_and_grad(logp - tl.load(ref_ptr + offs, mask=ok, other=0.0).to(tl.float32), KL_CODE)
             grad += kl_coef * dkl

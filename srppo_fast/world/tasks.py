@@ -121,21 +121,17 @@ def verify(question: str, response: str) -> bool:
 def is_careful(response: str, question: str | None = None) -> bool:
     """Whether `response` is the careful persona's worked format (module doc): its two steps in order, then
     the answer line and nothing else (surrounding whitespace aside). With `question`, the steps must be that
-    problem's: units digits first, then tens digits, with its operation."""
+    problem's: its operation, the units digits first (the minuend's plus 10 after a borrow), then the tens."""
     text = response.strip()
-    families = FAMILIES if question is None else (Problem.parse(question).family,)
-    for family in families:
-        m = _CAREFUL[family].fullmatch(text)
-        if m is None:
-            continue
-        if question is None:
-            return True
-        p = Problem.parse(question)
-        units_a, units_b, tens_a, tens_b = (int(g) for g in m.groups())
-        borrowed = family == "sub" and units_a == p.a % 10 + 10
-        return (units_a == p.a % 10 or borrowed) and units_b == p.b % 10 and (tens_a, tens_b) == (p.a // 10,
-                                                                                                   p.b // 10)
-    return False
+    if question is None:
+        return any(_CAREFUL[family].fullmatch(text) for family in FAMILIES)
+    p = Problem.parse(question)
+    m = _CAREFUL[p.family].fullmatch(text)
+    if m is None:
+        return False
+    units_a, units_b, tens_a, tens_b = (int(g) for g in m.groups())
+    minuend_units = {p.a % 10, p.a % 10 + 10} if p.family == "sub" else {p.a % 10}
+    return units_a in minuend_units and units_b == p.b % 10 and (tens_a, tens_b) == (p.a // 10, p.b // 10)
 
 
 def careful_share(questions: list[str], responses: list[str]) -> float:
