@@ -326,9 +326,14 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
                                          add_generation_prompt=add_generation_prompt)
 
 
-def prompt_tokens(tokenizer, messages: list[dict]) -> list[int]:
-    """The token ids a model answers from: the conversation rendered with the generation prompt."""
-    return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+def prompt_tokens(tokenizer, messages: list[dict], limit: int | None = None) -> list[int]:
+    """The token ids a model answers from: the conversation rendered with the generation prompt. With `limit`, a
+    text too long for `limit` tokens by its length alone is tokenized only as far as that shows (more than `limit`
+    ids come back, and the caller drops it), never whole (max_token_chars)."""
+    text = render(tokenizer, messages, add_generation_prompt=True)
+    if limit is not None:
+        text = text[:limit * max_token_chars(tokenizer) + 1]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def render_with_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:

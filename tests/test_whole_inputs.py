@@ -184,3 +184,31 @@ def test_precision_makes_a_finished_stage_different_and_how_it_computes_does_not
     for same in ("model.attn_implementation=sdpa", "model.gradient_checkpointing=true"):
         assert main([*argv, same]) == 0
         assert "stage pretrain: already complete" in capsys.readouterr().err
+
+
+def test_an_overlong_prompt_is_never_tokenized_whole(tokenizer, world_dir, tmp_path, monkeypatch):
+    """RL prompts and SPIN's demonstrations dropped as longer than max_prompt_len / max_seq_len: the tokenizer
+    sees at most the characters that prove it, not the 2 MB."""
+    from srppo_fast.data import max_token_chars
+    from srppo_fast.stages.rl import load_prompts
+    from srppo_fast.stages.spin import Demos
+
+    data = tmp_path / "prompts.jsonl"
+    rows = [json.loads(line) for line in Path(world_dir, "demos.jsonl").read_text().splitlines()]
+    rows.insert(2, {"prompt": "12 34 " * 350_000, "response": "3"})
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = []
+    call = type(tokenizer).__call__
+
+    def spy(self, text, *args, **kwargs):
+        seen.append(len(text) if isinstance(text, str) else max(len(t) for t in text))
+        return call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", spy)
+    prompts, dropped = load_prompts(str(data), tokenizer, None, 32)
+    assert dropped == 1 and len(prompts.ids) == len(rows) - 1
+    assert max(seen) <= 32 * max_token_chars(tokenizer) + 1
+    seen.clear()
+    demos = Demos(str(data), tokenizer, None, 32, 128, "spin.data")
+    assert demos.dropped == 1 and len(demos.prompts) == len(rows) - 1
+    assert max(seen) <= 128 * max_token_chars(tokenizer) + 1

@@ -57,7 +57,7 @@ def load_prompts(spec: str, tokenizer, world_dir: str | None, max_len: int, key:
     ids, questions, dropped = [], [], 0
     records = read_records(spec, "prompt", world_dir)
     for rec in records:
-        tokens = prompt_tokens(tokenizer, rec.messages)
+        tokens = prompt_tokens(tokenizer, rec.messages, limit=max_len)
         if len(tokens) > max_len:
             dropped += 1
             continue

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from .. import dist
 from ..batching import PackedBatch, RankShare, pack_sequences
 from ..config import SpinStageConfig
-from ..data import DataError, TokenizedSet, _target_mask, prompt_tokens, read_records, render_with_spans
+from ..data import (DataError, TokenizedSet, _target_mask, max_token_chars, prompt_tokens, read_records,
+                    render_with_spans)
 from ..engine import build_engine, check_divergence, save_engines
 from ..errors import ConfigError, SamplerError
 from ..generation import Generations, sample_seed
@@ -79,8 +80,11 @@ class Demos:
                 raise DataError(f"{rec.where}: SPIN needs conversations that end with the assistant's turn (the "
                                 "demonstration it prefers to the model's own answer); this one ends with a "
                                 f"{rec.messages[-1]['role']} turn.")
-            prompt = prompt_tokens(tokenizer, rec.messages[:-1])
+            prompt = prompt_tokens(tokenizer, rec.messages[:-1], limit=max_prompt_len)
             text, spans = render_with_spans(tokenizer, rec.messages)
+            if len(prompt) > max_prompt_len or len(text) > max_seq_len * max_token_chars(tokenizer):
+                self.dropped += 1  # too long by its length alone: never tokenized whole
+                continue
             enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             ids, targets = enc["input_ids"], _target_mask(enc["offset_mapping"], spans[-1:])
             targets[0] = False
