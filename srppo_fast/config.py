@@ -284,8 +284,8 @@ class PPOConfig:
     clip_eps: float = opt(0.2, "Surrogate clip epsilon.", gt=0)
     clip_eps_high: Optional[float] = opt(None, "Upper clip epsilon (default: clip_eps).", gt=0)
     value_clip: Optional[float] = opt(0.2, "Value clip around the old values (null: unclipped).", gt=0)
-    dual_clip: Optional[float] = opt(None, "Dual-clip PPO: with a negative advantage the policy loss per token is at "
-                                     "most dual_clip x |advantage| (a ratio far above 1 no longer dominates); null: "
+    dual_clip: Optional[float] = opt(None, "Dual-clip PPO: with a negative advantage A the policy loss per token is at "
+                                     "most dual_clip x (-A) (a ratio far above 1 no longer dominates); null: "
                                      "off. Must be above 1.", gt=1)
     entropy_coef: float = opt(0.0, "Entropy bonus in the actor loss.", ge=0)
 
