@@ -21,7 +21,7 @@ the frozen forwards not counted).
     python benchmarks/gpu_e2e.py                  # a GPU machine: both sizes, at most 8 minutes (--budget)
     python benchmarks/gpu_e2e.py --toy --out X    # the CPU at toy size (tests/test_bench.py runs this)
 
-Rows go to benchmarks/results/gpu_e2e.csv (hardware, versions and git SHA in every row). README, "On a GPU",
+Rows go to benchmarks/results/gpu_e2e.csv (hardware, versions and git SHA in every row). docs/gpu.md
 has the device command that carries what the GPU image lacks (DeepSpeed, TRL and their missing dependencies).
 """
 

@@ -26,9 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. sft.optim.lr=5e-5")
 
     c = sub.add_parser("config", help="print the config reference (every key, type, default, help)")
-    c.add_argument("--markdown", action="store_true", help="as a Markdown table (the README's reference)")
-    c.add_argument("--update-readme", metavar="README", help="rewrite the table between the config-reference "
-                   "markers of this file")
+    c.add_argument("--markdown", action="store_true", help="as a Markdown table (docs/config.md's reference)")
+    c.add_argument("--update-docs", metavar="FILE", help="rewrite the table between the config-reference "
+                   "markers of this file (docs/config.md)")
 
     b = sub.add_parser("bench", help="run the kernel and packing benchmarks (benchmarks/ of a source checkout)")
     b.add_argument("--op", default="all", choices=["all", *BENCHMARKS],
@@ -120,33 +120,34 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
-README_MARKERS = ("<!-- config-reference:start -->", "<!-- config-reference:end -->")
+REFERENCE_MARKERS = ("<!-- config-reference:start -->", "<!-- config-reference:end -->")
 
 
-def update_readme(readme: str) -> None:
-    """Rewrite the config reference between the README_MARKERS of `readme` (written beside it, then renamed)."""
+def update_reference(path: str) -> None:
+    """Rewrite the config reference between the REFERENCE_MARKERS of `path` (docs/config.md; written beside it,
+    then renamed)."""
     from .io import atomic_write_text, read_text_file
 
-    text = read_text_file(readme, "--update-readme:", "give the README file that holds the config-reference "
-                          "markers.")
-    start, end = README_MARKERS
+    text = read_text_file(path, "--update-docs:", "give the Markdown file that holds the config-reference "
+                          "markers (docs/config.md).")
+    start, end = REFERENCE_MARKERS
     if start not in text or end not in text.split(start, 1)[-1]:
-        raise SrppoError(f"--update-readme: '{readme}' has no {start} ... {end} markers (start before end); add them "
+        raise SrppoError(f"--update-docs: '{path}' has no {start} ... {end} markers (start before end); add them "
                          "where the table goes.")
     head, rest = text.split(start, 1)
     tail = rest.split(end, 1)[1]
     try:
-        atomic_write_text(readme, f"{head}{start}\n{reference_markdown()}\n{end}{tail}")
+        atomic_write_text(path, f"{head}{start}\n{reference_markdown()}\n{end}{tail}")
     except OSError as e:
-        raise SrppoError(f"--update-readme: cannot write '{readme}' ({e.strerror or e}: {e.filename or readme}); "
+        raise SrppoError(f"--update-docs: cannot write '{path}' ({e.strerror or e}: {e.filename or path}); "
                          "check that this user may write it and create files in its directory.") from None
 
 
 def cmd_config(args) -> int:
     from .config import config_reference
 
-    if args.update_readme:
-        update_readme(args.update_readme)
+    if args.update_docs:
+        update_reference(args.update_docs)
         return 0
     if args.markdown:
         print(reference_markdown())
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     except UnicodeDecodeError as e:
         byte = bytes(e.object[e.start:e.start + 1]).hex()
         print(f"srppo-fast: error: a file is not {e.encoding} text (byte 0x{byte} at offset {e.start}: {e.reason}); "
-              "save the inputs (config, data, README) as UTF-8.", file=sys.stderr)
+              "save the inputs (config, data, docs/config.md) as UTF-8.", file=sys.stderr)
         return 2
     finally:
         if previous is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -11,6 +12,8 @@ import yaml
 from srppo_fast.cli import main
 from srppo_fast.config import Config, config_reference, load_config
 from srppo_fast.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
 
 QUICKSTART = "configs/quickstart.yaml"
 
@@ -178,14 +181,35 @@ def test_every_field_is_documented():
     assert undocumented == []
 
 
-def test_readme_config_reference_is_current():
-    from srppo_fast.cli import README_MARKERS, reference_markdown
+def test_docs_config_reference_is_current():
+    from srppo_fast.cli import REFERENCE_MARKERS, reference_markdown
 
-    text = open("README.md", encoding="utf-8").read()
-    start, end = README_MARKERS
+    text = (REPO / "docs" / "config.md").read_text(encoding="utf-8")
+    start, end = REFERENCE_MARKERS
+    assert text.count(start) == 1 and text.count(end) == 1, "docs/config.md must hold the config-reference markers once"
     table = text.split(start, 1)[1].split(end, 1)[0].strip()
-    assert table == reference_markdown(), "README config reference is stale: run " \
-        "`srppo-fast config --update-readme README.md`"
+    assert table == reference_markdown(), "docs/config.md's config reference is stale: run " \
+        "`srppo-fast config --update-docs docs/config.md`"
+
+
+def test_readme_links_every_docs_page():
+    """The README is the front door: every page under docs/ is linked from it, and every docs/ link it holds exists
+    (as do the links between the pages)."""
+    import re
+
+    docs = REPO / "docs"
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "<!-- config-reference:start -->" not in readme, "the config reference lives in docs/config.md"
+    after_marker = readme.split("<!-- ci:test-command -->\n", 1)[1]
+    assert after_marker.startswith("```bash\n") and "pytest" in after_marker.split("```")[1], \
+        ".ci/run reads the test command from the fenced block right after <!-- ci:test-command -->"
+    pages = sorted(p.name for p in docs.glob("*.md"))
+    assert "config.md" in pages and len(pages) > 5
+    assert [p for p in pages if f"](docs/{p})" not in readme] == []
+    for source in [REPO / "README.md", *sorted(docs.glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", source.read_text(encoding="utf-8")):
+            if "://" not in target:
+                assert (source.parent / target).exists(), f"{source.name} links to {target}, which does not exist"
 
 
 def test_config_command_lists_every_key(capsys):

@@ -260,7 +260,7 @@ def test_sigterm_to_the_launcher_saves_every_rank_and_the_same_command_resumes(t
 
 
 def test_the_deepspeed_launcher_runs_the_same_training(runs, tmp_path):
-    """`deepspeed --num_gpus 2 --module srppo_fast train ...` (the README's command; the launcher passes
+    """`deepspeed --num_gpus 2 --module srppo_fast train ...` (docs/distributed.md's command; the launcher passes
     --local_rank before the subcommand) trains like torchrun: the torch engine's pretraining, to 1e-5."""
     import socket
 

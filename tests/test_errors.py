@@ -400,65 +400,65 @@ def test_bench_script_alone_rejects_unknown_names():
 
 
 # ---------------------------------------------------------------------------------------------
-# D. srppo-fast config --update-readme
+# D. srppo-fast config --update-docs (docs/config.md)
 
 MARKED = "# T\n\n<!-- config-reference:start -->\nold\n<!-- config-reference:end -->\nafter\n"
 
 
-def test_update_readme_missing_or_a_directory(tmp_path, capsys):
+def test_update_docs_missing_or_a_directory(tmp_path, capsys):
     missing = tmp_path / "MISSING.md"
-    assert error_line(["config", "--update-readme", str(missing)], capsys) == (
-        f"srppo-fast: error: --update-readme: '{missing}' does not exist; give the README file that holds the "
-        "config-reference markers.")
-    assert error_line(["config", "--update-readme", str(tmp_path)], capsys) == (
-        f"srppo-fast: error: --update-readme: '{tmp_path}' is a directory; give the README file that holds the "
-        "config-reference markers.")
+    assert error_line(["config", "--update-docs", str(missing)], capsys) == (
+        f"srppo-fast: error: --update-docs: '{missing}' does not exist; give the Markdown file that holds the "
+        "config-reference markers (docs/config.md).")
+    assert error_line(["config", "--update-docs", str(tmp_path)], capsys) == (
+        f"srppo-fast: error: --update-docs: '{tmp_path}' is a directory; give the Markdown file that holds the "
+        "config-reference markers (docs/config.md).")
 
 
-def test_update_readme_markers_missing_or_reversed(tmp_path, capsys):
-    readme = write(tmp_path / "README.md", "<!-- config-reference:end -->\n<!-- config-reference:start -->\n")
-    assert error_line(["config", "--update-readme", str(readme)], capsys).startswith(
-        f"srppo-fast: error: --update-readme: '{readme}' has no <!-- config-reference:start --> ... "
+def test_update_docs_markers_missing_or_reversed(tmp_path, capsys):
+    page = write(tmp_path / "config.md", "<!-- config-reference:end -->\n<!-- config-reference:start -->\n")
+    assert error_line(["config", "--update-docs", str(page)], capsys).startswith(
+        f"srppo-fast: error: --update-docs: '{page}' has no <!-- config-reference:start --> ... "
         "<!-- config-reference:end --> markers (start before end)")
 
 
-def test_update_readme_not_utf8(tmp_path, capsys):
-    readme = write(tmp_path / "README.md", MARKED.encode() + b"caf\xe9\n")
-    assert error_line(["config", "--update-readme", str(readme)], capsys) == (
-        f"srppo-fast: error: --update-readme: '{readme}' is not UTF-8 text (byte 0xe9 at offset 80, line 7); save "
+def test_update_docs_not_utf8(tmp_path, capsys):
+    page = write(tmp_path / "config.md", MARKED.encode() + b"caf\xe9\n")
+    assert error_line(["config", "--update-docs", str(page)], capsys) == (
+        f"srppo-fast: error: --update-docs: '{page}' is not UTF-8 text (byte 0xe9 at offset 80, line 7); save "
         "it as UTF-8.")
 
 
-def test_update_readme_unreadable(tmp_path, capsys, monkeypatch):
-    readme = write(tmp_path / "README.md", MARKED)
-    make_unreadable(monkeypatch, srppo_fast.io, readme)
-    assert error_line(["config", "--update-readme", str(readme)], capsys) == (
-        f"srppo-fast: error: --update-readme: '{readme}' cannot be read (Permission denied); check its permissions.")
+def test_update_docs_unreadable(tmp_path, capsys, monkeypatch):
+    page = write(tmp_path / "config.md", MARKED)
+    make_unreadable(monkeypatch, srppo_fast.io, page)
+    assert error_line(["config", "--update-docs", str(page)], capsys) == (
+        f"srppo-fast: error: --update-docs: '{page}' cannot be read (Permission denied); check its permissions.")
 
 
-def test_update_readme_unwritable(tmp_path, capsys, monkeypatch):
+def test_update_docs_unwritable(tmp_path, capsys, monkeypatch):
     import srppo_fast.io
 
-    readme = write(tmp_path / "README.md", MARKED)
-    if ROOT:  # the temporary file beside the README cannot be created, as in a read-only directory
+    page = write(tmp_path / "config.md", MARKED)
+    if ROOT:  # the temporary file beside the page cannot be created, as in a read-only directory
         def denied(path, text):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / ".README.md.x.tmp"))
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / ".config.md.x.tmp"))
         monkeypatch.setattr(srppo_fast.io, "atomic_write_text", denied)
     else:
         tmp_path.chmod(0o555)
     try:
-        line = error_line(["config", "--update-readme", str(readme)], capsys)
+        line = error_line(["config", "--update-docs", str(page)], capsys)
     finally:
         tmp_path.chmod(0o755)
-    assert line.startswith(f"srppo-fast: error: --update-readme: cannot write '{readme}' (Permission denied: ")
+    assert line.startswith(f"srppo-fast: error: --update-docs: cannot write '{page}' (Permission denied: ")
     assert line.endswith("check that this user may write it and create files in its directory.")
-    assert readme.read_text() == MARKED
+    assert page.read_text() == MARKED
 
 
-def test_update_readme_works(tmp_path, capsys):
-    readme = write(tmp_path / "README.md", MARKED)
-    assert main(["config", "--update-readme", str(readme)]) == 0
-    text = readme.read_text()
+def test_update_docs_works(tmp_path, capsys):
+    page = write(tmp_path / "config.md", MARKED)
+    assert main(["config", "--update-docs", str(page)]) == 0
+    text = page.read_text()
     assert "| key | type | default | meaning |" in text and "\nold\n" not in text and text.endswith("end -->\nafter\n")
 
 
@@ -483,8 +483,8 @@ def raising(exc):
      "Can't load tokenizer for 'x'. Make sure that: - 'x' is a correct model identifier (OSError); check the paths "
      "this command uses and the free disk space."),
     (UnicodeDecodeError("utf-8", b"ok \xff", 3, 4, "invalid start byte"),
-     "a file is not utf-8 text (byte 0xff at offset 3: invalid start byte); save the inputs (config, data, README) "
-     "as UTF-8."),
+     "a file is not utf-8 text (byte 0xff at offset 3: invalid start byte); save the inputs (config, data, "
+     "docs/config.md) as UTF-8."),
 ], ids=["permission", "rename", "no_space", "library_message", "unicode"])
 def test_main_turns_os_and_decode_errors_into_one_line(capsys, monkeypatch, tmp_path, exc, message):
     monkeypatch.setattr(cli, "cmd_report", raising(exc))
@@ -508,7 +508,7 @@ def test_main_keeps_tracebacks_for_bugs_and_the_other_exits(capsys, monkeypatch,
 
 
 @pytest.mark.parametrize("args,path", [(["report", "{tmp}/nope"], "{tmp}/nope"),
-                                        (["config", "--update-readme", "{tmp}/MISSING.md"], "{tmp}/MISSING.md")],
+                                        (["config", "--update-docs", "{tmp}/MISSING.md"], "{tmp}/MISSING.md")],
                          ids=["report", "config"])
 def test_installed_script_prints_one_line(tmp_path, args, path):
     script = Path(sys.executable).parent / "srppo-fast"
