@@ -10,7 +10,7 @@ the generated world. Every draw is run again on each invocation: the trainer ski
 an interrupted command resumes where it stopped.
 
 CSV (rewritten whole, never appended): one row per (draw, model, split) with columns COLUMNS, the models in
-eval.json's order and labelled as in the eval table (srppo_fast.evaluation.LABELS); then per (model, split) a
+eval.json's order and labelled as in the eval table (srppo_fast.config.stage_label); then per (model, split) a
 row with draw = 'mean' and one with draw = 'se' (standard error: sample std (ddof=1) / sqrt(n); empty for one
 draw), seed and world_seed empty. machine: the CPU model; gpu: the CUDA device present, if any; threads: --threads
 or torch's default; git_sha: benchmarks.common.git_sha (SRPPO_FAST_GIT_SHA, else HEAD, '-dirty' for a changed
@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from benchmarks.common import RESULTS, cpu_model, git_sha  # noqa: E402
-from srppo_fast.evaluation import LABELS  # noqa: E402
+from srppo_fast.config import stage_label  # noqa: E402
 from srppo_fast.io import atomic_write_text  # noqa: E402
 
 METRICS = ("accuracy", "careful_rate", "loglik")
@@ -91,13 +91,13 @@ def csv_rows(results: list[dict], summary: dict, meta: dict) -> list[dict]:
         for model, splits in r["eval"].items():
             for split, row in splits.items():
                 rows.append({**meta, "draw": r["draw"], "seed": r["seed"], "world_seed": r["world_seed"],
-                             "model": LABELS.get(model, model), "split": split,
+                             "model": stage_label(model), "split": split,
                              **{m: row.get(m) for m in METRICS}, "wall_s": r["wall_s"]})
     wall = mean_se([r["wall_s"] for r in results])
     for model, splits in summary.items():
         for split, stats in splits.items():
             for kind in ("mean", "se"):
-                rows.append({**meta, "draw": kind, "model": LABELS.get(model, model), "split": split,
+                rows.append({**meta, "draw": kind, "model": stage_label(model), "split": split,
                              **{m: getattr(s, kind) for m, s in stats.items()}, "wall_s": getattr(wall, kind)})
     return rows
 
@@ -139,22 +139,22 @@ def markdown(results: list[dict], summary: dict, meta: dict, versus: str = "srpp
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for model, splits in summary.items():
         cells = [cell(splits.get(split, {}).get(m), 4 if m == "loglik" else 3) for m in METRICS for split in SPLITS]
-        lines.append("| " + " | ".join([LABELS.get(model, model), *cells]) + " |")
+        lines.append("| " + " | ".join([stage_label(model), *cells]) + " |")
     head = ["model"] + [f"draw {r['draw']} (seed {r['seed']}, world {r['world_seed']})" for r in results]
     lines += ["", "Accuracy per draw (in-domain / out-of-domain):", "",
               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for model in summary:
         cells = [" / ".join("n/a" if r["eval"].get(model, {}).get(s, {}).get("accuracy") is None
                             else f"{r['eval'][model][s]['accuracy']:.3f}" for s in SPLITS) for r in results]
-        lines.append("| " + " | ".join([LABELS.get(model, model), *cells]) + " |")
+        lines.append("| " + " | ".join([stage_label(model), *cells]) + " |")
     if versus in summary and len(summary) > 1:
-        name = LABELS.get(versus, versus)
+        name = stage_label(versus)
         lines += ["", f"{name} minus each other model, paired by draw (accuracy, mean ± se):", "",
                   f"| {name} minus | in-domain | out-of-domain |", "|---|---|---|"]
         for other in summary:
             if other != versus:
                 diff = paired(results, versus, other)
-                lines.append(f"| {LABELS.get(other, other)} | {cell(diff.get('eval_id'), 3)} | "
+                lines.append(f"| {stage_label(other)} | {cell(diff.get('eval_id'), 3)} | "
                              f"{cell(diff.get('eval_ood'), 3)} |")
     lines += ["", "Wall-clock per draw: " + ", ".join(f"{r['wall_s']:.0f} s" for r in results)]
     return "\n".join(lines) + "\n"

@@ -30,7 +30,6 @@ import torch
 from .ops import gae, masked_whiten, returns_to_go
 from .ops._triton import bool_mask
 
-
 TIE_TOL = 1e-4  # GRPO: rounding, not preference, below this std relative to the totals' size (absolute below 1)
 
 

@@ -36,9 +36,9 @@ class _Bucket:
     def __init__(self, starts: list[int], lengths: list[int], device: torch.device):
         self.n, self.max_len = len(lengths), max(lengths)
         # token positions in the packed row, sequence by sequence
-        self.tokens = torch.cat([torch.arange(s, s + l) for s, l in zip(starts, lengths)]).to(device)
+        self.tokens = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)]).to(device)
         rows = torch.repeat_interleave(torch.arange(self.n), torch.tensor(lengths))
-        offsets = torch.cat([torch.arange(l) for l in lengths])
+        offsets = torch.cat([torch.arange(n) for n in lengths])
         self.slots = (rows * self.max_len + offsets).to(device)  # where each token sits in [n_b * L_b]
 
 

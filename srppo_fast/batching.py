@@ -35,7 +35,7 @@ class PackedBatch:
     def num_tokens(self) -> int:
         return self.input_ids.shape[1]
 
-    def to(self, device: torch.device) -> "PackedBatch":
+    def to(self, device: torch.device) -> PackedBatch:
         move = {k: getattr(self, k).to(device, non_blocking=True)
                 for k in ("input_ids", "position_ids", "labels", "cu_seqlens", "padded_index")}
         return PackedBatch(**move, seq_ids=self.seq_ids, max_len=self.max_len, num_targets=self.num_targets)
@@ -128,6 +128,6 @@ def rank_microbatches(data: TokenizedSet, seq_ids: np.ndarray, token_budget: int
 
 def padded_pad_fraction(lengths_per_microbatch: list[np.ndarray]) -> float:
     """The padding that padding each micro-batch's sequences to its longest would have computed."""
-    real = sum(int(l.sum()) for l in lengths_per_microbatch)
-    padded = sum(int(l.max()) * len(l) for l in lengths_per_microbatch if len(l))
+    real = sum(int(x.sum()) for x in lengths_per_microbatch)
+    padded = sum(int(x.max()) * len(x) for x in lengths_per_microbatch if len(x))
     return 1.0 - real / padded if padded else 0.0

@@ -17,13 +17,15 @@ from pathlib import Path
 
 import yaml
 
-from .config import (STAGE_TYPES, Config, is_gguf, resolved_engine, resolved_precision, stage_data_specs,
-                     stage_model_refs, to_dict)
+from .config import Config, is_gguf, resolved_engine, resolved_precision, to_dict
 from .errors import CheckpointError, ConfigError, DataError
 from .io import effective_dir, manifest_problem
+from .stages import stage_of
+from .state import describe_changes
 
 log = logging.getLogger("srppo_fast")
-CONFIG_HEADER = "# srppo-fast: the resolved config of this run. Written by srppo-fast; edit your own config, not this.\n"
+CONFIG_HEADER = ("# srppo-fast: the resolved config of this run. Written by srppo-fast; edit your own config, "
+                 "not this.\n")
 
 
 def resolved_config_text(cfg: Config) -> str:
@@ -78,7 +80,7 @@ def uses_world(cfg: Config) -> bool:
     tokenizer = cfg.model.tokenizer
     specs = ["world" if tokenizer == "auto" and cfg.model.base == "scratch" else tokenizer]
     for name in cfg.stages:
-        specs += stage_data_specs(cfg, name)
+        specs += stage_of(cfg, name).data_specs()
     return any(s == "world" or s.startswith("world:") for s in specs)
 
 
@@ -103,48 +105,27 @@ def stage_fingerprint(cfg: Config, name: str) -> dict:
     contents, and the fingerprints of the stages whose models it reads."""
     fp: dict = {}
     data: dict = {}
-    for ref in stage_model_refs(cfg, name):
+    stage = stage_of(cfg, name)
+    for ref in stage.model_refs():
         if ref in cfg.stages and ref != name:
             upstream = stage_fingerprint(cfg, ref)
             data.update(upstream.pop("data", {}))
             fp.update(upstream)
-    fp.update({name: _result_keys(to_dict(getattr(cfg, name))), "model": _result_keys(to_dict(cfg.model),
+    section = to_dict(cfg.section(name))
+    if name in cfg.named:  # a named stage: its type counts too
+        section = {"kind": cfg.stage_type(name), **section}
+    fp.update({name: _result_keys(section), "model": _result_keys(to_dict(cfg.model),
                                                                                      _MODEL_NOT_RESULTS),
                "seed": cfg.seed, "precision": resolved_precision(cfg)})
     if uses_world(cfg):
         fp["world"] = to_dict(cfg.world)
-    for spec in stage_data_specs(cfg, name):
+    for spec in stage.data_specs():
         found = data_fingerprint(spec)
         if found is not None:
             data[spec] = found
     if data:
         fp["data"] = data
     return fp
-
-
-def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            keys += _diff_keys(a[k], b[k], f"{prefix}{k}.")
-        elif a.get(k) != b.get(k):
-            keys.append(prefix + k)
-    return keys
-
-
-def describe_changes(saved: dict, want: dict) -> str:
-    """The config keys and data files that differ between two fingerprints, for a refusal."""
-    keys = _diff_keys(saved or {}, want)
-    data = sorted({spec for spec in (saved or {}).get("data", {}) | want.get("data", {})
-                   if (saved or {}).get("data", {}).get(spec) != want.get("data", {}).get(spec)})
-    keys = [k for k in keys if not k.startswith("data.") and k != "data"]
-    parts = []
-    if keys:
-        parts.append("config keys " + ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else ""))
-    for spec in data:
-        parts.append(f"the data file '{spec}' (its contents changed since)" if spec in (saved or {}).get("data", {})
-                     and spec in want.get("data", {}) else f"the data file '{spec}'")
-    return "; ".join(parts) or "the saved fingerprint is missing"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +148,7 @@ def stage_status(cfg: Config, name: str) -> StageStatus:
     from .modeling import checkpoint_info
 
     want = stage_fingerprint(cfg, name)
-    if STAGE_TYPES[name] == "eval":
+    if not stage_of(cfg, name).resumable:
         return StageStatus(name, "start", fingerprint=want)
     path = Path(cfg.output_dir) / "checkpoints" / name
     source = effective_dir(path)
@@ -188,7 +169,8 @@ def stage_status(cfg: Config, name: str) -> StageStatus:
         saved = "deepspeed" if (source / "deepspeed").is_dir() else "torch"
         if saved != resolved_engine(cfg):
             raise CheckpointError(f"{path} was saved by the {saved} engine but this run uses the "
-                                  f"{resolved_engine(cfg)} engine (runtime.engine); resume with runtime.engine={saved}, "
+                                  f"{resolved_engine(cfg)} engine (runtime.engine); resume with "
+                                  f"runtime.engine={saved}, "
                                   "or delete that checkpoint to start the stage over.")
     if info.get("fingerprint") != want:
         what = "a finished run" if complete else "an unfinished run"
@@ -263,7 +245,8 @@ def _check_model_path(path: str, key: str, trust_remote_code: bool) -> str:
             AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
             return f"{key}: hub model '{path}' found in the local cache"
         except (OSError, ValueError):
-            return f"{key}: hub model '{path}' not checked (not in the local cache; it is downloaded when the run starts)"
+            return (f"{key}: hub model '{path}' not checked (not in the local cache; it is downloaded when the run "
+                    "starts)")
     if not os.path.isdir(path):
         raise ConfigError(f"{key}: '{path}' does not exist; give a directory with a Hugging Face checkpoint.")
     try:
@@ -311,7 +294,6 @@ def _check_data(spec: str, kind: str, key: str, final_answer: bool = False) -> s
 
 def check_inputs(cfg: Config) -> list[str]:
     """Models, tokenizer and data that exist before the run: each opens. Returns one line per check."""
-    from .config import MODEL_STAGES
     from .modeling import check_arch
 
     done = []
@@ -324,21 +306,18 @@ def check_inputs(cfg: Config) -> list[str]:
         done.append(_check_tokenizer_path(cfg.model.tokenizer, cfg.model.trust_remote_code))
     seen = set()
     for name in cfg.stages:
-        for ref in stage_model_refs(cfg, name):
-            if ref in ("base", *MODEL_STAGES) or ref in seen:
+        stage = stage_of(cfg, name)
+        for ref in stage.model_refs():
+            if ref == "base" or cfg.makes_model(ref) or ref in seen:
                 continue
             seen.add(ref)
             done.append(_check_model_path(ref, f"{name} model", cfg.model.trust_remote_code))
-        section = getattr(cfg, name)
-        kind = STAGE_TYPES[name]
-        if kind == "rl" and section.reward.type == "model" and section.reward.model_path not in seen:
-            seen.add(section.reward.model_path)
-            done.append(_check_model_path(section.reward.model_path, f"{name}.reward.model_path",
-                                          cfg.model.trust_remote_code))
-        data_kind = {"lm": "lm" if getattr(section, "loss_on", "") == "all" else "sft", "rl": "prompt",
-                     "spin": "sft", "eval": "prompt"}[kind]
-        for spec in stage_data_specs(cfg, name):
-            done.append(_check_data(spec, data_kind, f"{name} data", final_answer=kind == "spin"))
+        for key, path in stage.external_models().items():
+            if path not in seen:
+                seen.add(path)
+                done.append(_check_model_path(path, key, cfg.model.trust_remote_code))
+        for spec, kind, final_answer in stage.data_checks():
+            done.append(_check_data(spec, kind, f"{name} data", final_answer=final_answer))
     return done
 
 

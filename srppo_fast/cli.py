@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from .config import load_config, to_dict
+    from .config import to_dict
+    from .config_load import load_config
     from .runner import describe_plan, preflight, run
 
     cfg = load_config(args.config, args.overrides)
@@ -158,7 +159,7 @@ def cmd_config(args) -> int:
 
 
 def cmd_world(args) -> int:
-    from .config import load_config
+    from .config_load import load_config
     from .world import build_world
 
     cfg = load_config(None, args.overrides)

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import reprlib
 import logging
 import os
+import reprlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -264,7 +265,8 @@ def check_text(text: str, where: str, what: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise DataError(f"{where}: {what} is not valid Unicode text (a lone UTF-16 surrogate U+{ord(text[e.start]):04X} "
+        raise DataError(f"{where}: {what} is not valid Unicode text (a lone UTF-16 surrogate "
+                        f"U+{ord(text[e.start]):04X} "
                         f"at character {e.start + 1}, escaped in the JSON as \\u{ord(text[e.start]):04x}); fix or "
                         "remove that record.") from None
     return text
@@ -433,7 +435,8 @@ def tokenize_records(records: list[Record], tokenizer, *, loss_on: Literal["all"
         if len(texts[-1]) > bound:
             too_long.add(len(texts) - 1)
             if overlong == "error":
-                raise DataError(f"{rec.where}: {len(texts[-1]):,} characters, more than max_seq_len={max_seq_len} tokens "
+                raise DataError(f"{rec.where}: {len(texts[-1]):,} characters, more than "
+                                f"max_seq_len={max_seq_len} tokens "
                                 "can hold; raise max_seq_len or set overlong=drop or truncate.")
             texts[-1] = "" if overlong == "drop" else texts[-1][:bound]  # truncate: its first tokens are these
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)

@@ -20,7 +20,6 @@ import torch.distributed as tdist
 
 from .errors import ConfigError
 
-
 _comm_seconds = 0.0  # wall time spent in the collectives below (the stages' own; not DeepSpeed's)
 
 
@@ -99,7 +98,7 @@ def init(device: torch.device, timeout_minutes: int = 30) -> None:
                            "MASTER_PORT": port, OWN_GROUP: port})
     if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
         raise ConfigError("WORLD_SIZE and RANK are set but MASTER_ADDR / MASTER_PORT are not: start the run with "
-                          "torchrun or deepspeed (README, 'Multi-GPU and multi-node'), which set all four.")
+                          "torchrun or deepspeed (docs/distributed.md), which set all four.")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(local_rank())

@@ -1,30 +1,23 @@
-"""The `eval` stage: every model of a run on every evaluation set -> eval.json and eval.md.
-
-Per model and set: verifier accuracy of greedy answers (when the set has a verifier: the embedded
-world's), the share of careful answers (world), EOS rate and mean answer length, and the mean
-log-likelihood per token of the reference responses (when the records carry one).
+"""Evaluating a model (the eval stage's measurements, stages/eval.py): per model and set: verifier accuracy of
+greedy answers (when the set has a verifier: the embedded world's), the share of careful answers (world), EOS rate
+and mean answer length, and the mean log-likelihood per token of the reference responses (when the records carry one).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .config import EvalConfig, stage_model_refs
-from .data import prompt_tokens, read_records, tokenize_records
 from .batching import microbatches
+from .config import EvalConfig, stage_label
+from .data import prompt_tokens, read_records, tokenize_records
 from .experience import packed_label_logprobs
 from .generation import generate
-from .io import atomic_write_text
 
 log = logging.getLogger("srppo_fast")
-LABELS = {"base": "base", "pretrain": "PT", "sft": "SFT", "sft_extended": "SFT (extended)", "srppo": "SRPPO",
-          "ppo_rm": "PPO-RM", "spin": "SPIN"}
 
 
 @dataclass
@@ -86,13 +79,14 @@ def _cell(value, fmt: str) -> str:
     return "n/a" if value is None or value != value else format(value, fmt)
 
 
-def markdown_table(results: dict) -> str:
-    """Models as rows; per set: accuracy (and careful share) and the reference log-likelihood."""
+def markdown_table(results: dict, labels: dict | None = None) -> str:
+    """Models as rows (named by `labels`, default: the stage types' labels); per set: accuracy (and careful share)
+    and the reference log-likelihood."""
     sets = list(next(iter(results.values())).keys()) if results else []
     head = ["model"] + [f"{s} accuracy" for s in sets] + [f"{s} loglik/token" for s in sets]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for model, rows in results.items():
-        cells = [LABELS.get(model, model)]
+        cells = [(labels or {}).get(model) or stage_label(model)]
         for s in sets:
             acc = _cell(rows[s].get("accuracy"), ".3f")
             cells.append(f"{acc} (careful {_cell(rows[s]['careful_rate'], '.2f')})" if "careful_rate" in rows[s]
@@ -100,32 +94,3 @@ def markdown_table(results: dict) -> str:
         cells += [_cell(rows[s].get("loglik"), ".4f") for s in sets]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def run_eval_stage(ctx, name: str) -> None:
-    """1. evaluation sets -> 2. each model: greedy answers, verifier, log-likelihood -> 3. eval.json, eval.md."""
-    ev: EvalConfig = getattr(ctx.cfg, name)
-    tok = ctx.tokenizer()
-    sets = [load_eval_set(str(spec), tok, ctx.world_dir) for spec in ev.splits]
-    refs = stage_model_refs(ctx.cfg, name)
-    ctx.check_models(name, {f"{name}.models[{i}] ({ref})": ref for i, ref in enumerate(refs)})
-    ctx.metrics.drop(name)  # a re-run replaces the stage's rows, never doubles them
-    results = {}
-    for ref in refs:
-        t0 = time.perf_counter()
-        model = ctx.load_frozen(name, ref, shard=False)  # the run's precision, whole on rank 0
-        with ctx.autocast():
-            results[ref] = evaluate_model(model, tok, sets, ev, ctx.device)
-        for split, row in results[ref].items():
-            ctx.metrics.log({"stage": name, "model": ref, "split": split, **row})
-        log.info("eval %s (%.1fs): %s", ref, time.perf_counter() - t0,
-                 "; ".join(f"{s}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items())
-                           for s, row in results[ref].items()))
-        del model
-    atomic_write_text(ctx.out / "eval.json", json.dumps(results, indent=1))
-    table = markdown_table(results)
-    atomic_write_text(ctx.out / "eval.md", table + "\n")
-    log.info("evaluation table (%s):\n%s", ctx.out / "eval.md", table)
-    from .modelcard import add_eval_to_cards
-
-    add_eval_to_cards(ctx, results)

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 
-from .attention import packed_kwargs
 from . import dist
+from .attention import packed_kwargs
 from .batching import PackedBatch, rank_microbatches
 from .data import TokenizedSet
 from .ops import linear_token_logprobs, token_logprobs

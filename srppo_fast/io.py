@@ -27,8 +27,8 @@ import re
 import shutil
 import signal
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 log = logging.getLogger("srppo_fast")
 MANIFEST = ".srppo_manifest.json"
@@ -253,7 +253,8 @@ def recover_dir(path: str | Path) -> str | None:
         if p.exists():
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
     if swept:
-        did = (did + "; " if did else f"{path}: ") + f"removed the leftovers of an interrupted save ({', '.join(swept)})"
+        did = (did + "; " if did else f"{path}: ") + \
+            f"removed the leftovers of an interrupted save ({', '.join(swept)})"
     return did
 
 

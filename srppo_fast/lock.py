@@ -77,7 +77,8 @@ class RunLock:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.close()
-            raise RunLockedError(f"output_dir {self.out} is in use by another run ({_describe(_read_holder(self.path))})"
+            raise RunLockedError(f"output_dir {self.out} is in use by another run "
+                                 f"({_describe(_read_holder(self.path))})"
                                  "; wait for it to finish or stop it, or give this run another output_dir.") from None
         fh.seek(0)
         fh.truncate()
@@ -92,7 +93,7 @@ class RunLock:
             fcntl.flock(fh, fcntl.LOCK_UN)
             fh.close()
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.acquire()
         return self
 

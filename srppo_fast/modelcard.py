@@ -20,9 +20,9 @@ import yaml
 
 from . import __version__
 from .checks import resolved_config_text, stage_fingerprint, uses_world
-from .config import MODEL_STAGES, STAGE_TYPES, Config, is_gguf, stage_data_specs, stage_model_refs, to_dict
-from .evaluation import LABELS
+from .config import Config, is_gguf, to_dict
 from .io import MANIFEST, atomic_write_text
+from .stages import stage_of
 
 log = logging.getLogger("srppo_fast")
 README = "README.md"
@@ -47,19 +47,7 @@ def _cell(value) -> str:
 
 def describe_stage(cfg: Config, name: str) -> str:
     """What kind of model a stage makes, in a few words."""
-    section, kind = getattr(cfg, name), STAGE_TYPES[name]
-    if kind == "lm":
-        if section.loss_on == "all":
-            return "causal language model (next-token loss on every token)"
-        return f"supervised fine-tuning (SFT): next-token loss on the {section.loss_on} tokens of demonstrations"
-    if kind == "spin":
-        return "self-play fine-tuning (SPIN): DPO loss of the demonstrations against the model's own samples"
-    if kind == "rl":
-        if section.reward.type != "coherent":
-            return f"PPO with the reward model '{section.reward.model_path}'"
-        return (f"Self-Rewarding PPO: PPO with the coherent reward log pi_SFT(y|x) - log pi_PT(y|x) (pi_SFT: "
-                f"`{section.reward.sft}`, pi_PT: `{section.reward.pretrained}`)")
-    return kind
+    return stage_of(cfg, name).describe()
 
 
 def lineage(cfg: Config, name: str) -> list[str]:
@@ -67,7 +55,7 @@ def lineage(cfg: Config, name: str) -> list[str]:
     seen = {name}
     todo = [name]
     while todo:
-        for ref in stage_model_refs(cfg, todo.pop()):
+        for ref in stage_of(cfg, todo.pop()).model_refs():
             if ref in cfg.stages and ref not in seen:
                 seen.add(ref)
                 todo.append(ref)
@@ -76,18 +64,18 @@ def lineage(cfg: Config, name: str) -> list[str]:
 
 def _reads(cfg: Config, name: str) -> str:
     parts = []
-    for ref in stage_model_refs(cfg, name):
+    stage = stage_of(cfg, name)
+    for ref in stage.model_refs():
         if ref == "base":
             parts.append(f"the base (`{cfg.model.base}`)")
         elif ref in cfg.stages:
             parts.append(f"`{ref}`")
-        elif ref in MODEL_STAGES:
+        elif cfg.makes_model(ref):
             parts.append(f"`{ref}` (the checkpoint an earlier run left in this output_dir; see its own {README})")
         else:
             parts.append(f"the model `{ref}`")
-    section = getattr(cfg, name)
-    if STAGE_TYPES[name] == "rl" and section.reward.type == "model":
-        parts.append(f"the reward model `{section.reward.model_path}`")
+    for path in stage.external_models().values():
+        parts.append(f"the reward model `{path}`")
     return ", ".join(dict.fromkeys(parts))
 
 
@@ -105,7 +93,7 @@ def _data_section(cfg: Config, stages: list[str], data: dict) -> list[str]:
     lines = ["## Data", "", "| stage | data | file | bytes | fingerprint |", "|---|---|---|---|---|"]
     world = False
     for stage in stages:
-        for spec in stage_data_specs(cfg, stage):
+        for spec in stage_of(cfg, stage).data_specs():
             if spec.startswith("world:"):
                 world = True
                 lines.append(f"| {stage} | `{_cell(spec)}` | split `{spec[6:]}` of the embedded world | | "
@@ -190,7 +178,7 @@ def model_card(ctx, name: str, info: dict) -> str:
     tok_line = f"`{tokenizer}`" + (" (trained on the embedded world's corpus)" if world_tok else
                                    " (the base's)" if tokenizer == "auto" else "") + "; saved in this directory"
     lines = ["---", _yaml(front).rstrip(), "---", "",
-             f"# {LABELS.get(name, name)} (`{name}`)", "",
+             f"# {cfg.label(name)} (`{name}`)", "",
              f"A Hugging Face checkpoint written by the `{name}` stage of an srppo-fast run.", "",
              "| | |", "|---|---|",
              f"| stage | `{name}`: {_cell(describe_stage(cfg, name))} |",
@@ -199,8 +187,7 @@ def model_card(ctx, name: str, info: dict) -> str:
              f"| tokenizer | {_cell(tok_line)} |",
              f"| srppo-fast | {__version__} |",
              f"| saved | {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} |"]
-    if STAGE_TYPES[name] == "rl" and getattr(cfg, name).advantage.estimator == "gae":
-        lines.append("| critic | the value model, in `critic/` |")
+    lines += stage_of(cfg, name).card_rows()
     lines += ["", "Load it with `transformers.AutoModelForCausalLM.from_pretrained(\"<this directory>\")` and "
               "`AutoTokenizer.from_pretrained(\"<this directory>\")`.", ""]
     if base == "scratch":
@@ -210,7 +197,7 @@ def model_card(ctx, name: str, info: dict) -> str:
     for i, stage in enumerate(stages, 1):
         this = " (this checkpoint)" if stage == name else ""
         lines += [f"{i}. `{stage}`{this}: {describe_stage(cfg, stage)}; reads {_reads(cfg, stage)}", "",
-                  _block(_yaml({stage: to_dict(getattr(cfg, stage))}), "yaml"), ""]
+                  _block(_yaml({stage: to_dict(cfg.section(stage))}), "yaml"), ""]
     lines += [*_data_section(cfg, stages, fp.get("data", {})), "", _saved_eval(ctx.out, name), ""]
     upto = cfg.stages[:cfg.stages.index(name) + 1] if name in cfg.stages else stages
     reproduce = shlex.join(["srppo-fast", "train", "--config", "config.yaml", f"stages=[{','.join(upto)}]"])
@@ -252,7 +239,7 @@ def add_eval_to_cards(ctx, results: dict) -> list[Path]:
 
     written = []
     for ref, rows in results.items():
-        ckpt = ctx.checkpoint_dir(ref) if ref in MODEL_STAGES else None
+        ckpt = ctx.checkpoint_dir(ref) if ctx.cfg.makes_model(ref) else None
         info = checkpoint_info(ckpt) if ckpt is not None and ckpt.is_dir() else None
         if not info or not info.get("complete"):
             continue

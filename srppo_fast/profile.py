@@ -25,8 +25,10 @@ import shutil
 import statistics
 from pathlib import Path
 
-from .config import STAGE_TYPES, Config, load_config
+from .config import Config
+from .config_load import load_config
 from .errors import ConfigError
+from .stages import stage_of
 
 log = logging.getLogger("srppo_fast")
 
@@ -42,10 +44,8 @@ def profile_config(path: str, overrides: list[str], steps: int) -> tuple[Config,
     actor trains from the first step) unless the overrides set it. It logs to metrics.jsonl only, unless the
     overrides set logging keys."""
     from .modeling import checkpoint_info
-    from .stages.rl import stage_models
-
     cfg = load_config(path, overrides)
-    rl_stages = [s for s in cfg.stages if STAGE_TYPES[s] == "rl"]
+    rl_stages = [s for s in cfg.stages if stage_of(cfg, s).profiled]
     if not rl_stages:
         raise ConfigError(f"{path} lists no RL stage (stages: {', '.join(cfg.stages)}); profile measures an RL "
                           "stage: add srppo or ppo_rm to stages.")
@@ -58,8 +58,8 @@ def profile_config(path: str, overrides: list[str], steps: int) -> tuple[Config,
         extra += ["logging.backends=[jsonl]", "logging.samples_every=0"]
     if not any(o.startswith(f"{name}.critic.warmup_buffers=") for o in overrides):
         extra.append(f"{name}.critic.warmup_buffers=0")  # the steady state: the actor trains from step 1
-    for key, ref in stage_models(getattr(cfg, name), name).items():
-        if ref in STAGE_TYPES:
+    for key, ref in stage_of(cfg, name).model_keys().items():
+        if cfg.is_stage(ref):
             ckpt = out / "checkpoints" / ref
             info = checkpoint_info(ckpt)
             if info is None or not info.get("complete"):
@@ -84,11 +84,10 @@ def _peak_flops() -> float | None:
 
 def run_profile(path: str, overrides: list[str], steps: int, trace: str | None) -> str:
     from . import dist
-    from .metrics import read_metrics
-    from .runner import run
-
     from .config import resolved_engine
     from .engine import resolve_device
+    from .metrics import read_metrics
+    from .runner import run
 
     cfg, name = profile_config(path, overrides, steps)
     out = Path(cfg.output_dir)
@@ -121,7 +120,7 @@ def run_profile(path: str, overrides: list[str], steps: int, trace: str | None) 
     if not dist.is_main():
         return ""
     rows = [r for r in read_metrics(out / "metrics.jsonl") if r.get("stage") == name and "time/step" in r]
-    report = format_profile(rows, name, _peak_flops(), getattr(cfg, name).rollout.async_)
+    report = format_profile(rows, name, _peak_flops(), stage_of(cfg, name).rollout().async_)
     (out / "profile.json").write_text(json.dumps(rows, indent=1) + "\n")
     return report
 

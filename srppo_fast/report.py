@@ -22,8 +22,8 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .errors import SrppoError
 from .io import atomic_file, atomic_write_text, read_text_file

@@ -16,16 +16,27 @@ import numpy as np
 import torch
 
 from . import dist
-from .checks import Preflight, preflight, resolved_config_text, uses_world
-from .config import STAGE_TYPES, Config, resolved_engine, stage_model_refs
+from .checks import Preflight, preflight, resolved_config_text, stage_fingerprint, uses_world
+from .config import Config, resolved_engine
 from .engine import EngineBase, autocast, frozen_model, release_frozen, resolve_device, resolve_precision
 from .engine.placement import Placement, cast_parameters_, measured_param_bytes, placement
 from .errors import CheckpointError, ConfigError, SrppoError
 from .io import atomic_write_text, recover_tree
 from .lock import RunLock, RunLockedError, lock_holder, watch_launcher
 from .metrics import MetricsLog, NullMetricsLog
-from .modeling import (build_scratch_model, checkpoint_info, load_model, load_reward_model, load_tokenizer,
-                       model_source, num_parameters, tokenizer_fingerprint, tokenizer_mismatch)
+from .modelcard import add_eval_to_cards, model_card
+from .modeling import (
+    build_scratch_model,
+    checkpoint_info,
+    load_model,
+    load_reward_model,
+    load_tokenizer,
+    model_source,
+    num_parameters,
+    tokenizer_fingerprint,
+    tokenizer_mismatch,
+)
+from .stages import stage_of
 
 log = logging.getLogger("srppo_fast")
 
@@ -58,6 +69,23 @@ class RunContext:
     def checkpoint_dir(self, stage: str) -> Path:
         return self.out / "checkpoints" / stage
 
+    def vllm_context(self) -> int:
+        """The longest prompt + response of the run's stages that sample with vLLM: the context of its sampler."""
+        stages = [stage_of(self.cfg, s) for s in self.cfg.stages]
+        return max(s.longest_sample() for s in stages if s.rollout() is not None and s.rollout().engine == "vllm")
+
+    def fingerprint(self, name: str) -> dict:
+        """What the stage's result depends on (checks.stage_fingerprint): saved with its checkpoints."""
+        return stage_fingerprint(self.cfg, name)
+
+    def model_card(self, name: str, info: dict) -> str:
+        """The README.md a stage's checkpoint carries (modelcard.py)."""
+        return model_card(self, name, info)
+
+    def add_eval_to_cards(self, results: dict) -> list[Path]:
+        """The eval stage's rows, into the cards of the evaluated stages' checkpoints."""
+        return add_eval_to_cards(self, results)
+
     def tokenizer_spec(self) -> str:
         spec = self.cfg.model.tokenizer
         if spec == "auto":
@@ -76,7 +104,7 @@ class RunContext:
         this run (its complete checkpoint), or a directory / hub name as given."""
         if ref == "base":
             return self.cfg.model.base
-        if ref in STAGE_TYPES:
+        if self.cfg.is_stage(ref):
             path = self.checkpoint_dir(ref)
             info = checkpoint_info(path)
             if info is None or not info.get("complete"):
@@ -102,8 +130,8 @@ class RunContext:
                     tok = None  # a model directory without tokenizer files: its vocabulary size is still checked
                 source, extra = model_source(path)
                 self._checked[path] = (tokenizer_fingerprint(tok) if tok is not None else None,
-                                       AutoConfig.from_pretrained(source, trust_remote_code=self.cfg.model.trust_remote_code,
-                                                                  **extra))
+                                       AutoConfig.from_pretrained(
+                                           source, trust_remote_code=self.cfg.model.trust_remote_code, **extra))
             found, hf_config = self._checked[path]
             differs = tokenizer_mismatch(found, want) if found is not None else None
             if differs:
@@ -251,11 +279,10 @@ def prepare(cfg: Config, checks: Preflight) -> RunContext:
 def run(cfg: Config) -> RunContext:
     """1. check everything (nothing is written when a check fails) -> 2. prepare the output directory ->
     3. run each stage in order; stages completed by the same config and data are skipped."""
-    from .stages import STAGES
-
     if resolved_engine(cfg) == "deepspeed" or dist.launched():
         # a rank waiting in a collective for a rank whose sampler hangs must outlast that sampler's timeout
-        sampler_timeouts = [getattr(cfg, s).rollout.timeout_s for s in cfg.stages if STAGE_TYPES[s] in ("rl", "spin")]
+        samplers = [ro for s in cfg.stages if (ro := stage_of(cfg, s).rollout()) is not None]
+        sampler_timeouts = [ro.timeout_s for ro in samplers]
         dist.init(resolve_device(cfg.runtime.device), max([30, *(math.ceil(t / 60) + 5 for t in sampler_timeouts)]))
     watch_launcher()  # launched workers stop (saving first) when their launcher is gone
     out = Path(cfg.output_dir)
@@ -274,13 +301,13 @@ def run(cfg: Config) -> RunContext:
             error = e
     dist.first_error(error)
     try:
-        return _run_stages(cfg, checks, STAGES)
+        return _run_stages(cfg, checks)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run_stages(cfg: Config, checks: Preflight, STAGES) -> RunContext:
+def _run_stages(cfg: Config, checks: Preflight) -> RunContext:
     dist.barrier()  # every rank has checked before rank 0 writes
     ctx = prepare(cfg, checks)
     failed = True
@@ -294,14 +321,15 @@ def _run_stages(cfg: Config, checks: Preflight, STAGES) -> RunContext:
             log.info("stage %d/%d: %s", index + 1, len(cfg.stages), name)
             ctx.stage = name
             try:
-                if STAGE_TYPES[name] == "eval":  # plain models, no engine: rank 0 evaluates, the others wait for it
+                stage = stage_of(cfg, name)
+                if stage.whole_models_on_rank0:  # plain models, no engine: rank 0 runs it, the others wait for it
                     if dist.is_main():
-                        STAGES[name](ctx, name)
+                        stage.run(ctx)
                         ctx.metrics.end_stage(name)
                     if index + 1 < len(cfg.stages):
                         dist.barrier()
                     continue
-                STAGES[name](ctx, name)
+                stage.run(ctx)
                 ctx.metrics.end_stage(name)
             finally:
                 ctx.release_stage()  # its models, optimizers and engines, before the next stage loads its own
@@ -326,8 +354,8 @@ def summary(ctx: RunContext) -> str:
     """One line per stage: where its checkpoint is and what its held-out loss did."""
     parts = []
     for name in ctx.cfg.stages:
-        if STAGE_TYPES[name] == "eval":
-            parts.append(f"{name} (table in {ctx.out / 'eval.md'})")
+        if not ctx.cfg.makes_model(name):
+            parts.append(stage_of(ctx.cfg, name).outcome(ctx))
             continue
         info = checkpoint_info(ctx.checkpoint_dir(name)) or {}
         start, end = info.get("eval_loss_start"), info.get("eval_loss_end")
@@ -341,29 +369,7 @@ def describe_plan(cfg: Config, checks: Preflight | None = None) -> str:
     checks found (for --dry-run)."""
     lines = [f"plan (output_dir: {cfg.output_dir}):"]
     for i, name in enumerate(cfg.stages, 1):
-        s = getattr(cfg, name)
-        kind = STAGE_TYPES[name]
-        if kind == "lm":
-            init = s.init if s.init != "base" else f"base={cfg.model.base}"
-            length = f"max_steps={s.max_steps}" if s.max_steps else f"epochs={s.epochs:g}"
-            evals = f" eval={s.eval_data}" if s.eval_data else ""
-            line = (f"{name}: init={init} data={s.data}{evals} loss_on={s.loss_on} {length} batch={s.batch_size} "
-                    f"micro_batch_tokens={s.micro_batch_tokens} lr={s.optim.lr:g}")
-        elif kind == "spin":
-            length = f"iterations={s.iterations} x epochs={s.epochs:g}"
-            line = (f"{name}: init={s.init} demonstrations={s.data} {length} beta={s.beta:g} pairs/step={s.batch_size} "
-                    f"sampler={s.rollout.engine}(T={s.rollout.temperature:g}, max_new_tokens={s.rollout.max_new_tokens}) "
-                    f"micro_batch_tokens={s.micro_batch_tokens} lr={s.optim.lr:g}")
-        elif kind == "rl":
-            reward = (f"coherent(sft={s.reward.sft}, pt={s.reward.pretrained}, {s.reward.granularity})"
-                      if s.reward.type == "coherent" else f"model({s.reward.model_path})")
-            length = f"max_steps={s.max_steps}" if s.max_steps else f"episodes={s.episodes:g}"
-            line = (f"{name}: actor={s.init} prompts={s.prompts} reward={reward} kl={s.kl.coef:g}({s.kl.estimator}, "
-                    f"in {s.kl.placement}) advantage={s.advantage.estimator} {length} buffer={s.prompts_per_step}x"
-                    f"{s.rollout.n_samples} train_batch={s.ppo.train_batch_size} actor_lr={s.optim.lr:g}")
-        else:
-            models = ", ".join(stage_model_refs(cfg, name))
-            line = f"{name}: models=[{models}] splits={s.splits} greedy max_new_tokens={s.max_new_tokens}"
+        line = stage_of(cfg, name).plan_line()
         status = checks.statuses[name] if checks else None
         if status is not None and status.action != "start":
             line += " [complete: skipped]" if status.action == "skip" else f" [resumes after step {status.step}]"

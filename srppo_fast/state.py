@@ -61,7 +61,7 @@ class SignalGuard:
         self.requested = name
         log.warning("%s received: finishing this step, saving, then stopping (send it again to stop now)", name)
 
-    def __enter__(self) -> "SignalGuard":
+    def __enter__(self) -> SignalGuard:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -84,7 +84,6 @@ def _noted_while_failing(signum, frame) -> None:
 
 def resumable(path: str | Path, fingerprint: dict) -> dict | None:
     """The saved trainer state of an unfinished checkpoint made by the same config, else None."""
-    from .checks import describe_changes
 
     info = checkpoint_info(path)
     state_file = Path(path) / TRAINER_STATE
@@ -97,3 +96,28 @@ def resumable(path: str | Path, fingerprint: dict) -> dict | None:
     state = torch.load(state_file, map_location="cpu", weights_only=False)
     log.info("resuming %s from step %d", info.get("stage"), info["step"])
     return state
+
+
+def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            keys += _diff_keys(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            keys.append(prefix + k)
+    return keys
+
+
+def describe_changes(saved: dict, want: dict) -> str:
+    """The config keys and data files that differ between two fingerprints, for a refusal."""
+    keys = _diff_keys(saved or {}, want)
+    data = sorted({spec for spec in (saved or {}).get("data", {}) | want.get("data", {})
+                   if (saved or {}).get("data", {}).get(spec) != want.get("data", {}).get(spec)})
+    keys = [k for k in keys if not k.startswith("data.") and k != "data"]
+    parts = []
+    if keys:
+        parts.append("config keys " + ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else ""))
+    for spec in data:
+        parts.append(f"the data file '{spec}' (its contents changed since)" if spec in (saved or {}).get("data", {})
+                     and spec in want.get("data", {}) else f"the data file '{spec}'")
+    return "; ".join(parts) or "the saved fingerprint is missing"

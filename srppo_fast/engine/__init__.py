@@ -19,8 +19,16 @@ import torch
 
 from .. import dist
 from ..errors import CheckpointError
-from .common import (EngineBase, autocast, backward_together, check_divergence, lr_lambda, param_groups,
-                     resolve_device, resolve_precision)
+from .common import (
+    EngineBase,
+    autocast,
+    backward_together,
+    check_divergence,
+    lr_lambda,
+    param_groups,
+    resolve_device,
+    resolve_precision,
+)
 from .torch_engine import TorchEngine
 
 __all__ = ["EngineBase", "TorchEngine", "autocast", "check_divergence", "lr_lambda", "param_groups", "resolve_device",

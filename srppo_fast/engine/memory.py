@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import STAGE_TYPES, Config, ModelConfig, is_gguf, resolved_engine, stage_model_refs
+from ..config import Config, ModelConfig, is_gguf, resolved_engine
+from ..stages import stage_of
 from .placement import Placement, placement
 
 GIB = 2**30
@@ -171,7 +172,7 @@ def hf_config_for(cfg: Config, ref: str):
     from transformers import AutoConfig
 
     trust = cfg.model.trust_remote_code
-    if ref == "base" or ref in STAGE_TYPES:
+    if ref == "base" or cfg.is_stage(ref):
         base = cfg.model.base
         if base == "scratch":
             from ..modeling import check_arch
@@ -281,39 +282,12 @@ def kv_cache_bytes(hf_config, rows: int, length: int, param_size: int) -> int:
 # the plan
 
 
-def _stage_models(cfg: Config, name: str) -> list[tuple[str, str, bool, str, list[str]]]:
-    """(role, ref, trainable, kind, config keys served) of each model a stage holds."""
-    s = getattr(cfg, name)
-    kind_of_stage = STAGE_TYPES[name]
-    if kind_of_stage == "eval":
-        return [(f"frozen {ref}", ref, False, "causal_lm", [f"{name}.models"]) for ref in stage_model_refs(cfg, name)]
-    if kind_of_stage in ("lm", "spin"):  # SPIN's reference pi_t is the model itself at the iteration's start
-        return [("model", s.init, True, "causal_lm", [f"{name}.init"])]
-    out = [("actor", s.init, True, "causal_lm", [f"{name}.init"])]
-    if s.advantage.estimator == "gae":
-        out.append(("critic", s.critic.init, True, "token_classification", [f"{name}.critic.init"]))
-    frozen: dict[str, tuple[str, list[str]]] = {}  # ref -> (kind, keys); one load per distinct ref
-
-    def add(ref: str, kind: str, key: str) -> None:
-        frozen.setdefault(ref, (kind, []))[1].append(key)
-
-    if s.reward.type == "coherent":
-        add(s.reward.sft, "causal_lm", f"{name}.reward.sft")
-        add(s.reward.pretrained, "causal_lm", f"{name}.reward.pretrained")
-    else:
-        add(str(s.reward.model_path), "sequence_classification", f"{name}.reward.model_path")
-    add(s.kl.reference or s.reward.sft, "causal_lm", f"{name}.kl.reference")
-    for ref, (kind, keys) in frozen.items():
-        out.append((f"frozen {ref}", ref, False, kind, keys))
-    return out
-
-
 def _plan_model(cfg: Config, role: str, ref: str, trainable: bool, kind: str, keys: list[str], num_gpus: int,
-                stage_kind: str, cache: dict) -> ModelPlan:
+                whole_on_rank0: bool, cache: dict) -> ModelPlan:
     m = ModelPlan(role, ref, trainable, serves=keys)
     # eval runs on rank 0 alone with whole models
-    place = model_placement(cfg, trainable, 1 if stage_kind == "eval" else num_gpus)
-    if stage_kind == "eval":
+    place = model_placement(cfg, trainable, 1 if whole_on_rank0 else num_gpus)
+    if whole_on_rank0:
         place = placement(plan_precision(cfg), "torch", trainable=False)
     try:
         m.hf_config = hf_config_for(cfg, ref)
@@ -327,7 +301,7 @@ def _plan_model(cfg: Config, role: str, ref: str, trainable: bool, kind: str, ke
     except Exception as e:  # noqa: BLE001 - the dry run never fails on the plan
         m.error = f"size not computed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
         return m
-    world = 1 if stage_kind == "eval" else num_gpus
+    world = 1 if whole_on_rank0 else num_gpus
     m.params, m.sharded = sum(numels), place.sharded
     m.param_bytes = place.param_bytes(numels, world)
     ds = cfg.deepspeed
@@ -350,11 +324,13 @@ def plan_memory(cfg: Config, num_gpus: int, num_nodes: int, gpu_gib: float) -> l
     cache: dict = {}
     plans = []
     for name in cfg.stages:
-        stage_kind = STAGE_TYPES[name]
-        models = [_plan_model(cfg, *spec, num_gpus, stage_kind, cache) for spec in _stage_models(cfg, name)]
-        plan = StagePlan(name, models, gpu_gib, one_at_a_time=stage_kind == "eval")
+        stage = stage_of(cfg, name)
+        whole = stage.whole_models_on_rank0
+        models = [_plan_model(cfg, *spec, num_gpus, whole, cache) for spec in stage.memory_models()]
+        plan = StagePlan(name, models, gpu_gib, one_at_a_time=whole)
         plan.transient = _transient(cfg, name, models, num_gpus, gpu_gib)
-        if stage_kind in ("rl", "spin") and getattr(cfg, name).rollout.engine == "vllm":
+        ro = stage.rollout()
+        if ro is not None and ro.engine == "vllm":
             models.append(_sampler_plan(cfg, name, gpu_gib))
         plans.append(plan)
     return plans
@@ -362,16 +338,15 @@ def plan_memory(cfg: Config, num_gpus: int, num_nodes: int, gpu_gib: float) -> l
 
 def _transient(cfg: Config, name: str, models: list[ModelPlan], num_gpus: int, gpu_gib: float) -> dict[str, int]:
     """The stage's phases' transient needs beyond the models' states (estimates)."""
-    s = getattr(cfg, name)
-    kind = STAGE_TYPES[name]
+    stage = stage_of(cfg, name)
     size = 2 if plan_precision(cfg) == "bf16" else 4
     known = [m for m in models if m.hf_config is not None]
     if not known:
         return {}
     out: dict[str, int] = {}
     gc = cfg.model.gradient_checkpointing
-    if kind in ("lm", "spin", "rl"):
-        tokens = s.micro_batch_tokens if kind != "rl" else s.ppo.micro_batch_tokens
+    tokens = stage.update_tokens()
+    if tokens is not None:
         update = sum(activation_bytes(m.hf_config, tokens, size, gc, lm_head=m.role != "critic")
                      for m in known if m.trainable)
         ds = cfg.deepspeed
@@ -385,32 +360,30 @@ def _transient(cfg: Config, name: str, models: list[ModelPlan], num_gpus: int, g
             elif ds.zero_stage == 3:  # the layer being computed and the one prefetched, gathered whole
                 update += 2 * getattr(m, "largest_layer", 0) * size
         out["update"] = update
-    if kind in ("rl", "spin") and s.rollout.engine == "hf":
-        actor = next((m for m in known if m.trainable), None)
-        if actor is not None:
-            longest = s.max_prompt_len + s.rollout.max_new_tokens
-            out["generate"] = kv_cache_bytes(actor.hf_config, s.rollout.batch_size, longest, size)
-    elif kind in ("rl", "spin") and s.rollout.vllm.sleep and not s.rollout.async_:
+    shape = stage.generate_shape()  # transformers generate on the stage's own model (the actor, or eval's largest)
+    if shape is not None:
+        model = max(known, key=lambda m: m.params or 0) if stage.whole_models_on_rank0 else \
+            next((m for m in known if m.trainable), None)
+        if model is not None:
+            out["generate"] = kv_cache_bytes(model.hf_config, shape[0], shape[1], size)
+    ro = stage.rollout()
+    if ro is not None and ro.engine == "vllm" and ro.vllm.sleep and not ro.async_:
         # a sleeping sampler holds nothing during scoring and the update, and its whole share while it generates,
         # beside every model the stage keeps on the device
-        out["sampler"] = int(s.rollout.vllm.gpu_memory_utilization * gpu_gib * GIB)
-    if kind == "eval":
-        biggest = max(known, key=lambda m: m.params or 0)
-        prompt = 512  # eval prompts: not known before the data is read; a generous bound
-        out["generate"] = kv_cache_bytes(biggest.hf_config, s.batch_size, prompt + s.max_new_tokens, size)
+        out["sampler"] = int(ro.vllm.gpu_memory_utilization * gpu_gib * GIB)
     return out
 
 
 def _sampler_plan(cfg: Config, name: str, gpu_gib: float) -> ModelPlan:
     """A colocated vLLM sampler takes gpu_memory_utilization of each GPU (its weights and KV cache) while it
     generates; asleep during an on-policy update it holds none of it then."""
-    ro = getattr(cfg, name).rollout
+    ro = stage_of(cfg, name).rollout()
     share = ro.vllm.gpu_memory_utilization
     asleep = ro.vllm.sleep and not ro.async_
     role = (f"vllm sampler (asleep during scoring and the update; {share:g} of the GPU while generating)" if asleep
             else f"vllm sampler ({share:g} of the GPU, " + ("overlapping the update" if ro.async_ else "awake: "
                                                             "vllm.sleep is false") + ")")
-    return ModelPlan(role, getattr(cfg, name).init, False, params=0, serves=[f"{name}.rollout"], sampler=True,
+    return ModelPlan(role, cfg.section(name).init, False, params=0, serves=[f"{name}.rollout"], sampler=True,
                      sampler_bytes=0 if asleep else int(share * gpu_gib * GIB))
 
 
@@ -464,7 +437,8 @@ def describe_memory(cfg: Config) -> str:
                              f"{', '.join(m.serves)}): {_gib(m.gpu_bytes)} per GPU")
         for phase, need in plan.transient.items():
             what = {"update": "activations of a micro-batch (and DeepSpeed's buffers)",
-                    "generate": "transformers generate's KV cache", "sampler": "the vLLM sampler while it generates"}[phase]
+                    "generate": "transformers generate's KV cache",
+                    "sampler": "the vLLM sampler while it generates"}[phase]
             lines.append(f"    {phase}: {what}: {_gib(need)} (estimate)")
         total = plan.total_bytes
         known = plan.states_bytes

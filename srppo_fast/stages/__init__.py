@@ -1,10 +1,22 @@
-"""Stage runners, by config name. Each takes (RunContext, stage name) and leaves a checkpoint (eval: a table)."""
+"""The stage kinds. `KINDS` is the one list of them: a kind is a `Stage` subclass (stages/base.py) in its own module
+here, and adding one is that module plus its line below. A config's stages are named sections (config.py), each of
+a stage type whose section type picks its kind."""
 
-from ..config import STAGE_TYPES
-from ..evaluation import run_eval_stage
-from .lm import run_lm_stage
-from .rl import run_rl_stage
-from .spin import run_spin_stage
+from ..config import Config
+from .base import Stage
+from .eval import EvalStage
+from .lm import LMStage
+from .rl import RLStage
+from .spin import SpinStage
 
-_RUNNERS = {"lm": run_lm_stage, "rl": run_rl_stage, "spin": run_spin_stage, "eval": run_eval_stage}
-STAGES = {name: _RUNNERS[kind] for name, kind in STAGE_TYPES.items()}
+KINDS: tuple[type[Stage], ...] = (LMStage, SpinStage, RLStage, EvalStage)
+
+_BY_SECTION = {kind.section_type: kind for kind in KINDS}
+
+
+def stage_of(cfg: Config, name: str) -> Stage:
+    """The stage called `name` in `cfg`, as its kind."""
+    return _BY_SECTION[type(cfg.section(name))](cfg, name)
+
+
+__all__ = ["KINDS", "Stage", "stage_of"]

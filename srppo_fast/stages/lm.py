@@ -14,10 +14,12 @@ from ..batching import PackedBatch, padded_pad_fraction, rank_microbatches
 from ..config import LMStageConfig
 from ..data import TokenizedSet, load_lm_data
 from ..engine import EngineBase, build_engine, check_divergence, save_engines
+from ..errors import ConfigError
+from ..experience import packed_label_logprobs
 from ..metrics import device_memory, progress
 from ..modeling import load_model
-from ..experience import packed_label_logprobs
 from ..state import Interrupted, SignalGuard, resumable, rng_state, set_rng_state
+from .base import Stage, check_data_spec, check_optim
 
 log = logging.getLogger("srppo_fast")
 
@@ -109,10 +111,7 @@ def total_steps(section: LMStageConfig, n: int) -> int:
 def run_lm_stage(ctx, name: str) -> None:
     """1. data -> 2. model and engine (or the saved state of an interrupted run) -> 3. evaluate the start
     -> 4. train (saving every save_every steps, and on SIGINT/SIGTERM) -> 5. evaluate, save."""
-    from ..checks import stage_fingerprint
-    from ..modelcard import model_card
-
-    section: LMStageConfig = getattr(ctx.cfg, name)
+    section: LMStageConfig = ctx.cfg.section(name)
     tok = ctx.tokenizer()
     ckpt = ctx.checkpoint_dir(name)
     # 1. data
@@ -124,7 +123,7 @@ def run_lm_stage(ctx, name: str) -> None:
              len(train), train.tokens.size, train.num_targets, train.dropped, train.truncated, section.max_seq_len)
     # 2. model and engine
     steps = total_steps(section, len(train))
-    fingerprint = stage_fingerprint(ctx.cfg, name)
+    fingerprint = ctx.fingerprint(name)
     state = resumable(ckpt, fingerprint)
     ctx.check_models(name, {f"{name}.init": section.init})
     model = load_model(str(ckpt), ctx.cfg.model) if state else ctx.init_model(section.init)
@@ -168,11 +167,12 @@ def run_lm_stage(ctx, name: str) -> None:
                 ctx.metrics.flush()
                 save_engines(ckpt, {"model": engine}, tok, info, {
                     "step": step, "engine": engine.state_dict(), "sampler_position": sampler.position,
-                    "start_eval": start_eval, "rng": rng_state()}, card=model_card(ctx, name, info))
+                    "start_eval": start_eval, "rng": rng_state()}, card=ctx.model_card(name, info))
                 last_save = f"{ckpt} (step {step})"
             if stop:
                 bar.close()
-                raise Interrupted(f"{name} stopped by {guard.requested or 'a signal to another rank'} after step {step} "
+                raise Interrupted(f"{name} stopped by {guard.requested or 'a signal to another rank'} after "
+                                  f"step {step} "
                                   f"of {steps}; its state is saved in {ckpt}: run the same command to resume.")
     bar.close()
     # 5. evaluate the end, save
@@ -183,7 +183,7 @@ def run_lm_stage(ctx, name: str) -> None:
         with engine.autocast():
             info["careful_skill"] = probe_careful_skill(ctx, name, engine.model, tok, steps)
     ctx.metrics.flush()
-    save_engines(ckpt, {"model": engine}, tok, info, card=model_card(ctx, name, info))
+    save_engines(ckpt, {"model": engine}, tok, info, card=ctx.model_card(name, info))
     engine.close()
     log.info("%s: saved %s", name, ckpt)
 
@@ -202,3 +202,46 @@ def probe_careful_skill(ctx, name: str, model, tok, step: int) -> dict[str, floa
     else:
         log.info("%s: careful skill (accuracy of answers started in the careful style): %s", name, shown)
     return skill
+
+
+class LMStage(Stage):
+    """Language modelling: next-token loss on every token (pretraining) or on the responses (SFT)."""
+
+    kind = "lm"
+    section_type = LMStageConfig
+
+    def validate(self, before: list[str], check_files: bool) -> None:
+        s, name = self.section, self.name
+        check_data_spec(s.data, f"{name}.data", check_files)
+        if s.eval_data is not None:
+            check_data_spec(s.eval_data, f"{name}.eval_data", check_files)
+        self.check_model_ref(s.init, f"{name}.init", before, check_files)
+        if s.micro_batch_tokens < s.max_seq_len:
+            raise ConfigError(
+                f"{name}.micro_batch_tokens ({s.micro_batch_tokens}) is smaller than {name}.max_seq_len "
+                f"({s.max_seq_len}), so a long sequence could not fit a micro-batch; raise "
+                f"micro_batch_tokens or lower max_seq_len.")
+        check_optim(s.optim, f"{name}.optim")
+
+    def data_specs(self) -> list[str]:
+        return [self.section.data] + ([self.section.eval_data] if self.section.eval_data else [])
+
+    def data_checks(self) -> list[tuple[str, str, bool]]:
+        kind = "lm" if self.section.loss_on == "all" else "sft"
+        return [(spec, kind, False) for spec in self.data_specs()]
+
+    def plan_line(self) -> str:
+        s = self.section
+        init = s.init if s.init != "base" else f"base={self.cfg.model.base}"
+        length = f"max_steps={s.max_steps}" if s.max_steps else f"epochs={s.epochs:g}"
+        evals = f" eval={s.eval_data}" if s.eval_data else ""
+        return (f"{self.name}: init={init} data={s.data}{evals} loss_on={s.loss_on} {length} batch={s.batch_size} "
+                f"micro_batch_tokens={s.micro_batch_tokens} lr={s.optim.lr:g}")
+
+    def describe(self) -> str:
+        if self.section.loss_on == "all":
+            return "causal language model (next-token loss on every token)"
+        return f"supervised fine-tuning (SFT): next-token loss on the {self.section.loss_on} tokens of demonstrations"
+
+    def run(self, ctx) -> None:
+        run_lm_stage(ctx, self.name)

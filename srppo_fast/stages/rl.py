@@ -25,23 +25,39 @@ import numpy as np
 import torch
 
 from .. import dist
-from ..advantages import (RunningMoments, baseline_advantages, compute_advantages, explained_variance,
-                          resolve_whiten)
+from ..advantages import RunningMoments, baseline_advantages, compute_advantages, explained_variance, resolve_whiten
+from ..batching import dummy_batch, rank_microbatches
 from ..config import RLStageConfig
 from ..data import prompt_tokens, read_records
 from ..engine import backward_together, build_engine, check_divergence, release_frozen, save_engines
 from ..errors import ConfigError, DataError, SamplerError, TrainingError
-from ..batching import dummy_batch, rank_microbatches
+from ..evaluation import greedy_metrics, load_eval_set
+from ..experience import (
+    Experience,
+    build_sequences,
+    flat,
+    packed_label_logprobs,
+    packed_response_values,
+    packed_sequence_scores,
+    response_mask,
+    score_tokens,
+)
 from ..generation import Generations, sample_seed
-from ..experience import (Experience, build_sequences, flat, packed_label_logprobs, packed_response_values,
-                          packed_sequence_scores, response_mask, score_tokens)
 from ..metrics import device_memory, progress
 from ..modeling import load_critic, load_model, model_source
-from ..ops import (coherent_gae, kl_estimate, kl_shaped_rewards_ref, masked_whiten, ppo_loss, sequence_rewards_ref,
-                   value_loss)
+from ..ops import (
+    coherent_gae,
+    kl_estimate,
+    kl_shaped_rewards_ref,
+    masked_whiten,
+    ppo_loss,
+    sequence_rewards_ref,
+    value_loss,
+)
 from ..rollout import HFRolloutEngine, SamplingParams
 from ..state import Interrupted, SignalGuard, resumable, rng_state, set_rng_state
 from ..world import verifier_for
+from .base import Stage, check_data_spec, check_optim
 from .lm import EpochSampler
 
 log = logging.getLogger("srppo_fast")
@@ -53,7 +69,8 @@ class Prompts:
     questions: list[str]  # the last user message (what a verifier reads)
 
 
-def load_prompts(spec: str, tokenizer, world_dir: str | None, max_len: int, key: str = "prompts") -> tuple[Prompts, int]:
+def load_prompts(spec: str, tokenizer, world_dir: str | None, max_len: int,
+                 key: str = "prompts") -> tuple[Prompts, int]:
     ids, questions, dropped = [], [], 0
     records = read_records(spec, "prompt", world_dir)
     for rec in records:
@@ -380,15 +397,13 @@ def save_rl(ctx, name: str, models: RLModels, step: int, complete: bool, fingerp
             extra_state: dict | None = None) -> None:
     """The actor as a Hugging Face directory, the critic in its `critic/` subdirectory, and (unfinished
     runs only) the trainer state. `fingerprint`: the stage's, taken when it started (what it trained on)."""
-    from ..modelcard import model_card
-
     info = {"stage": name, "step": step, "complete": complete, "fingerprint": fingerprint}
     engines = {"actor": models.actor}
     if models.critic is not None:
         engines["critic"] = models.critic  # saved in the critic/ subdirectory
     ctx.metrics.flush()
     save_engines(ctx.checkpoint_dir(name), engines, ctx.tokenizer(), info, None if complete else extra_state,
-                 card=model_card(ctx, name, info))
+                 card=ctx.model_card(name, info))
 
 
 @dataclass
@@ -441,7 +456,7 @@ class RLRun:
             raise ConfigError(f"{rl.rollout.engine} rollouts start the sampler from a checkpoint directory, but "
                               f"{rl.init!r} resolves to {path!r}; point the stage's init at a stage of this run or a "
                               "checkpoint directory, or use rollout.engine=hf.")
-        context = context_length(ctx.cfg, path)
+        context = context_length(ctx.vllm_context(), path)
         probe_len = min(rl.max_prompt_len + rl.rollout.max_new_tokens, context)
         engine = sampler(path, ctx.tokenizer().eos_token_id, rl.rollout, device=ctx.device, precision=ctx.precision,
                          seed=ctx.cfg.seed, max_model_len=context, world_size=dist.world_size())
@@ -669,9 +684,7 @@ class RLRun:
 
 def run_rl_stage(ctx, name: str) -> None:
     """Prompts -> models (or an interrupted run's state) -> steps 1-6 -> the final checkpoint."""
-    from ..checks import stage_fingerprint
-
-    rl: RLStageConfig = getattr(ctx.cfg, name)
+    rl: RLStageConfig = ctx.cfg.section(name)
     tok = ctx.tokenizer()
     prompts, dropped = load_prompts(rl.prompts, tok, ctx.world_dir, rl.max_prompt_len, f"{name}.prompts")
     steps = total_rl_steps(rl, len(prompts.ids))
@@ -681,7 +694,7 @@ def run_rl_stage(ctx, name: str) -> None:
     ctx.check_models(name, stage_models(rl, name))
     log.info("%s: %d prompts (%d dropped as longer than %d), %d steps of %d x %d responses", name,
              len(prompts.ids), dropped, rl.max_prompt_len, steps, rl.prompts_per_step, rl.rollout.n_samples)
-    fingerprint = stage_fingerprint(ctx.cfg, name)
+    fingerprint = ctx.fingerprint(name)
     state = resumable(ctx.checkpoint_dir(name), fingerprint)
     run = RLRun(ctx, rl, prompts, steps, state, str(ctx.checkpoint_dir(name)), name)
     start = state["step"] if state is not None else 0
@@ -720,7 +733,8 @@ def run_rl_stage(ctx, name: str) -> None:
                 last_save = f"{ctx.checkpoint_dir(name)} (step {step})"
             if stop:
                 bar.close()
-                raise Interrupted(f"{name} stopped by {guard.requested or 'a signal to another rank'} after step {step} "
+                raise Interrupted(f"{name} stopped by {guard.requested or 'a signal to another rank'} after "
+                                  f"step {step} "
                                   f"of {steps}; its state is saved in {ctx.checkpoint_dir(name)}: run the same "
                                   "command to resume.")
     bar.close()
@@ -780,11 +794,134 @@ def verify_samples(verifier, tokenizer, questions: list[str], responses: list[li
 
 
 def evaluate_during_training(ctx, name: str, step: int, model, tokenizer) -> None:
-    from ..evaluation import greedy_metrics, load_eval_set
-
     record = {"stage": name, "step": step}
     for spec in ("world:eval_id", "world:eval_ood"):
         evalset = load_eval_set(spec, tokenizer, ctx.world_dir)
         row = greedy_metrics(model, tokenizer, evalset, ctx.cfg.eval.max_new_tokens, ctx.cfg.eval.batch_size)
         record.update({f"eval/{evalset.name}/{k}": v for k, v in row.items()})
     ctx.metrics.log(record)
+
+
+class RLStage(Stage):
+    """On-policy RL: rollouts from the actor, a reward (the coherent reward, or a reward model's score), KL shaping,
+    advantages (GAE with a critic, or a baseline), PPO updates."""
+
+    kind = "rl"
+    section_type = RLStageConfig
+    profiled = True
+
+    def validate(self, before: list[str], check_files: bool) -> None:
+        rl, name = self.section, self.name
+        check_data_spec(rl.prompts, f"{name}.prompts", check_files)
+        self.check_model_ref(rl.init, f"{name}.init", before, check_files)
+        est, n = rl.advantage.estimator, rl.rollout.n_samples
+        if est in ("rloo", "grpo") and n < 2:
+            raise ConfigError(f"{name}.advantage.estimator={est} compares samples of the same prompt, but "
+                              f"{name}.rollout.n_samples is {n}; set n_samples >= 2 or use gae/reinforce.")
+        if est == "gae":
+            self.check_model_ref(rl.critic.init, f"{name}.critic.init", before, check_files)
+            check_optim(rl.critic.optim, f"{name}.critic.optim")
+        elif rl.critic.warmup_buffers:
+            raise ConfigError(f"{name}.critic.warmup_buffers is {rl.critic.warmup_buffers} but {est} has no critic; "
+                              f"set it to 0 or use advantage.estimator=gae.")
+        if rl.reward.type == "model":
+            if not rl.reward.model_path:
+                raise ConfigError(f"{name}.reward.type is 'model' but {name}.reward.model_path is not set; give the "
+                                  "reward model's directory or hub name.")
+            if check_files and "/" in rl.reward.model_path and not os.path.exists(rl.reward.model_path) \
+                    and rl.reward.model_path.startswith((".", "/")):
+                raise ConfigError(f"{name}.reward.model_path: '{rl.reward.model_path}' does not exist.")
+        else:
+            self.check_model_ref(rl.reward.sft, f"{name}.reward.sft", before, check_files)
+            self.check_model_ref(rl.reward.pretrained, f"{name}.reward.pretrained", before, check_files)
+            if rl.reward.sft == rl.reward.pretrained:
+                raise ConfigError(f"{name}.reward.sft and {name}.reward.pretrained are both '{rl.reward.sft}': the "
+                                  "coherent reward log pi_SFT - log pi_PT would be 0; point them at different models.")
+        if rl.kl.placement == "loss" and rl.kl.estimator == "k1" and rl.kl.coef > 0:
+            raise ConfigError(f"{name}.kl.placement is 'loss' with {name}.kl.estimator 'k1': the k1 term's gradient "
+                              "does not depend on pi_ref (its expectation is zero), so it would not pull the policy "
+                              f"toward it; use {name}.kl.estimator=k2 or k3 in the loss, or kl.placement=reward.")
+        if rl.kl.reference is not None:
+            self.check_model_ref(rl.kl.reference, f"{name}.kl.reference", before, check_files)
+        elif rl.reward.type == "model" and rl.kl.coef > 0 and rl.reward.sft not in before and rl.reward.sft != "base":
+            self.check_model_ref(rl.reward.sft, f"{name}.reward.sft (the default KL reference)", before, check_files)
+        self.check_rollout()
+        buffer = rl.prompts_per_step * n
+        if rl.ppo.train_batch_size > buffer:
+            raise ConfigError(f"{name}.ppo.train_batch_size ({rl.ppo.train_batch_size}) is larger than the rollout "
+                              f"buffer ({rl.prompts_per_step} prompts x {n} samples = {buffer}); lower it or raise "
+                              "prompts_per_step.")
+        longest = rl.max_prompt_len + rl.rollout.max_new_tokens
+        if rl.ppo.micro_batch_tokens < longest:
+            raise ConfigError(f"{name}.ppo.micro_batch_tokens ({rl.ppo.micro_batch_tokens}) is smaller than "
+                              f"max_prompt_len + rollout.max_new_tokens ({longest}); raise it or shorten those.")
+        if rl.max_steps is not None and est == "gae" and rl.critic.warmup_buffers >= rl.max_steps:
+            raise ConfigError(f"{name}.critic.warmup_buffers ({rl.critic.warmup_buffers}) is not below max_steps "
+                              f"({rl.max_steps}): the actor would never train.")
+        check_optim(rl.optim, f"{name}.optim")
+
+    def model_keys(self) -> dict[str, str]:
+        return stage_models(self.section, self.name)
+
+    def model_refs(self) -> list[str]:
+        s = self.section
+        refs = [s.init]
+        if s.reward.type == "coherent":
+            refs += [s.reward.sft, s.reward.pretrained]
+        refs.append(s.kl.reference or s.reward.sft)
+        if s.advantage.estimator == "gae":
+            refs.append(s.critic.init)
+        return list(dict.fromkeys(refs))
+
+    def external_models(self) -> dict[str, str]:
+        s = self.section
+        return {f"{self.name}.reward.model_path": s.reward.model_path} if s.reward.type == "model" else {}
+
+    def data_specs(self) -> list[str]:
+        return [self.section.prompts]
+
+    def data_checks(self) -> list[tuple[str, str, bool]]:
+        return [(self.section.prompts, "prompt", False)]
+
+    def rollout(self):
+        return self.section.rollout
+
+    def update_tokens(self) -> int:
+        return self.section.ppo.micro_batch_tokens
+
+    def memory_models(self) -> list[tuple[str, str, bool, str, list[str]]]:
+        s, name = self.section, self.name
+        out = [("actor", s.init, True, "causal_lm", [f"{name}.init"])]
+        if s.advantage.estimator == "gae":
+            out.append(("critic", s.critic.init, True, "token_classification", [f"{name}.critic.init"]))
+        frozen: dict[str, tuple[str, list[str]]] = {}  # ref -> (model class, keys); one load per distinct ref
+        if s.reward.type == "coherent":
+            frozen.setdefault(s.reward.sft, ("causal_lm", []))[1].append(f"{name}.reward.sft")
+            frozen.setdefault(s.reward.pretrained, ("causal_lm", []))[1].append(f"{name}.reward.pretrained")
+        else:
+            frozen.setdefault(str(s.reward.model_path), ("sequence_classification", []))[1].append(
+                f"{name}.reward.model_path")
+        frozen.setdefault(s.kl.reference or s.reward.sft, ("causal_lm", []))[1].append(f"{name}.kl.reference")
+        return out + [(f"frozen {ref}", ref, False, kind, keys) for ref, (kind, keys) in frozen.items()]
+
+    def plan_line(self) -> str:
+        s = self.section
+        reward = (f"coherent(sft={s.reward.sft}, pt={s.reward.pretrained}, {s.reward.granularity})"
+                  if s.reward.type == "coherent" else f"model({s.reward.model_path})")
+        length = f"max_steps={s.max_steps}" if s.max_steps else f"episodes={s.episodes:g}"
+        return (f"{self.name}: actor={s.init} prompts={s.prompts} reward={reward} kl={s.kl.coef:g}({s.kl.estimator}, "
+                f"in {s.kl.placement}) advantage={s.advantage.estimator} {length} buffer={s.prompts_per_step}x"
+                f"{s.rollout.n_samples} train_batch={s.ppo.train_batch_size} actor_lr={s.optim.lr:g}")
+
+    def describe(self) -> str:
+        s = self.section
+        if s.reward.type != "coherent":
+            return f"PPO with the reward model '{s.reward.model_path}'"
+        return (f"Self-Rewarding PPO: PPO with the coherent reward log pi_SFT(y|x) - log pi_PT(y|x) (pi_SFT: "
+                f"`{s.reward.sft}`, pi_PT: `{s.reward.pretrained}`)")
+
+    def card_rows(self) -> list[str]:
+        return ["| critic | the value model, in `critic/` |"] if self.section.advantage.estimator == "gae" else []
+
+    def run(self, ctx) -> None:
+        run_rl_stage(ctx, self.name)

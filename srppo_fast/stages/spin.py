@@ -27,8 +27,15 @@ import torch.nn.functional as F
 from .. import dist
 from ..batching import PackedBatch, RankShare, pack_sequences
 from ..config import SpinStageConfig
-from ..data import (DataError, TokenizedSet, _target_mask, max_token_chars, prompt_tokens, read_records,
-                    render_with_spans)
+from ..data import (
+    DataError,
+    TokenizedSet,
+    _target_mask,
+    max_token_chars,
+    prompt_tokens,
+    read_records,
+    render_with_spans,
+)
 from ..engine import build_engine, check_divergence, save_engines
 from ..errors import ConfigError, SamplerError
 from ..generation import Generations, sample_seed
@@ -38,6 +45,7 @@ from ..packing import plan_microbatches
 from ..rollout import HFRolloutEngine, SamplingParams
 from ..state import Interrupted, SignalGuard, resumable, rng_state, set_rng_state
 from ..world import verifier_for
+from .base import Stage, check_data_spec, check_optim
 from .lm import EpochSampler, packed_token_logprobs
 from .rl import verify_samples
 
@@ -220,7 +228,8 @@ class Sampler:
                                   "directory, or use spin.rollout.engine=hf.")
             self.engine = sampler(init_path, ctx.tokenizer().eos_token_id, ro, device=ctx.device,
                                   precision=ctx.precision, seed=ctx.cfg.seed,
-                                  max_model_len=context_length(ctx.cfg, init_path), world_size=dist.world_size())
+                                  max_model_len=context_length(ctx.vllm_context(), init_path),
+                                  world_size=dist.world_size())
 
     def attach(self, engine) -> None:
         """The actor's engine: hf samples with its module, vllm syncs from it."""
@@ -283,10 +292,7 @@ def iteration_stats(demos: Demos, pairs: TokenizedSet, gens: Generations, tokeni
 def run_spin_stage(ctx, name: str) -> None:
     """Demonstrations -> actor engine (or an interrupted run's state) -> iterations of: sample, reference
     log-probs, DPO epochs -> the final checkpoint."""
-    from ..checks import stage_fingerprint
-    from ..modelcard import model_card
-
-    spin: SpinStageConfig = getattr(ctx.cfg, name)
+    spin: SpinStageConfig = ctx.cfg.section(name)
     tok = ctx.tokenizer()
     ckpt = ctx.checkpoint_dir(name)
     demos = Demos(spin.data, tok, ctx.world_dir, spin.max_prompt_len, spin.max_seq_len, f"{name}.data")
@@ -294,7 +300,7 @@ def run_spin_stage(ctx, name: str) -> None:
     log.info("%s: %d demonstrations (%d dropped as longer than max_prompt_len / max_seq_len)", name, n, demos.dropped)
     per_iter = steps_per_iteration(spin, n)
     steps = spin.iterations * per_iter
-    fingerprint = stage_fingerprint(ctx.cfg, name)
+    fingerprint = ctx.fingerprint(name)
     state = resumable(ckpt, fingerprint)
     ctx.check_models(name, {f"{name}.init": spin.init})
     init_path = ctx.model_path(spin.init)
@@ -354,7 +360,7 @@ def run_spin_stage(ctx, name: str) -> None:
                         "step": step, "engine": engine.state_dict(), "sampler_position": position,
                         "pairs": None if done else (pairs.tokens, pairs.targets, pairs.offsets),
                         "ref": None if done else ref, "identical": None if done else identical, "rng": rng_state()},
-                        card=model_card(ctx, name, info))
+                        card=ctx.model_card(name, info))
                     last_save = f"{ckpt} (step {step})"
                 if stop:
                     bar.close()
@@ -366,6 +372,57 @@ def run_spin_stage(ctx, name: str) -> None:
     bar.close()
     info = {"stage": name, "step": steps, "complete": True, "fingerprint": fingerprint, "iterations": spin.iterations}
     ctx.metrics.flush()
-    save_engines(ckpt, {"model": engine}, tok, info, card=model_card(ctx, name, info))
+    save_engines(ckpt, {"model": engine}, tok, info, card=ctx.model_card(name, info))
     engine.close()
     log.info("%s: saved %s", name, ckpt)
+
+
+class SpinStage(Stage):
+    """SPIN: per iteration, sample the model's own responses to the demonstrations' prompts, then the DPO loss of
+    demonstration against sample, with the iteration's starting model as the reference."""
+
+    kind = "spin"
+    section_type = SpinStageConfig
+
+    def validate(self, before: list[str], check_files: bool) -> None:
+        spin, name = self.section, self.name
+        check_data_spec(spin.data, f"{name}.data", check_files)
+        self.check_model_ref(spin.init, f"{name}.init", before, check_files)
+        ro = spin.rollout
+        if ro.n_samples != 1:
+            raise ConfigError(f"{name}.rollout.n_samples is {ro.n_samples}: SPIN pairs each demonstration with one "
+                              "sample of the model's own; set it to 1.")
+        if ro.async_ or ro.tis_cap is not None:
+            raise ConfigError(f"{name}.rollout.{'async' if ro.async_ else 'tis_cap'} is set, but SPIN samples once per "
+                              "iteration from pi_t itself (nothing runs ahead or off-policy); remove it.")
+        self.check_rollout()
+        longest = max(spin.max_seq_len, spin.max_prompt_len + ro.max_new_tokens)
+        if spin.micro_batch_tokens < 2 * longest:
+            raise ConfigError(f"{name}.micro_batch_tokens ({spin.micro_batch_tokens}) cannot hold a pair: its chosen "
+                              f"and rejected sequences share a micro-batch and can take {2 * longest} tokens "
+                              f"(2 x max(max_seq_len, max_prompt_len + rollout.max_new_tokens)); raise it to at least "
+                              f"{2 * longest} or shorten those.")
+        check_optim(spin.optim, f"{name}.optim")
+
+    def data_specs(self) -> list[str]:
+        return [self.section.data]
+
+    def data_checks(self) -> list[tuple[str, str, bool]]:
+        return [(self.section.data, "sft", True)]
+
+    def rollout(self):
+        return self.section.rollout
+
+    def plan_line(self) -> str:
+        s = self.section
+        length = f"iterations={s.iterations} x epochs={s.epochs:g}"
+        return (f"{self.name}: init={s.init} demonstrations={s.data} {length} beta={s.beta:g} "
+                f"pairs/step={s.batch_size} "
+                f"sampler={s.rollout.engine}(T={s.rollout.temperature:g}, max_new_tokens={s.rollout.max_new_tokens}) "
+                f"micro_batch_tokens={s.micro_batch_tokens} lr={s.optim.lr:g}")
+
+    def describe(self) -> str:
+        return "self-play fine-tuning (SPIN): DPO loss of the demonstrations against the model's own samples"
+
+    def run(self, ctx) -> None:
+        run_spin_stage(ctx, self.name)

@@ -1,7 +1,7 @@
 """Does a pretrained base have the careful skill? The world's premise, checked after pretraining.
 
 The embedded world only works when the base model can solve problems in its careful mode even though
-its default is the hasty one (README, "The embedded world"). That skill appears abruptly during
+its default is the hasty one (docs/world.md). That skill appears abruptly during
 pretraining, and when it appears depends on the seed and even on floating-point summation order. The
 probe makes it visible: greedy answers to held-out problems whose response is started with the first
 character of the careful solution, checked by the verifier.

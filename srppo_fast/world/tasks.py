@@ -52,7 +52,7 @@ class Problem:
         return self.a + self.b if self.family == "add" else self.a - self.b
 
     @classmethod
-    def parse(cls, question: str) -> "Problem":
+    def parse(cls, question: str) -> Problem:
         m = _QUESTION.match(question)
         if m is None:
             raise ValueError(f"not a world question: {question!r}")
