@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import platform
 import statistics
 import subprocess
@@ -99,9 +100,9 @@ def bench_metadata(n: int, dist: str, world_size: int, budget: int) -> str:
             microbatch_metadata(b, impl=impl)
 
     for impl in ("cpp", "python"):
-        ms, _ = median_ms(lambda: each_batch(impl), runs=7, warmup=2)
+        ms, _ = median_ms(functools.partial(each_batch, impl), runs=7, warmup=2)
         per_call.append(ms * 1e3 / len(batches))
-        whole.append(median_ms(lambda: microbatch_metadata(bulk, impl=impl), runs=5)[0])
+        whole.append(median_ms(functools.partial(microbatch_metadata, bulk, impl=impl), runs=5)[0])
     seqs, tokens = np.mean([len(b) for b in batches]), plan.total_tokens / len(batches)
     return (f"metadata {dist:5s}: {len(batches)} micro-batches of ~{seqs:.0f} seqs / {tokens:.0f} tokens: "
             f"cpp {per_call[0]:.1f} us, python {per_call[1]:.1f} us per call ({per_call[1] / per_call[0]:.1f}x); "

@@ -15,8 +15,8 @@ import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -144,7 +144,8 @@ def write_rows(rows: list[dict], name: str, dry: bool) -> None:
     for r in rows:
         print(f"{r['op']:<22} {r['provider']:<14} {r['mode']:<5} {r['shape']:<28} {r['dtype']:<9} "
               f"{r['median_ms']:>10} ms  [{r['p20_ms']}, {r['p80_ms']}]  mem {r['peak_mem_mb'] or '-':>8} MB  "
-              f"{(r['gb_per_s'] + ' GB/s') if r['gb_per_s'] else ''} {(r['tflops'] + ' TFLOP/s') if r['tflops'] else ''}"
+              f"{(r['gb_per_s'] + ' GB/s') if r['gb_per_s'] else ''} "
+              f"{(r['tflops'] + ' TFLOP/s') if r['tflops'] else ''}"
               f" {r['note']}")
     if dry or not rows:
         return

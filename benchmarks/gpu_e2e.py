@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import shutil
 import statistics
@@ -239,7 +238,7 @@ WORKERS = {"matmul": worker_matmul, "build": worker_build, "fused_op": worker_fu
 class Phase:
     """One phase: a subprocess under its deadline, its row(s) appended as it ends."""
 
-    def __init__(self, run: "E2E", name: str, size: str = "", engine: str = ""):
+    def __init__(self, run: E2E, name: str, size: str = "", engine: str = ""):
         self.run, self.name, self.size, self.engine = run, name, size, engine
         self.deadline = min(dict(run.scale.deadlines)[name], max(1.0, run.remaining()))
         self.t0 = time.perf_counter()
@@ -337,7 +336,7 @@ class E2E:
                 f"runtime.engine={engine}", "deepspeed.zero_stage=2", "runtime.device=auto"]
 
     def plan_gib(self, overrides: list[str], stage: str) -> float | None:
-        from srppo_fast.config import load_config
+        from srppo_fast.config_load import load_config
         from srppo_fast.engine.memory import plan_memory
 
         cfg = load_config(str(REPO / "configs" / "quickstart.yaml"), overrides, check_files=False)
@@ -359,9 +358,9 @@ class E2E:
         overrides = [*self.cli_overrides(size, engine, out), "stages=[sft]", f"model.base={run}/checkpoints/pretrain",
                      "model.tokenizer=auto", "sft.init=base", f"sft.data={self.workdir}/data/demos.jsonl",
                      "sft.eval_data=null", f"sft.max_steps={s.sft_steps}", f"sft.batch_size={s.sft_batch}",
-                     f"sft.micro_batch_tokens={s.micro_batch_tokens}", f"sft.max_seq_len={min(1024, s.micro_batch_tokens)}",
-                     "sft.save_every=0",
-                     "sft.log_every=1", "sft.optim.warmup_ratio=0.0"]
+                     f"sft.micro_batch_tokens={s.micro_batch_tokens}",
+                     f"sft.max_seq_len={min(1024, s.micro_batch_tokens)}", "sft.save_every=0", "sft.log_every=1",
+                     "sft.optim.warmup_ratio=0.0"]
         done = subprocess.run([sys.executable, "-m", "srppo_fast", "train", "--config",
                                str(REPO / "configs" / "quickstart.yaml"), *overrides], cwd=REPO, capture_output=True,
                               text=True, timeout=phase.deadline)
@@ -373,7 +372,8 @@ class E2E:
         step_s = statistics.median(r["tokens"] / r["tokens_per_s"] for r in steady)
         mfu = 6 * self.params[size] * tps / (self.tflops * 1e12) if self.tflops else None
         phase.row("ok", steps=len(steady), tokens_per_s=f"{tps:.0f}", step_s=f"{step_s:.3f}",
-                  mfu=f"{mfu:.3f}" if mfu is not None else "", **self.memory_cells(rows, self.plan_gib(overrides, "sft")),
+                  mfu=f"{mfu:.3f}" if mfu is not None else "",
+                  **self.memory_cells(rows, self.plan_gib(overrides, "sft")),
                   detail=f"{s.sft_batch} seqs x ~{s.prompt_words + s.response_words + 6} tokens per step, "
                          f"micro-batches of {s.micro_batch_tokens} tokens")
         shutil.rmtree(out, ignore_errors=True)
@@ -392,8 +392,8 @@ class E2E:
 
         size, engine, s = phase.size, phase.engine, self.scale
         w = self.workload(size, phase)
-        extra = [*self.cli_overrides(size, engine, Path("unused"))[1:], f"srppo.ppo.micro_batch_tokens={s.micro_batch_tokens}",
-                 "srppo.rollout.batch_size=512"]
+        extra = [*self.cli_overrides(size, engine, Path("unused"))[1:],
+                 f"srppo.ppo.micro_batch_tokens={s.micro_batch_tokens}", "srppo.rollout.batch_size=512"]
         result = run_srppo(w, str(self.workdir), extra)
         rows = result["rows"]
         rate = statistics.median(w.buffer / r["time/step"] for r in rows)
@@ -425,8 +425,9 @@ class E2E:
         phase.row("ok", steps=len(result["buffer_s"]), samples_per_s=f"{rate:.2f}",
                   step_s=f"{statistics.median(result['buffer_s']):.2f}",
                   peak_allocated_gib=f"{peak:.1f}" if peak else "",
-                  detail=f"GRPOTrainer bf16=True, policy {result.get('param_dtype')} under autocast, HF generate, reward fn = "
-                         f"bf16 pi_SFT/pi_PT forwards; {w.prompts_per_step} x {w.n_samples} x {w.max_new_tokens}")
+                  detail=f"GRPOTrainer bf16=True, policy {result.get('param_dtype')} under autocast, HF generate, "
+                         f"reward fn = bf16 pi_SFT/pi_PT forwards; "
+                         f"{w.prompts_per_step} x {w.n_samples} x {w.max_new_tokens}")
 
     def run(self, phases: list[str]) -> None:
         """The first size's training phases come right after the models are built (what the budget is for), the

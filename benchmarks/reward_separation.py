@@ -8,11 +8,12 @@ Samples `--samples` responses per prompt from the run's SFT checkpoint (temperat
 eval.max_new_tokens), for the first `--prompts` prompts of the world split, rendered with the run's chat
 template. Each gets the reward of srppo.reward at sequence granularity: the sum over its tokens of
 clip(log π_SFT − log π_PT, ±srppo.reward.token_clip) times srppo.reward.scale (scored as the trainer
-scores a rollout buffer: packed log-probs, ops.rewards.coherent_rewards_ref), with π_PT = srppo.reward.pretrained of the run's
-config. The world's verifier splits them into right and wrong. CSV (rewritten whole): one row per group
-(right, wrong) with n, the reward's mean and standard deviation, mean length, mean reward per token and the
-share of tokens at the clip; then a row `auc`: P(reward of a right answer > reward of a wrong one), ties
-counting half (0.5 = no separation). Also printed. fp32 on the CPU (or the GPU when there is one).
+scores a rollout buffer: packed log-probs, ops.rewards.coherent_rewards_ref), with
+π_PT = srppo.reward.pretrained of the run's config. The world's verifier splits them into right and wrong.
+CSV (rewritten whole): one row per group (right, wrong) with n, the reward's mean and standard deviation,
+mean length, mean reward per token and the share of tokens at the clip; then a row `auc`: P(reward of a
+right answer > reward of a wrong one), ties counting half (0.5 = no separation). Also printed. fp32 on the
+CPU (or the GPU when there is one).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--csv", default=None)
     args = ap.parse_args(argv)
 
-    from srppo_fast.config import load_config
+    from srppo_fast.config_load import load_config
     from srppo_fast.data import render
     from srppo_fast.experience import build_sequences, packed_label_logprobs, response_mask, score_tokens
     from srppo_fast.modeling import load_model, load_tokenizer

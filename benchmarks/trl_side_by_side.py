@@ -62,6 +62,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import append_rows, cpu_model, git_sha, version  # noqa: E402
+
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "trl_side_by_side.csv"
 ENGINES = ("trl", "srppo")
 
@@ -331,7 +332,8 @@ def run_srppo(w: Workload, workdir: str, extra: list[str]) -> dict:
     rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl")) if line.strip()]
     steps = sorted((r for r in rows if r.get("stage") == "srppo" and "samples_per_s" in r), key=lambda r: r["step"])
     if len(steps) != w.warmup + w.steps:
-        raise RuntimeError(f"expected {w.warmup + w.steps} srppo step rows in {out_dir}/metrics.jsonl, got {len(steps)}")
+        raise RuntimeError(f"expected {w.warmup + w.steps} srppo step rows in {out_dir}/metrics.jsonl, "
+                           f"got {len(steps)}")
     measured = steps[w.warmup:]
     return {"buffer_s": [r["time/step"] for r in measured],
             "mean_response_len": statistics.mean(r["response_length"] for r in measured),

@@ -9,10 +9,12 @@ import pytest
 
 from srppo_fast.cli import main
 
+from .helpers import require
+
 
 @pytest.mark.parametrize("op", ["logprobs", "linear_logprobs", "gae", "ppo_loss"])
 def test_kernel_benchmarks_run(op, capsys):
-    pytest.importorskip("triton")
+    require("triton")
     assert main(["bench", "--op", op, "--quick", "--providers", "torch,ours" if op != "gae" else "loop,ours,ours_fused",
                  "--modes", "full" if op != "gae" else "fwd"]) == 0
     out = capsys.readouterr().out

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from srppo_fast.cli import main
-from srppo_fast.config import Config, config_reference, load_config
+from srppo_fast.config import Config, config_reference
+from srppo_fast.config_load import load_config
 from srppo_fast.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

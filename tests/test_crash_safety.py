@@ -15,12 +15,11 @@ import pytest
 from srppo_fast.cli import main
 from srppo_fast.metrics import read_metrics
 
-from .conftest import TINY_ARCH, TINY_WORLD
+from .helpers import QUICKSTART, TINY_ARCH, TINY_WORLD
 
-QUICKSTART = "configs/quickstart.yaml"
 # SFT from a scratch model: 3 steps, a save after each; held-out loss rows at the start and the end
-RUN = ["logging.backends=[jsonl]", "stages=[sft]", "sft.init=base", "sft.max_steps=3", "sft.save_every=1", "sft.batch_size=4",
-       "sft.eval_data=world:demos_heldout", "runtime.progress=false", "runtime.num_threads=1",
+RUN = ["logging.backends=[jsonl]", "stages=[sft]", "sft.init=base", "sft.max_steps=3", "sft.save_every=1",
+       "sft.batch_size=4", "sft.eval_data=world:demos_heldout", "runtime.progress=false", "runtime.num_threads=1",
        *[f"world.{k}={v}" for k, v in TINY_WORLD.items()], *[f"model.arch.{k}={v}" for k, v in TINY_ARCH.items()]]
 VOLATILE = {"time", "tokens_per_s"}
 

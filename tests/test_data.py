@@ -7,14 +7,22 @@ import json
 import numpy as np
 import pytest
 
-from srppo_fast.data import (DEFAULT_CHAT_TEMPLATE, load_lm_data, read_records, render, render_with_spans,
-                             tokenize_records)
+from srppo_fast.data import (
+    DEFAULT_CHAT_TEMPLATE,
+    load_lm_data,
+    read_records,
+    render,
+    render_with_spans,
+    tokenize_records,
+)
 from srppo_fast.errors import DataError
+
+from .helpers import require
 
 
 def jsonl(tmp_path, lines, name="data.jsonl") -> str:
     path = tmp_path / name
-    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
     return str(path)
 
 
@@ -116,7 +124,7 @@ def test_world_splits_load(world_dir, tokenizer):
 
 
 def test_local_hf_dataset_directory(tmp_path, tokenizer):
-    datasets = pytest.importorskip("datasets")
+    datasets = require("datasets")
     rows = [{"prompt": "1+1", "response": "answer 2"}, {"prompt": "2+2", "response": "answer 4"}]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
     recs = read_records(str(tmp_path / "ds"), "sft")

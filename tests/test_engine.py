@@ -13,7 +13,7 @@ from srppo_fast.data import load_lm_data
 from srppo_fast.engine import TorchEngine, lr_lambda, param_groups
 from srppo_fast.stages.lm import EpochSampler, lm_train_step
 
-from .conftest import make_model
+from .helpers import make_model
 
 
 def test_warmup_then_cosine_to_floor():
@@ -35,27 +35,30 @@ def test_no_weight_decay_on_norms(tiny_model):
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) > 0
 
 
+def _step_and_grads(tokenizer, data, token_budget: int) -> tuple[dict, list[torch.Tensor]]:
+    """One lm_train_step over the first 8 sequences from a fresh model: its stats, and the gradients the optimizer
+    step saw (captured by wrapping optimizer.step)."""
+    torch.manual_seed(0)
+    engine = TorchEngine(make_model(tokenizer), OptimConfig(lr=1e-2, warmup_ratio=0.0, grad_clip=0.0), 4,
+                         torch.device("cpu"))
+    grads: list[torch.Tensor] = []
+    step = engine.optimizer.step
+
+    def capture(*args, **kwargs):
+        grads.extend(p.grad.clone() for p in engine.model.parameters())
+        return step(*args, **kwargs)
+
+    engine.optimizer.step = capture
+    return lm_train_step(engine, data, np.arange(8), token_budget), grads
+
+
 @pytest.mark.parametrize("budget", [64, 100000])
 def test_micro_batch_split_does_not_change_the_gradient(world_dir, tokenizer, budget):
     """A step over 8 sequences accumulates the same gradient whether they are packed in one micro-batch
     or many (the loss is normalised by the step's target count, not per micro-batch)."""
     data = load_lm_data("world:demos", tokenizer, kind="sft", loss_on="response", max_seq_len=128,
                         world_dir=world_dir)
-    results = []
-    for b in (budget, 10**6):
-        torch.manual_seed(0)
-        engine = TorchEngine(make_model(tokenizer), OptimConfig(lr=1e-2, warmup_ratio=0.0, grad_clip=0.0), 4,
-                             torch.device("cpu"))
-        grads = []
-        step = engine.optimizer.step
-
-        def capture(*args, **kwargs):
-            grads.extend(p.grad.clone() for p in engine.model.parameters())
-            return step(*args, **kwargs)
-
-        engine.optimizer.step = capture
-        results.append((lm_train_step(engine, data, np.arange(8), b), grads))
-    (s1, g1), (s2, g2) = results
+    (s1, g1), (s2, g2) = (_step_and_grads(tokenizer, data, b) for b in (budget, 10**6))
     if budget == 64:
         assert s1["microbatches"] > 1 and s2["microbatches"] == 1
     assert s1["loss"] == pytest.approx(s2["loss"], rel=1e-5)

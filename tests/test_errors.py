@@ -313,7 +313,8 @@ def test_report_stage_name_is_never_a_path(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     run = run_dir(tmp_path, lines([{"stage": "../escape", "step": 1, "loss": 1.0}]))
     assert main(["report", str(run)]) == 0
-    assert capsys.readouterr().out.split() == [str(run / "report" / ".._escape.png"), str(run / "report" / "index.html")]
+    report = run / "report"
+    assert capsys.readouterr().out.split() == [str(report / ".._escape.png"), str(report / "index.html")]
 
 
 def test_read_metrics_strict_by_default_tolerant_on_request(tmp_path):

@@ -16,9 +16,8 @@ import pytest
 
 from srppo_fast.metrics import read_metrics
 
-from .conftest import tiny_run_overrides
+from .helpers import QUICKSTART, require, tiny_run_overrides
 
-QUICKSTART = "configs/quickstart.yaml"
 RUN = ["stages=[pretrain]", "pretrain.max_steps=6", "pretrain.save_every=2", "runtime.device=cpu",
        "runtime.num_threads=1"]
 
@@ -134,7 +133,7 @@ def test_sigterm_outside_a_training_loop_is_the_same_as_sigint(tmp_path):
                                  "world.num_eval=300", "eval.max_new_tokens=48", "runtime.device=cpu"],
                                 env=env, stderr=subprocess.PIPE, text=True)
         lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+        reader = threading.Thread(target=lines.extend, args=(proc.stderr,), daemon=True)
         reader.start()
         deadline = time.monotonic() + 300
         while not any("stage 2/2: eval" in line for line in lines) and time.monotonic() < deadline:
@@ -181,7 +180,7 @@ def test_report_figures_are_written_atomically(tmp_path, monkeypatch):
 def test_a_dead_peer_rank_is_one_line_naming_it(tmp_path):
     """Two processes (gloo): rank 1 is SIGKILLed in the middle of training; rank 0 ends at once with one line that
     names the rank that is gone and says the last checkpoint is safe, not gloo's traceback."""
-    pytest.importorskip("deepspeed")
+    require("deepspeed")
     out = tmp_path / "run"
     env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

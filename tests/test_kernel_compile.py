@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
+from .helpers import require
+
+require("triton")
 
 REPO = Path(__file__).resolve().parents[1]
 CSV_PATH = REPO / "benchmarks" / "results" / "kernel_compile.csv"

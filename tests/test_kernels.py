@@ -14,11 +14,23 @@ import random
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from .helpers import require
 
-from srppo_fast.ops import (coherent_gae, coherent_gae_ref, gae, gae_ref, linear_token_logprobs,  # noqa: E402
-                            linear_token_logprobs_ref, ppo_loss, token_logprobs, token_logprobs_ref,
-                            value_loss, value_loss_ref)
+require("triton")
+
+from srppo_fast.ops import (  # noqa: E402
+    coherent_gae,
+    coherent_gae_ref,
+    gae,
+    gae_ref,
+    linear_token_logprobs,
+    linear_token_logprobs_ref,
+    ppo_loss,
+    token_logprobs,
+    token_logprobs_ref,
+    value_loss,
+    value_loss_ref,
+)
 from srppo_fast.ops._triton import resolve_impl  # noqa: E402
 
 GPU = torch.cuda.is_available()

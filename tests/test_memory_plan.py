@@ -4,10 +4,12 @@ test_precision.py."""
 
 import pytest
 
-pytest.importorskip("deepspeed")
+from .helpers import require
+
+require("deepspeed")
 
 from srppo_fast.cli import main  # noqa: E402
-from srppo_fast.config import load_config  # noqa: E402
+from srppo_fast.config_load import load_config  # noqa: E402
 from srppo_fast.engine.memory import GIB, plan_memory  # noqa: E402
 
 PAPER = "configs/paper_llama3_8b.yaml"
@@ -36,7 +38,8 @@ def test_paper_config_plan_counts_llama3_8b_and_fits():
                           "master weights": 4 * -(-sft.params // 8)}
     assert 18 * sft.params / 8 <= sft.gpu_bytes <= 18 * sft.params / 8 + 8 * 300  # per-parameter rounding up
     frozen = srppo.models[2]
-    assert frozen.sharded and frozen.states == {} and 2 * frozen.params / 8 <= frozen.gpu_bytes < 2 * frozen.params / 8 + 600
+    assert frozen.sharded and frozen.states == {}
+    assert 2 * frozen.params / 8 <= frozen.gpu_bytes < 2 * frozen.params / 8 + 600
     # the update holds both trainable models' micro-batch activations; generate the HF KV cache of 64 rows
     assert srppo.transient["generate"] == 2 * 32 * 8 * 128 * 64 * (1024 + 1024) * 2
     assert srppo.transient["update"] > plans["sft"].transient["update"]
@@ -92,7 +95,7 @@ def test_a_hub_base_without_arch_has_unknown_size(tmp_path):
 
 def test_a_colocated_vllm_sampler_is_planned():
     """Asleep during an on-policy update it holds nothing then; overlapping the update it holds its share."""
-    pytest.importorskip("vllm", reason="rollout.engine=vllm needs vLLM installed to validate")
+    require("vllm")
     base = load_config(PAPER, check_files=False)
     without = {p.name: p for p in plan_memory(base, num_gpus=8, num_nodes=1, gpu_gib=80)}["srppo"]
     for extra, held in ((["srppo.rollout.async=false"], 0), (["srppo.rollout.async=true"], int(0.25 * 80 * GIB))):

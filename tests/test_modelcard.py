@@ -14,7 +14,8 @@ import yaml
 
 from srppo_fast.checks import preflight, stage_fingerprint
 from srppo_fast.cli import main
-from srppo_fast.config import load_config, to_dict
+from srppo_fast.config import to_dict
+from srppo_fast.config_load import load_config
 from srppo_fast.io import is_complete
 
 from .conftest import tiny_run_overrides

@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import tiny_run_overrides
+from .helpers import tiny_run_overrides
 
 GOLDEN = Path(__file__).parent / "data" / "onpolicy_golden.json"
 RL = ["stages=[pretrain,sft,srppo]", "srppo.max_steps=2", "srppo.prompts_per_step=4", "srppo.rollout.n_samples=2",

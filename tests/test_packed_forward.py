@@ -24,7 +24,7 @@ from srppo_fast.data import load_lm_data
 from srppo_fast.ops import token_logprobs
 from srppo_fast.stages.lm import packed_token_logprobs
 
-from .conftest import TINY_ARCH, make_model
+from .helpers import TINY_ARCH, make_model
 
 # Every config: hidden 64, 2 layers, 2 query heads sharing 1 key/value head (GQA), head_dim 32.
 MISTRAL = {**TINY_ARCH, "model_type": "mistral"}
@@ -102,13 +102,13 @@ def assert_same(got, ref) -> None:
     """Log-probs within VALUE_ATOL; each parameter's gradient within GRAD_SCALE_TOL x its largest entry."""
     (got_logps, got_grads), (ref_logps, ref_grads) = got, ref
     for row, (g, r) in enumerate(zip(got_logps, ref_logps)):
-        torch.testing.assert_close(g, r, atol=VALUE_ATOL, rtol=0, msg=lambda m: f"sequence {row}: {m}")
+        torch.testing.assert_close(g, r, atol=VALUE_ATOL, rtol=0, msg=lambda m, row=row: f"sequence {row}: {m}")
     assert got_grads.keys() == ref_grads.keys()
     for name, r in ref_grads.items():
         scale = r.abs().max()
         assert scale > 0, f"{name}: zero gradient, the comparison would check nothing"
         torch.testing.assert_close(got_grads[name], r, atol=GRAD_SCALE_TOL * float(scale), rtol=0,
-                                   msg=lambda m: f"grad of {name}: {m}")
+                                   msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

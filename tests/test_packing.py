@@ -21,7 +21,7 @@ from srppo_fast.packing import (
     plan_microbatches_ref,
 )
 
-needs_ext = pytest.mark.skipif(pk._ext is None, reason="srppo_fast._packing not built: pip install -e .")
+needs_ext = pytest.mark.requires("srppo_fast._packing")  # built by `pip install -e .`
 FIELDS = ("order", "mb_offsets", "rank_offsets", "mb_tokens")
 PROPERTY_SETTINGS = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CHECK_SETTINGS = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])

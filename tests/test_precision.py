@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import PHASES, tiny_run_overrides
+from .helpers import PHASES, QUICKSTART, require, tiny_run_overrides
 
-QUICKSTART = "configs/quickstart.yaml"
 SCRIPT = str(Path(__file__).parent / "scripts" / "traced_run.py")
 TINY = ["spin.iterations=1", "spin.epochs=1", "spin.batch_size=4", "spin.rollout.max_new_tokens=8",
         "spin.max_prompt_len=32", "spin.max_seq_len=128", "spin.micro_batch_tokens=512",
@@ -98,7 +97,7 @@ def test_torch_engine_bf16_run_computes_in_bf16_matches_the_plan_and_releases_it
 
 @pytest.mark.deepspeed
 def test_deepspeed_zero3_two_processes_bf16_run_matches_the_plan_shard_by_shard(tmp_path):
-    pytest.importorskip("deepspeed")
+    require("deepspeed")
     results = traced(tmp_path / "run", ["stages=[pretrain,sft,spin,srppo,eval]", "runtime.engine=deepspeed",
                                         "deepspeed.zero_stage=3"], nproc=2)
     assert [r["world_size"] for r in results] == [2, 2]
@@ -142,7 +141,7 @@ def test_a_zero3_stage_that_fails_releases_its_model_all_the_same(tmp_path):
     """A ZeRO-3 pretraining that diverges (lr 1e6) ends with its one-line error, and its model is freed anyway:
     the runner closes a stage's engines however the stage ends (DeepSpeed's global references would keep a ZeRO-3
     model for good otherwise)."""
-    pytest.importorskip("deepspeed")
+    require("deepspeed")
     (r,) = traced(tmp_path / "run", ["stages=[pretrain]", "runtime.engine=deepspeed", "deepspeed.zero_stage=3",
                                      "pretrain.optim.lr=1e6", "pretrain.optim.warmup_ratio=0",
                                      "runtime.max_nonfinite_steps=1"])

@@ -14,7 +14,9 @@ import pytest
 from srppo_fast.errors import SrppoError
 from srppo_fast.report import make_report
 
-pytest.importorskip("matplotlib")
+from .helpers import require
+
+require("matplotlib")
 
 XSS = "<script>alert(1)</script>"
 PWN = "<img src=x onerror=\"document.body.setAttribute('data-pwned','1')\">"

@@ -9,28 +9,20 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from srppo_fast.cli import main
-from srppo_fast.config import load_config
+from srppo_fast.config_load import load_config
 from srppo_fast.errors import ConfigError
 from srppo_fast.metrics import read_metrics
 from srppo_fast.modeling import checkpoint_info
 from srppo_fast.runner import run
 
-from .conftest import tiny_run_overrides
+from .helpers import QUICKSTART, TINY_RL, kill_when, load_weights, step_rows, tiny_run_overrides, train_command
 
-QUICKSTART = "configs/quickstart.yaml"
-TINY_RL = ["srppo.max_steps=2", "srppo.prompts_per_step=4", "srppo.rollout.n_samples=2",
-           "srppo.ppo.train_batch_size=4", "srppo.rollout.max_new_tokens=12", "srppo.max_prompt_len=32",
-           "srppo.ppo.micro_batch_tokens=256", "srppo.critic.warmup_buffers=0", "srppo.eval_every=0",
-           "srppo.optim.lr=1e-3", "srppo.critic.optim.lr=1e-3", "eval.max_new_tokens=12",
-           "srppo.reward.no_eos=keep"]  # 12 tokens rarely reach EOS: keep the coherent reward's spread
 RL_KEYS = {"reward/coherent", "reward/kl", "reward/total", "kl", "entropy", "clip_frac", "approx_kl", "pg_loss",
            "response_length", "eos_rate", "samples_per_s", "time/generate", "time/score", "time/update",
            "sample/accuracy", "log_ratio/p95"}
@@ -159,41 +151,6 @@ def test_paper_configs_validate():
 # resume: a run killed mid-way and resumed ends where an uninterrupted one does
 
 
-def _cli(out: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "srppo_fast", "train", "--config", QUICKSTART, *tiny_run_overrides(out), *extra]
-
-
-def _kill_when(proc: subprocess.Popen, metrics: Path, stage: str, step: int, sig: int, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and any(r.get("stage") == stage and r.get("step", 0) >= step and _is_step_row(r)
-                                     for r in read_metrics(metrics)):
-            proc.send_signal(sig)
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{stage} never reached step {step} (exit code {proc.poll()})")
-
-
-def _is_step_row(row: dict) -> bool:
-    """A training step's metrics, not an evaluation logged at the same step (held-out loss, skill probe)."""
-    return "eval_loss" not in row and not any(k.startswith("careful_skill/") for k in row)
-
-
-def _steps(metrics: Path, stage: str) -> list[dict]:
-    """Every training step's metrics of the stage (timings left out), each step once and in order."""
-    rows = [r for r in read_metrics(metrics) if r["stage"] == stage and _is_step_row(r)]
-    steps = [r["step"] for r in rows]
-    assert steps == sorted(set(steps)), f"steps logged twice or out of order: {steps}"
-    return [{k: v for k, v in r.items() if not (k.startswith("time") or k in ("samples_per_s", "tokens_per_s"))}
-            for r in rows]
-
-
-def _weights(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(path / "model.safetensors")
-
-
 @pytest.mark.parametrize("stage,sig", [("srppo", signal.SIGTERM), ("pretrain", signal.SIGINT)])
 def test_killed_run_resumes_to_the_same_result(sft_run, tmp_path, stage, sig):
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
@@ -206,13 +163,13 @@ def test_killed_run_resumes_to_the_same_result(sft_run, tmp_path, stage, sig):
         out = tmp_path / kind
         if stage == "srppo":
             shutil.copytree(sft_run, out)
-        args = _cli(out, [*TINY_RL, *steps, stages])
+        args = train_command(out, [*TINY_RL, *steps, stages])
         if kind == "straight":
             done = subprocess.run(args, env=env, capture_output=True, text=True)
             assert done.returncode == 0, done.stderr[-2000:]
         else:
             proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            _kill_when(proc, out / "metrics.jsonl", stage, 2, sig)
+            kill_when(proc, out / "metrics.jsonl", stage, 2, sig)
             err = proc.communicate(timeout=300)[1]
             assert proc.returncode == 130, err
             assert f"{stage} stopped by {signal.Signals(sig).name} after step" in err
@@ -222,17 +179,17 @@ def test_killed_run_resumes_to_the_same_result(sft_run, tmp_path, stage, sig):
             assert done.returncode == 0, done.stderr[-2000:]
             assert f"resuming {stage} from step {info['step']}" in done.stderr
         runs[kind] = out
-    assert _steps(runs["killed"] / "metrics.jsonl", stage) == _steps(runs["straight"] / "metrics.jsonl", stage)
-    a, b = _weights(runs["killed"] / "checkpoints" / "srppo"), _weights(runs["straight"] / "checkpoints" / "srppo")
+    assert step_rows(runs["killed"] / "metrics.jsonl", stage) == step_rows(runs["straight"] / "metrics.jsonl", stage)
+    a, b = (load_weights(runs[kind] / "checkpoints" / "srppo") for kind in ("killed", "straight"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_refuses_a_changed_config(sft_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(sft_run, out)
-    proc = subprocess.Popen(_cli(out, [*TINY_RL, "srppo.max_steps=6", "stages=[pretrain,sft,srppo]"]),
+    proc = subprocess.Popen(train_command(out, [*TINY_RL, "srppo.max_steps=6", "stages=[pretrain,sft,srppo]"]),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _kill_when(proc, out / "metrics.jsonl", "srppo", 1, signal.SIGTERM)
+    kill_when(proc, out / "metrics.jsonl", "srppo", 1, signal.SIGTERM)
     assert proc.wait(timeout=300) == 130
     cfg = load_config(QUICKSTART, [*tiny_run_overrides(out), *TINY_RL, "srppo.max_steps=6",
                                    "stages=[pretrain,sft,srppo]", "srppo.kl.coef=0.7"])
@@ -258,10 +215,10 @@ def test_rl_schedules_count_optimizer_steps(sft_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(TorchEngine, "step", recording_step)
     lr = 1e-3
-    out = rl_run(sft_run, tmp_path, ["srppo.ppo.epochs=2", "srppo.optim.schedule=linear", "srppo.optim.min_lr_ratio=0.1",
-                                     "srppo.optim.warmup_ratio=0.25", "srppo.critic.optim.schedule=linear",
-                                     "srppo.critic.optim.min_lr_ratio=0.2", "srppo.critic.warmup_buffers=1",
-                                     "srppo.max_steps=3"])
+    out = rl_run(sft_run, tmp_path, ["srppo.ppo.epochs=2", "srppo.optim.schedule=linear",
+                                     "srppo.optim.min_lr_ratio=0.1", "srppo.optim.warmup_ratio=0.25",
+                                     "srppo.critic.optim.schedule=linear", "srppo.critic.optim.min_lr_ratio=0.2",
+                                     "srppo.critic.warmup_buffers=1", "srppo.max_steps=3"])
     actor, critic = sorted(seen.values(), key=len)  # the actor trains on buffers 2-3, the critic on 1-3
     assert len(critic) == 12 and len(actor) == 8
     # actor: 8 steps, warm-up round(0.25 * 8) = 2 steps, then linear from lr to 0.1 lr at the last step

@@ -28,7 +28,8 @@ import torch
 
 from srppo_fast.advantages import RunningMoments
 from srppo_fast.batching import microbatches
-from srppo_fast.config import RLStageConfig, build
+from srppo_fast.config import RLStageConfig
+from srppo_fast.config_load import build
 from srppo_fast.engine import TorchEngine
 from srppo_fast.experience import Experience, build_sequences, forward_logits
 from srppo_fast.generation import Generations

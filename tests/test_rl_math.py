@@ -9,10 +9,23 @@ import numpy as np
 import pytest
 import torch
 
-from srppo_fast.advantages import (RunningMoments, baseline_advantages, compute_advantages, explained_variance,
-                                   resolve_whiten)
-from srppo_fast.ops import (coherent_rewards_ref, gae, kl_estimate, kl_shaped_rewards_ref, ppo_loss, returns_to_go,
-                            sequence_rewards_ref, value_loss)
+from srppo_fast.advantages import (
+    RunningMoments,
+    baseline_advantages,
+    compute_advantages,
+    explained_variance,
+    resolve_whiten,
+)
+from srppo_fast.ops import (
+    coherent_rewards_ref,
+    gae,
+    kl_estimate,
+    kl_shaped_rewards_ref,
+    ppo_loss,
+    returns_to_go,
+    sequence_rewards_ref,
+    value_loss,
+)
 
 T = torch.tensor
 IMPLS = ["torch", "triton"]  # triton: the kernels through TRITON_INTERPRET=1 on CPU (conftest sets it)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from srppo_fast.config import load_config, to_dict
+from srppo_fast.config import to_dict
+from srppo_fast.config_load import load_config
 from srppo_fast.errors import TrainingError
 from srppo_fast.experience import Experience
 from srppo_fast.generation import Generations

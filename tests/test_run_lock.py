@@ -16,9 +16,8 @@ import pytest
 from srppo_fast.lock import lock_holder
 from srppo_fast.metrics import read_metrics
 
-from .conftest import tiny_run_overrides
+from .helpers import QUICKSTART, require, tiny_run_overrides
 
-QUICKSTART = "configs/quickstart.yaml"
 LONG = ["stages=[pretrain]", "pretrain.max_steps=100000", "pretrain.save_every=0", "pretrain.batch_size=4",
         "runtime.device=cpu", "runtime.precision=fp32", "runtime.num_threads=1"]
 
@@ -102,7 +101,7 @@ def test_a_second_run_is_refused_readers_work_and_a_killed_runs_lock_is_taken_ov
 def test_workers_stop_with_a_save_when_their_launcher_is_killed(tmp_path):
     """torchrun's agent SIGKILLed: its two workers, orphaned, notice (they watch their parent), save a resumable
     checkpoint as for SIGTERM and exit, releasing the directory; the same command then resumes."""
-    pytest.importorskip("deepspeed")
+    require("deepspeed")
     out = tmp_path / "run"
     launcher = start(out, ["runtime.engine=deepspeed", "deepspeed.zero_stage=2"], nproc=2)
     try:

@@ -12,17 +12,16 @@ from pathlib import Path
 import pytest
 
 from srppo_fast.cli import main
-from srppo_fast.config import load_config
+from srppo_fast.config_load import load_config
 from srppo_fast.errors import CheckpointError, ConfigError, DataError, TrainingError
 from srppo_fast.metrics import read_metrics
 from srppo_fast.modeling import checkpoint_info
 from srppo_fast.runner import run
 
-from .conftest import TINY_ARCH, TINY_WORLD
+from .helpers import QUICKSTART, TINY_ARCH, TINY_WORLD
 
-QUICKSTART = "configs/quickstart.yaml"
-BASE = ["runtime.progress=false", "logging.backends=[jsonl]", "runtime.num_threads=1", *[f"world.{k}={v}" for k, v in TINY_WORLD.items()],
-        *[f"model.arch.{k}={v}" for k, v in TINY_ARCH.items()]]
+BASE = ["runtime.progress=false", "logging.backends=[jsonl]", "runtime.num_threads=1",
+        *[f"world.{k}={v}" for k, v in TINY_WORLD.items()], *[f"model.arch.{k}={v}" for k, v in TINY_ARCH.items()]]
 SFT = ["stages=[sft]", "sft.init=base", "sft.max_steps=2", "sft.batch_size=4"]
 
 
@@ -50,7 +49,8 @@ def unfinished(tmp_path_factory) -> Path:
     args = [sys.executable, "-m", "srppo_fast", "train", "--config", QUICKSTART, f"output_dir={out}", *BASE, *SFT,
             "sft.max_steps=3", "sft.save_every=1"]
     trace = out.parent / "trace.txt"
-    probe = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "SRPPO_FAST_TEST_FS_TRACE": str(trace)})
+    probe = subprocess.run(args, capture_output=True, text=True,
+                           env={**os.environ, "SRPPO_FAST_TEST_FS_TRACE": str(trace)})
     assert probe.returncode == 0, probe.stderr[-2000:]
     first_save_done = next(int(n) for n, label in (line.split(" ", 1) for line in trace.read_text().splitlines())
                            if label == "saved sft")
@@ -150,7 +150,8 @@ def test_a_changed_data_file_redoes_nothing_silently(tmp_path, world_dir):
 
 
 DRY = [
-    (["model.base=/no/such/model", "model.tokenizer=auto", "sft.init=base"], "model.base: '/no/such/model' does not exist"),
+    (["model.base=/no/such/model", "model.tokenizer=auto", "sft.init=base"],
+     "model.base: '/no/such/model' does not exist"),
     (["model.arch.hidden_sise=64"], "model.arch.hidden_sise is not a field of LlamaConfig"),
     (["sft.data={bad}"], "{bad}:2: not valid JSON"),
     (["sft.data={text_only}"], "a 'text' record has no prompt"),
@@ -270,7 +271,8 @@ def test_divergence_stops_the_run_and_never_saves_non_finite_weights(tmp_path):
     skipped = [r["step"] for r in rows if r["skipped"] == 1.0]
     assert len(skipped) == 3 and skipped == list(range(skipped[0], skipped[0] + 3))  # three in a row, then stop
     assert rows[-1]["nonfinite_steps"] == 3 and rows[-1]["step"] == skipped[-1]
-    assert f"3 optimizer steps in a row had a non-finite loss or gradient norm (the last at step {skipped[-1]}" in message
+    assert ("3 optimizer steps in a row had a non-finite loss or gradient norm "
+            f"(the last at step {skipped[-1]}") in message
     info = checkpoint_info(out / "checkpoints" / "sft")
     assert info["complete"] is False and f"(step {info['step']})" in message and "peak 1e+30" in message
     from safetensors.torch import load_file

@@ -15,14 +15,13 @@ import torch
 
 from srppo_fast.batching import pack_sequences
 from srppo_fast.cli import main
-from srppo_fast.config import load_config
+from srppo_fast.config_load import load_config
 from srppo_fast.errors import ConfigError
 from srppo_fast.metrics import read_metrics
 from srppo_fast.modeling import checkpoint_info
 from srppo_fast.stages.spin import build_pairs, dpo_loss, pair_share, sequence_logprobs
 
-from .conftest import tiny_run_overrides
-from .test_rl import QUICKSTART, _cli, _kill_when, _steps, _weights
+from .helpers import QUICKSTART, kill_when, load_weights, step_rows, tiny_run_overrides, train_command
 
 TINY_SPIN = ["spin.iterations=2", "spin.epochs=2", "spin.batch_size=4", "spin.rollout.max_new_tokens=12",
              "spin.max_prompt_len=32", "spin.max_seq_len=128", "spin.micro_batch_tokens=512", "spin.optim.lr=1e-3",
@@ -136,13 +135,13 @@ def test_a_killed_spin_run_resumes_to_the_same_result(sft_done, tmp_path):
     for kind in ("straight", "killed"):
         out = tmp_path / kind
         shutil.copytree(sft_done, out)
-        args = _cli(out, [*TINY_SPIN, "spin.save_every=0", "stages=[pretrain,sft,spin]"])
+        args = train_command(out, [*TINY_SPIN, "spin.save_every=0", "stages=[pretrain,sft,spin]"])
         if kind == "straight":
             done = subprocess.run(args, env=env, capture_output=True, text=True)
             assert done.returncode == 0, done.stderr[-2000:]
         else:
             proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            _kill_when(proc, out / "metrics.jsonl", "spin", 2, signal.SIGTERM)
+            kill_when(proc, out / "metrics.jsonl", "spin", 2, signal.SIGTERM)
             err = proc.communicate(timeout=300)[1]
             assert proc.returncode == 130, err
             info = checkpoint_info(out / "checkpoints" / "spin")
@@ -151,8 +150,8 @@ def test_a_killed_spin_run_resumes_to_the_same_result(sft_done, tmp_path):
             assert done.returncode == 0, done.stderr[-2000:]
             assert f"resuming spin from step {info['step']}" in done.stderr
         runs[kind] = out
-    assert _steps(runs["killed"] / "metrics.jsonl", "spin") == _steps(runs["straight"] / "metrics.jsonl", "spin")
-    a, b = _weights(runs["killed"] / "checkpoints" / "spin"), _weights(runs["straight"] / "checkpoints" / "spin")
+    assert step_rows(runs["killed"] / "metrics.jsonl", "spin") == step_rows(runs["straight"] / "metrics.jsonl", "spin")
+    a, b = (load_weights(runs[kind] / "checkpoints" / "spin") for kind in ("killed", "straight"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

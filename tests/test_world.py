@@ -12,7 +12,7 @@ from srppo_fast.evaluation import markdown_table
 from srppo_fast.world import generate_records, is_careful, parse_answer, verify
 from srppo_fast.world.tasks import Problem, all_problems, careful_share, careful_solution, hasty_solution, slip
 
-from .conftest import TINY_WORLD
+from .helpers import TINY_WORLD
 
 
 def test_careful_solutions_are_right_for_every_problem():

@@ -1,4 +1,4 @@
-"""`srppo-fast train` with the linear-layer dtype trace on (conftest.linear_dtype_trace), for test_precision.py.
+"""`srppo-fast train` with the linear-layer dtype trace on (helpers.linear_dtype_trace), for test_precision.py.
 
     python tests/scripts/traced_run.py RESULT.json CONFIG [KEY=VALUE ...]      (or under torchrun)
 
@@ -18,10 +18,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from srppo_fast import dist, runner  # noqa: E402
-from srppo_fast.config import load_config  # noqa: E402
+from srppo_fast.config_load import load_config  # noqa: E402
 from srppo_fast.engine.memory import plan_memory  # noqa: E402
 from srppo_fast.errors import SrppoError  # noqa: E402
-from tests.conftest import linear_dtype_trace  # noqa: E402
+from tests.helpers import linear_dtype_trace  # noqa: E402
 
 
 def main(result: str, config: str, *overrides: str) -> None:

@@ -85,7 +85,8 @@ def main(result: str, tied: str) -> None:
         torch.distributed.all_reduce(p.grad)
 
     calls = {"forward": 0, "backward": 0}
-    fwd, bwd = linear_logprobs.LinearTokenLogprobsFunction.forward, linear_logprobs.LinearTokenLogprobsFunction._backward
+    fn = linear_logprobs.LinearTokenLogprobsFunction
+    fwd, bwd = fn.forward, fn._backward
 
     def counted_forward(*a):
         calls["forward"] += 1
