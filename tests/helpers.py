@@ -235,7 +235,7 @@ PHASES = {  # phase -> (module, attribute) of the function whose calls make up t
     "rl rollout": ("srppo_fast.stages.rl", "RLRun.rollout"),
     "rl scoring": ("srppo_fast.stages.rl", "score"),
     "rl update": ("srppo_fast.stages.rl", "ppo_update"),
-    "eval": ("srppo_fast.evaluation", "evaluate_model"),
+    "eval": ("srppo_fast.stages.eval", "evaluate_model"),  # the eval stage calls it by the name it imported
 }
 
 
