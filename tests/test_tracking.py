@@ -197,7 +197,13 @@ def test_wandb_resume_resends_what_it_lacks_and_skips_what_it_has(tmp_path, held
         resumed.log(row)
         resumed.samples("srppo", row["step"], [{"pick": "lowest", "reward": 0.0, "prompt": "p", "response": "r"}])
     resumed.close()
+    # both sessions ran in this one process, where W&B's service may still be writing the second session's log
+    # when close() returns (a resumed run starts in a new process, long after): read until it holds all six
+    deadline = time.monotonic() + 60
     rows = wandb_rows(tmp_path, "srppo")
+    while [r["_step"] for r in rows] != [1, 2, 3, 4, 5, 6] and time.monotonic() < deadline:
+        time.sleep(0.5)
+        rows = wandb_rows(tmp_path, "srppo")
     assert [r["_step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(r["loss"] == 1.0 / r["_step"] and "samples" in r for r in rows)
     ids = json.loads((tmp_path / "wandb" / "srppo-fast-runs.json").read_text())
