@@ -13,13 +13,14 @@ from .. import dist
 from ..batching import PackedBatch, padded_pad_fraction, rank_microbatches
 from ..config import LMStageConfig
 from ..data import TokenizedSet, load_lm_data
-from ..engine import EngineBase, build_engine, check_divergence, save_engines
+from ..engine import EngineBase, build_engine, save_engines
 from ..errors import ConfigError
 from ..experience import packed_label_logprobs
-from ..metrics import device_memory, progress
+from ..metrics import device_memory
 from ..modeling import load_model
-from ..state import Interrupted, SignalGuard, resumable, rng_state, set_rng_state
+from ..state import resumable, rng_state, set_rng_state
 from .base import Stage, check_data_spec, check_optim
+from .loop import Training, run_training
 
 log = logging.getLogger("srppo_fast")
 
@@ -108,84 +109,95 @@ def total_steps(section: LMStageConfig, n: int) -> int:
     return max(1, math.ceil(section.epochs * math.ceil(n / section.batch_size)))
 
 
+class LMTraining(Training):
+    """An LM stage's steps: packed micro-batches of `batch_size` sequences, the held-out loss at the start, every
+    `eval_every` steps and at the end."""
+
+    def __init__(self, ctx, name: str):
+        section: LMStageConfig = ctx.cfg.section(name)
+        self.ctx, self.name, self.section = ctx, name, section
+        self.log_every, self.save_every = section.log_every, section.save_every
+        tok = ctx.tokenizer()
+        self.ckpt = ckpt = ctx.checkpoint_dir(name)
+        load = dict(kind="lm" if section.loss_on == "all" else "sft", loss_on=section.loss_on,
+                    max_seq_len=section.max_seq_len, overlong=section.overlong, world_dir=ctx.world_dir)
+        self.train = train = load_lm_data(section.data, tok, **load)
+        self.held = load_lm_data(section.eval_data, tok, **load) if section.eval_data else None
+        log.info("%s: %d sequences, %d tokens, %d targets (%d dropped, %d truncated as longer than %d)", name,
+                 len(train), train.tokens.size, train.num_targets, train.dropped, train.truncated, section.max_seq_len)
+        self.steps = total_steps(section, len(train))
+        self.fingerprint = ctx.fingerprint(name)
+        state = self.state = resumable(ckpt, self.fingerprint)
+        ctx.check_models(name, {f"{name}.init": section.init})
+        model = load_model(str(ckpt), ctx.cfg.model) if state else ctx.init_model(section.init)
+        self.engine = build_engine(ctx, model, section.optim, self.steps, "model",
+                                   resume=(str(ckpt), state["engine"]) if state is not None else None)
+        self.sampler = EpochSampler(len(train), ctx.cfg.seed, section.shuffle)
+        self.start, self.start_eval = 0, None
+        if state is not None:
+            self.sampler.position, self.start, self.start_eval = (state["sampler_position"], state["step"],
+                                                                  state["start_eval"])
+            set_rng_state(state["rng"])
+
+    def engines(self):
+        return [(self.engine, self.name)]
+
+    def evaluate(self, step: int) -> float | None:
+        if self.held is None:
+            return None
+        loss = lm_eval_loss(self.engine.model, self.held, self.section.micro_batch_tokens, self.ctx.device,
+                            self.engine.autocast)
+        self.ctx.metrics.log({"stage": self.name, "step": step, "eval_loss": loss})
+        log.info("%s step %d: held-out loss %.4f", self.name, step, loss)
+        return loss
+
+    def begin(self, resumed: bool) -> None:
+        if not resumed:  # the starting point
+            self.start_eval = self.evaluate(0)
+
+    def step(self, step: int) -> dict:
+        s = self.section
+        return lm_train_step(self.engine, self.train, self.sampler.take(s.batch_size), s.micro_batch_tokens)
+
+    def row(self, step: int, stats: dict, last: bool) -> dict | None:
+        if last or step % self.log_every == 0:
+            return {"epoch": self.sampler.position / len(self.train), **stats}
+        return None
+
+    def after(self, step: int, stats: dict) -> None:
+        if self.section.eval_every and step % self.section.eval_every == 0 and step != self.steps:
+            self.evaluate(step)
+
+    def postfix(self, stats: dict) -> dict[str, str]:
+        return {"loss": f"{stats['loss']:.3f}", "tok_s": f"{stats['tokens_per_s']:.0f}"}
+
+    def save(self, step: int, complete: bool) -> None:
+        info = {"stage": self.name, "step": step, "complete": complete, "fingerprint": self.fingerprint}
+        state = None
+        if complete:
+            info.update(eval_loss_start=self.start_eval, eval_loss_end=self.evaluate(step))
+            if self.section.data == "world:corpus" and self.ctx.world_dir:
+                with self.engine.autocast():
+                    info["careful_skill"] = probe_careful_skill(self.ctx, self.name, self.engine.model,
+                                                                self.ctx.tokenizer(), step)
+        else:
+            state = {"step": step, "engine": self.engine.state_dict(), "sampler_position": self.sampler.position,
+                     "start_eval": self.start_eval, "rng": rng_state()}
+        self.ctx.metrics.flush()
+        save_engines(self.ckpt, {"model": self.engine}, self.ctx.tokenizer(), info, state,
+                     card=self.ctx.model_card(self.name, info))
+
+    def finish(self, steps: int) -> None:
+        self.save(steps, complete=True)  # the held-out loss at the end and the final checkpoint
+        self.engine.close()
+        log.info("%s: saved %s", self.name, self.ckpt)
+
+
 def run_lm_stage(ctx, name: str) -> None:
     """1. data -> 2. model and engine (or the saved state of an interrupted run) -> 3. evaluate the start
     -> 4. train (saving every save_every steps, and on SIGINT/SIGTERM) -> 5. evaluate, save."""
-    section: LMStageConfig = ctx.cfg.section(name)
-    tok = ctx.tokenizer()
-    ckpt = ctx.checkpoint_dir(name)
-    # 1. data
-    load = dict(kind="lm" if section.loss_on == "all" else "sft", loss_on=section.loss_on,
-                max_seq_len=section.max_seq_len, overlong=section.overlong, world_dir=ctx.world_dir)
-    train = load_lm_data(section.data, tok, **load)
-    held = load_lm_data(section.eval_data, tok, **load) if section.eval_data else None
-    log.info("%s: %d sequences, %d tokens, %d targets (%d dropped, %d truncated as longer than %d)", name,
-             len(train), train.tokens.size, train.num_targets, train.dropped, train.truncated, section.max_seq_len)
-    # 2. model and engine
-    steps = total_steps(section, len(train))
-    fingerprint = ctx.fingerprint(name)
-    state = resumable(ckpt, fingerprint)
-    ctx.check_models(name, {f"{name}.init": section.init})
-    model = load_model(str(ckpt), ctx.cfg.model) if state else ctx.init_model(section.init)
-    engine = build_engine(ctx, model, section.optim, steps, "model",
-                          resume=(str(ckpt), state["engine"]) if state is not None else None)
-    sampler = EpochSampler(len(train), ctx.cfg.seed, section.shuffle)
-    start, start_eval = 0, None
-    if state is not None:
-        sampler.position, start, start_eval = state["sampler_position"], state["step"], state["start_eval"]
-        set_rng_state(state["rng"])
-    ctx.metrics.drop(name, start if state is not None else None)
-    last_save = f"{ckpt} (step {start})" if state is not None else f"none of this stage yet ({name}.save_every)"
-
-    def evaluate(step: int) -> float | None:
-        if held is None:
-            return None
-        loss = lm_eval_loss(engine.model, held, section.micro_batch_tokens, ctx.device, engine.autocast)
-        ctx.metrics.log({"stage": name, "step": step, "eval_loss": loss})
-        log.info("%s step %d: held-out loss %.4f", name, step, loss)
-        return loss
-
-    # 3. the starting point
-    if state is None:
-        start_eval = evaluate(0)
-    # 4. train
-    bar = progress(steps, name, ctx.cfg.runtime.progress and dist.is_main())
-    bar.update(start)
-    with SignalGuard() as guard:
-        for step in range(start + 1, steps + 1):
-            stats = lm_train_step(engine, train, sampler.take(section.batch_size), section.micro_batch_tokens)
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{stats['tokens_per_s']:.0f}")
-            if step % section.log_every == 0 or step == steps:
-                ctx.metrics.log({"stage": name, "step": step, "epoch": sampler.position / len(train), **stats})
-            if section.eval_every and step % section.eval_every == 0 and step != steps:
-                evaluate(step)
-            check_divergence(engine, name, step, ctx.cfg.runtime.max_nonfinite_steps, last_save, final=step == steps)
-            stop = dist.any_true(guard.requested is not None)
-            if stop or (section.save_every and step % section.save_every == 0 and step != steps):
-                info = {"stage": name, "step": step, "complete": False, "fingerprint": fingerprint}
-                ctx.metrics.flush()
-                save_engines(ckpt, {"model": engine}, tok, info, {
-                    "step": step, "engine": engine.state_dict(), "sampler_position": sampler.position,
-                    "start_eval": start_eval, "rng": rng_state()}, card=ctx.model_card(name, info))
-                last_save = f"{ckpt} (step {step})"
-            if stop:
-                bar.close()
-                raise Interrupted(f"{name} stopped by {guard.requested or 'a signal to another rank'} after "
-                                  f"step {step} "
-                                  f"of {steps}; its state is saved in {ckpt}: run the same command to resume.")
-    bar.close()
-    # 5. evaluate the end, save
-    end_eval = evaluate(steps)
-    info = {"stage": name, "step": steps, "complete": True, "fingerprint": fingerprint,
-            "eval_loss_start": start_eval, "eval_loss_end": end_eval}
-    if section.data == "world:corpus" and ctx.world_dir:
-        with engine.autocast():
-            info["careful_skill"] = probe_careful_skill(ctx, name, engine.model, tok, steps)
-    ctx.metrics.flush()
-    save_engines(ckpt, {"model": engine}, tok, info, card=ctx.model_card(name, info))
-    engine.close()
-    log.info("%s: saved %s", name, ckpt)
+    training = LMTraining(ctx, name)
+    run_training(ctx, name, training, training.steps, training.start, training.state is not None)
 
 
 def probe_careful_skill(ctx, name: str, model, tok, step: int) -> dict[str, float]:

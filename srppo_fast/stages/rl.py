@@ -12,7 +12,6 @@ One step = one rollout buffer:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -29,7 +28,7 @@ from ..advantages import RunningMoments, baseline_advantages, compute_advantages
 from ..batching import dummy_batch, rank_microbatches
 from ..config import RLStageConfig
 from ..data import prompt_tokens, read_records
-from ..engine import backward_together, build_engine, check_divergence, release_frozen, save_engines
+from ..engine import backward_together, build_engine, release_frozen, save_engines
 from ..errors import ConfigError, DataError, SamplerError, TrainingError
 from ..evaluation import greedy_metrics, load_eval_set
 from ..experience import (
@@ -43,7 +42,7 @@ from ..experience import (
     score_tokens,
 )
 from ..generation import Generations, sample_seed
-from ..metrics import device_memory, progress
+from ..metrics import device_memory
 from ..modeling import load_critic, load_model, model_source
 from ..ops import (
     coherent_gae,
@@ -55,10 +54,11 @@ from ..ops import (
     value_loss,
 )
 from ..rollout import HFRolloutEngine, SamplingParams
-from ..state import Interrupted, SignalGuard, resumable, rng_state, set_rng_state
+from ..state import resumable, rng_state, set_rng_state
 from ..world import verifier_for
 from .base import Stage, check_data_spec, check_optim
 from .lm import EpochSampler
+from .loop import Training, run_training
 
 log = logging.getLogger("srppo_fast")
 
@@ -418,7 +418,7 @@ class PendingRollout:
     result: Future | Generations
 
 
-class RLRun:
+class RLRun(Training):
     """What an RL stage carries from step to step; `state_dict` is everything a resume needs.
 
     Rollout with a sampler that holds its own weights (vllm): before a buffer is generated the sampler is
@@ -446,6 +446,36 @@ class RLRun:
             self.load_state_dict(state)
         self.end = (self.sampler.position, rng_state())  # where the last complete step left the streams
         self.sync_stats = self.sync_sampler(0)  # a sampler with its own weights gets the actor's (resumed or not)
+        self.log_every, self.save_every = rl.log_every, rl.save_every
+        self.fingerprint: dict = {}
+
+    # -- the stage loop's side (stages/loop.py) ----------------------------------------------------
+
+    saves_before_a_failed_step = True  # a sampler that fails mid-step: the last complete step is saved first
+
+    def engines(self):
+        return [(engine, f"{self.stage} {what}") for engine, what in ((self.models.actor, "actor"),
+                                                                      (self.models.critic, "critic"))
+                if engine is not None]
+
+    def after(self, step: int, stats: dict) -> None:
+        rl = self.rl
+        if rl.eval_every and step % rl.eval_every == 0 and rl.prompts.startswith("world:"):
+            with self.models.actor.autocast():
+                evaluate_during_training(self.ctx, self.stage, step, self.models.actor.model, self.ctx.tokenizer())
+
+    def postfix(self, stats: dict) -> dict[str, str]:
+        return {"reward": f"{stats['reward/total']:.3f}", "kl": f"{stats['kl']:.3f}",
+                "acc": f"{stats.get('sample/accuracy', float('nan')):.2f}"}
+
+    def save(self, step: int, complete: bool) -> None:
+        save_rl(self.ctx, self.stage, self.models, step, complete, self.fingerprint,
+                None if complete else self.state_dict(step))
+
+    def finish(self, steps: int) -> None:
+        self.save(steps, complete=True)
+        self.models.close()
+        log.info("%s: saved %s", self.stage, self.ctx.checkpoint_dir(self.stage))
 
     def _make_vllm_engine(self):
         rl, ctx = self.rl, self.ctx
@@ -565,7 +595,7 @@ class RLRun:
             result = self.engine.submit_generate(local, params)
         return PendingRollout(step, chosen, prompt_ids, mine, params, result)
 
-    def finish(self, pending: PendingRollout) -> tuple[Generations, dict]:
+    def gather(self, pending: PendingRollout) -> tuple[Generations, dict]:
         """Wait for this rank's share, then gather the shares so every rank holds the whole buffer in prompt
         order. Returns it with the sampler's own time on it (for the hidden fraction)."""
         error, local, waited = None, None, time.perf_counter()
@@ -605,7 +635,7 @@ class RLRun:
             synced += time.perf_counter() - t
             self.pending = self.launch(step)
         current, self.pending = self.pending, None
-        gens, info = self.finish(current)
+        gens, info = self.gather(current)
         self.engine.sleep()  # on-policy: right after generating, so scoring and the update get the device
         stats.update(info)
         if ro.async_ and step < self.steps:
@@ -697,50 +727,8 @@ def run_rl_stage(ctx, name: str) -> None:
     fingerprint = ctx.fingerprint(name)
     state = resumable(ctx.checkpoint_dir(name), fingerprint)
     run = RLRun(ctx, rl, prompts, steps, state, str(ctx.checkpoint_dir(name)), name)
-    start = state["step"] if state is not None else 0
-    ctx.metrics.drop(name, start if state is not None else None)
-    last_save = f"{ctx.checkpoint_dir(name)} (step {start})" if state is not None else \
-        f"none of this stage yet ({name}.save_every)"
-    bar = progress(steps, name, ctx.cfg.runtime.progress and dist.is_main())
-    bar.update(start)
-    with SignalGuard() as guard, contextlib.closing(run):
-        for step in range(start + 1, steps + 1):
-            try:
-                stats = run.step(step)
-            except SamplerError as e:  # nothing of this step is trained yet: keep what the last one left
-                if step - 1 > start:
-                    save_rl(ctx, name, run.models, step - 1, False, fingerprint, run.state_dict(step - 1))
-                    last_save = f"{ctx.checkpoint_dir(name)} (step {step - 1})"
-                bar.close()
-                raise SamplerError(f"{name} step {step}: {e} Last resumable checkpoint: {last_save}; run the same "
-                                   "command to resume from it.") from e
-            for engine, what in ((run.models.actor, f"{name} actor"), (run.models.critic, f"{name} critic")):
-                if engine is not None:
-                    check_divergence(engine, what, step, ctx.cfg.runtime.max_nonfinite_steps, last_save,
-                                     final=step == steps)
-            # 6. log, evaluate, save
-            if step % rl.log_every == 0 or step == steps:
-                ctx.metrics.log({"stage": name, "step": step, **stats})
-            if rl.eval_every and step % rl.eval_every == 0 and rl.prompts.startswith("world:"):
-                with run.models.actor.autocast():
-                    evaluate_during_training(ctx, name, step, run.models.actor.model, tok)
-            bar.update(1)
-            bar.set_postfix(reward=f"{stats['reward/total']:.3f}", kl=f"{stats['kl']:.3f}",
-                            acc=f"{stats.get('sample/accuracy', float('nan')):.2f}")
-            stop = dist.any_true(guard.requested is not None)
-            if stop or (rl.save_every and step % rl.save_every == 0 and step != steps):
-                save_rl(ctx, name, run.models, step, False, fingerprint, run.state_dict(step))
-                last_save = f"{ctx.checkpoint_dir(name)} (step {step})"
-            if stop:
-                bar.close()
-                raise Interrupted(f"{name} stopped by {guard.requested or 'a signal to another rank'} after "
-                                  f"step {step} "
-                                  f"of {steps}; its state is saved in {ctx.checkpoint_dir(name)}: run the same "
-                                  "command to resume.")
-    bar.close()
-    save_rl(ctx, name, run.models, steps, True, fingerprint)
-    run.models.close()
-    log.info("%s: saved %s", name, ctx.checkpoint_dir(name))
+    run.fingerprint = fingerprint
+    run_training(ctx, name, run, steps, state["step"] if state is not None else 0, state is not None)
 
 
 def samples_table(exp: Experience, tokenizer, questions: list[str], verifier, k: int, rng) -> list[dict]:

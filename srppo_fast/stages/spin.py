@@ -36,17 +36,17 @@ from ..data import (
     read_records,
     render_with_spans,
 )
-from ..engine import build_engine, check_divergence, save_engines
+from ..engine import build_engine, save_engines
 from ..errors import ConfigError, SamplerError
 from ..generation import Generations, sample_seed
-from ..metrics import progress
 from ..modeling import load_model, model_source
 from ..packing import plan_microbatches
 from ..rollout import HFRolloutEngine, SamplingParams
-from ..state import Interrupted, SignalGuard, resumable, rng_state, set_rng_state
+from ..state import resumable, rng_state, set_rng_state
 from ..world import verifier_for
 from .base import Stage, check_data_spec, check_optim
 from .lm import EpochSampler, packed_token_logprobs
+from .loop import Training, run_training
 from .rl import verify_samples
 
 log = logging.getLogger("srppo_fast")
@@ -289,92 +289,109 @@ def iteration_stats(demos: Demos, pairs: TokenizedSet, gens: Generations, tokeni
     return stats, identical
 
 
+class SpinTraining(Training):
+    """SPIN's steps: at the first step of each iteration, pi_t's samples and the reference log-probs of the pairs;
+    then DPO steps over the iteration's pairs."""
+
+    def __init__(self, ctx, name: str):
+        spin: SpinStageConfig = ctx.cfg.section(name)
+        self.ctx, self.name, self.spin = ctx, name, spin
+        self.log_every, self.save_every = spin.log_every, spin.save_every
+        self.ckpt = ckpt = ctx.checkpoint_dir(name)
+        tok = ctx.tokenizer()
+        self.demos = demos = Demos(spin.data, tok, ctx.world_dir, spin.max_prompt_len, spin.max_seq_len,
+                                   f"{name}.data")
+        self.n = n = len(demos.prompts)
+        log.info("%s: %d demonstrations (%d dropped as longer than max_prompt_len / max_seq_len)", name, n,
+                 demos.dropped)
+        self.per_iter = steps_per_iteration(spin, n)
+        self.steps = spin.iterations * self.per_iter
+        self.fingerprint = ctx.fingerprint(name)
+        state = self.state = resumable(ckpt, self.fingerprint)
+        ctx.check_models(name, {f"{name}.init": spin.init})
+        init_path = ctx.model_path(spin.init)
+        self.sampler = Sampler(ctx, spin, init_path)  # a vllm sampler takes its share of the device first
+        model = load_model(str(ckpt), ctx.cfg.model) if state else ctx.init_model(spin.init)
+        self.engine = build_engine(ctx, model, spin.optim, self.steps, "model",
+                                   resume=(str(ckpt), state["engine"]) if state is not None else None)
+        self.sampler.attach(self.engine)
+        self.verifier = verifier_for(spin.data)
+        self.start, self.pairs, self.ref, self.identical, self.position = 0, None, None, None, 0
+        if state is not None:
+            self.start, self.position = state["step"], state["sampler_position"]
+            if state["pairs"] is not None:
+                self.pairs = TokenizedSet(*(np.asarray(a) for a in state["pairs"]))
+                self.ref, self.identical = state["ref"], state["identical"]
+            set_rng_state(state["rng"])
+        self.iteration, self.first = 0, {}
+
+    def engines(self):
+        return [(self.engine, self.name)]
+
+    def step(self, step: int) -> dict:
+        spin, n = self.spin, self.n
+        iteration, k = divmod(step - 1, self.per_iter)
+        self.iteration = iteration = iteration + 1
+        self.first = first = {}  # a new iteration's statistics, logged with its first step
+        if k == 0 or self.pairs is None:  # a new iteration: pi_t's samples and reference log-probs
+            t = time.perf_counter()
+            gens, sync = self.sampler.sample(self.demos.prompts, iteration)
+            t_gen = time.perf_counter() - t
+            self.pairs = build_pairs(self.demos, gens.responses)
+            self.ref = pair_logprobs(self.engine, self.pairs, spin.micro_batch_tokens)
+            first, self.identical = iteration_stats(self.demos, self.pairs, gens, self.ctx.tokenizer(), self.verifier)
+            first.update(sync)  # the sampler's weight sync (vllm): sync/seconds, sync/bytes, sync/buckets
+            first.update({"time/generate": t_gen, "time/reference": time.perf_counter() - t - t_gen})
+            self.first = first
+            log.info("%s iteration %d/%d: %d samples, %.0f%% identical to their demonstration%s", self.name,
+                     iteration, spin.iterations, n, 100 * first["spin/identical_fraction"],
+                     f", sample accuracy {first['spin/sample_accuracy']:.3f}" if self.verifier else "")
+            self.position = 0
+        order = EpochSampler(n, sample_seed(self.ctx.cfg.seed, iteration), spin.shuffle, self.position)
+        chosen = order.take(spin.batch_size)
+        self.position = order.position
+        return spin_train_step(self.engine, self.pairs, self.ref, self.identical, chosen, spin.beta,
+                               spin.micro_batch_tokens)
+
+    def row(self, step: int, stats: dict, last: bool) -> dict | None:
+        if last or step % self.log_every == 0 or self.first:
+            return {"iteration": self.iteration, "epoch": self.iteration - 1 + self.position / self.n, **stats,
+                    **self.first}
+        return None
+
+    def postfix(self, stats: dict) -> dict[str, str]:
+        return {"loss": f"{stats['loss']:.3f}", "margin": f"{stats['rewards/margin']:.2f}"}
+
+    def save(self, step: int, complete: bool) -> None:
+        info = {"stage": self.name, "step": step, "complete": complete, "fingerprint": self.fingerprint}
+        state = None
+        if complete:
+            info["iterations"] = self.spin.iterations
+        else:
+            done = step % self.per_iter == 0  # the next step starts a new iteration: no pairs to keep
+            pairs = self.pairs
+            state = {"step": step, "engine": self.engine.state_dict(), "sampler_position": self.position,
+                     "pairs": None if done else (pairs.tokens, pairs.targets, pairs.offsets),
+                     "ref": None if done else self.ref, "identical": None if done else self.identical,
+                     "rng": rng_state()}
+        self.ctx.metrics.flush()
+        save_engines(self.ckpt, {"model": self.engine}, self.ctx.tokenizer(), info, state,
+                     card=self.ctx.model_card(self.name, info))
+
+    def close(self) -> None:
+        self.sampler.close()
+
+    def finish(self, steps: int) -> None:
+        self.save(steps, complete=True)
+        self.engine.close()
+        log.info("%s: saved %s", self.name, self.ckpt)
+
+
 def run_spin_stage(ctx, name: str) -> None:
     """Demonstrations -> actor engine (or an interrupted run's state) -> iterations of: sample, reference
     log-probs, DPO epochs -> the final checkpoint."""
-    spin: SpinStageConfig = ctx.cfg.section(name)
-    tok = ctx.tokenizer()
-    ckpt = ctx.checkpoint_dir(name)
-    demos = Demos(spin.data, tok, ctx.world_dir, spin.max_prompt_len, spin.max_seq_len, f"{name}.data")
-    n = len(demos.prompts)
-    log.info("%s: %d demonstrations (%d dropped as longer than max_prompt_len / max_seq_len)", name, n, demos.dropped)
-    per_iter = steps_per_iteration(spin, n)
-    steps = spin.iterations * per_iter
-    fingerprint = ctx.fingerprint(name)
-    state = resumable(ckpt, fingerprint)
-    ctx.check_models(name, {f"{name}.init": spin.init})
-    init_path = ctx.model_path(spin.init)
-    sampler = Sampler(ctx, spin, init_path)  # a vllm sampler takes its share of the device first
-    model = load_model(str(ckpt), ctx.cfg.model) if state else ctx.init_model(spin.init)
-    engine = build_engine(ctx, model, spin.optim, steps, "model",
-                          resume=(str(ckpt), state["engine"]) if state is not None else None)
-    sampler.attach(engine)
-    verifier = verifier_for(spin.data)
-    start, pairs, ref, identical, position = 0, None, None, None, 0
-    if state is not None:
-        start, position = state["step"], state["sampler_position"]
-        if state["pairs"] is not None:
-            pairs = TokenizedSet(*(np.asarray(a) for a in state["pairs"]))
-            ref, identical = state["ref"], state["identical"]
-        set_rng_state(state["rng"])
-    ctx.metrics.drop(name, start if state is not None else None)
-    last_save = f"{ckpt} (step {start})" if state is not None else f"none of this stage yet ({name}.save_every)"
-    bar = progress(steps, name, ctx.cfg.runtime.progress and dist.is_main())
-    bar.update(start)
-    try:
-        with SignalGuard() as guard:
-            for step in range(start + 1, steps + 1):
-                iteration, k = divmod(step - 1, per_iter)
-                iteration += 1
-                first = {}  # a new iteration's statistics, logged with its first step
-                if k == 0 or pairs is None:  # a new iteration: pi_t's samples and reference log-probs
-                    t = time.perf_counter()
-                    gens, sync = sampler.sample(demos.prompts, iteration)
-                    t_gen = time.perf_counter() - t
-                    pairs = build_pairs(demos, gens.responses)
-                    ref = pair_logprobs(engine, pairs, spin.micro_batch_tokens)
-                    first, identical = iteration_stats(demos, pairs, gens, tok, verifier)
-                    first.update(sync)  # the sampler's weight sync (vllm): sync/seconds, sync/bytes, sync/buckets
-                    first.update({"time/generate": t_gen, "time/reference": time.perf_counter() - t - t_gen})
-                    log.info("%s iteration %d/%d: %d samples, %.0f%% identical to their demonstration%s", name,
-                             iteration, spin.iterations, n, 100 * first["spin/identical_fraction"],
-                             f", sample accuracy {first['spin/sample_accuracy']:.3f}" if verifier else "")
-                    position = 0
-                order = EpochSampler(n, sample_seed(ctx.cfg.seed, iteration), spin.shuffle, position)
-                chosen = order.take(spin.batch_size)
-                position = order.position
-                stats = spin_train_step(engine, pairs, ref, identical, chosen, spin.beta, spin.micro_batch_tokens)
-                bar.update(1)
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", margin=f"{stats['rewards/margin']:.2f}")
-                if step % spin.log_every == 0 or step == steps or first:
-                    ctx.metrics.log({"stage": name, "step": step, "iteration": iteration,
-                                     "epoch": iteration - 1 + position / n, **stats, **first})
-                check_divergence(engine, name, step, ctx.cfg.runtime.max_nonfinite_steps, last_save,
-                                 final=step == steps)
-                stop = dist.any_true(guard.requested is not None)
-                if stop or (spin.save_every and step % spin.save_every == 0 and step != steps):
-                    info = {"stage": name, "step": step, "complete": False, "fingerprint": fingerprint}
-                    done = step % per_iter == 0  # the next step starts a new iteration: no pairs to keep
-                    ctx.metrics.flush()
-                    save_engines(ckpt, {"model": engine}, tok, info, {
-                        "step": step, "engine": engine.state_dict(), "sampler_position": position,
-                        "pairs": None if done else (pairs.tokens, pairs.targets, pairs.offsets),
-                        "ref": None if done else ref, "identical": None if done else identical, "rng": rng_state()},
-                        card=ctx.model_card(name, info))
-                    last_save = f"{ckpt} (step {step})"
-                if stop:
-                    bar.close()
-                    raise Interrupted(f"{name} stopped by {guard.requested or 'a signal to another rank'} after step "
-                                      f"{step} of {steps}; its state is saved in {ckpt}: run the same command to "
-                                      "resume.")
-    finally:
-        sampler.close()
-    bar.close()
-    info = {"stage": name, "step": steps, "complete": True, "fingerprint": fingerprint, "iterations": spin.iterations}
-    ctx.metrics.flush()
-    save_engines(ckpt, {"model": engine}, tok, info, card=ctx.model_card(name, info))
-    engine.close()
-    log.info("%s: saved %s", name, ckpt)
+    training = SpinTraining(ctx, name)
+    run_training(ctx, name, training, training.steps, training.start, training.state is not None)
 
 
 class SpinStage(Stage):
