@@ -180,7 +180,12 @@ def sampler(model_dir: str, eos_token_id: int, rollout, *, device: torch.device,
 
 
 class VLLMRolloutEngine:
+    """A vLLM sampler in this process (rollout.Sampler): its own copy of the weights, synced in buckets."""
+
     name = "vllm"
+    owns_weights = True
+    keeps_logprobs = True
+    lockstep = False
 
     def __init__(self, model_dir: str, eos_token_id: int, rollout, *, device: torch.device, precision: str,
                  seed: int, max_model_len: int, world_size: int = 1):
@@ -195,6 +200,7 @@ class VLLMRolloutEngine:
         self.dtype = getattr(torch, dtype)
         self.settings = sampler_settings(model_dir, rollout, device, precision, max_model_len)
         self.expected = checkpoint_shapes(model_dir)
+        self.max_len = max_model_len  # its context: prompt + response
         self.version = 0
         self.syncs = 0
         self.generate_calls = 0
@@ -235,6 +241,11 @@ class VLLMRolloutEngine:
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         log.info("vLLM %s sampler from %s (%s, %s) started in %.1f s", vllm.__version__, model_dir, dtype,
                  "colocated" if self.gpu else "in-process", time.perf_counter() - started)
+
+    @property
+    def group_size(self) -> int:
+        """Ranks that share this sampler: a colocated GPU tensor-parallel group; on the CPU each rank has its own."""
+        return self.rollout.vllm.tensor_parallel_size if self.gpu else 1
 
     def reuse(self, model_dir: str, eos_token_id: int, rollout) -> None:
         """A later stage takes this sampler over: it serves that stage's weights from its first sync on."""
@@ -315,7 +326,7 @@ class VLLMRolloutEngine:
                                top_p=1.0 if greedy else params.top_p, max_tokens=params.max_new_tokens, seed=seed,
                                logprobs=0, stop_token_ids=[self.eos], detokenize=False)
 
-    def submit_generate(self, prompts: list[list[int]], params: SamplingParams) -> Future:
+    def submit(self, prompts: list[list[int]], params: SamplingParams) -> Future:
         """Start sampling (on the engine's thread); `collect` turns the future's result into Generations."""
         seeds = params.seeds or [None] * len(prompts)
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
@@ -354,7 +365,7 @@ class VLLMRolloutEngine:
                            [version] * len(responses), seconds)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Generations:
-        return self.collect(self.submit_generate(prompts, params), params)
+        return self.collect(self.submit(prompts, params), params)
 
     def prompt_logprobs(self, tokens: list[int]) -> torch.Tensor:
         """The sampler's log-prob of every token of `tokens` after the first, given its prefix: [len - 1]."""

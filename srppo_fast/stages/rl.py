@@ -43,7 +43,7 @@ from ..experience import (
 )
 from ..generation import Generations, sample_seed
 from ..metrics import device_memory
-from ..modeling import load_critic, load_model, model_source
+from ..modeling import load_critic, load_model
 from ..ops import (
     coherent_gae,
     kl_estimate,
@@ -53,7 +53,7 @@ from ..ops import (
     sequence_rewards_ref,
     value_loss,
 )
-from ..rollout import HFRolloutEngine, SamplingParams
+from ..rollout import HFRolloutEngine, SamplingParams, gather_generations, lockstep_calls, my_prompts, start_sampler
 from ..state import resumable, rng_state, set_rng_state
 from ..world import verifier_for
 from .base import Stage, check_data_spec, check_optim
@@ -430,7 +430,8 @@ class RLRun(Training):
                  stage: str):
         self.ctx, self.rl, self.prompts, self.steps, self.stage = ctx, rl, prompts, steps, stage
         # a sampler with its own weights starts first, while its share of the device is free; then the models
-        self.engine = self._make_vllm_engine() if rl.rollout.engine != "hf" else None
+        self.engine = start_sampler(ctx, rl.rollout, ctx.model_path(rl.init), f"{stage}.init ({rl.init!r})")
+        self.probe = self._probe()
         self.models = RLModels(ctx, rl, steps, resume_dir=resume_dir if state else None, state=state)
         if self.engine is None:
             self.engine = HFRolloutEngine(self.models.actor.model, ctx.tokenizer(), rl.rollout.batch_size,
@@ -477,22 +478,10 @@ class RLRun(Training):
         self.models.close()
         log.info("%s: saved %s", self.stage, self.ctx.checkpoint_dir(self.stage))
 
-    def _make_vllm_engine(self):
-        rl, ctx = self.rl, self.ctx
-        from ..rollout.vllm_engine import context_length, sampler
-
-        path = model_source(ctx.model_path(rl.init))[0]  # a GGUF file: its dequantised copy
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ConfigError(f"{rl.rollout.engine} rollouts start the sampler from a checkpoint directory, but "
-                              f"{rl.init!r} resolves to {path!r}; point the stage's init at a stage of this run or a "
-                              "checkpoint directory, or use rollout.engine=hf.")
-        context = context_length(ctx.vllm_context(), path)
-        probe_len = min(rl.max_prompt_len + rl.rollout.max_new_tokens, context)
-        engine = sampler(path, ctx.tokenizer().eos_token_id, rl.rollout, device=ctx.device, precision=ctx.precision,
-                         seed=ctx.cfg.seed, max_model_len=context, world_size=dist.world_size())
-        # the probe: two prompts of the set back to back (text the model has seen the like of), fixed per run
-        self.probe = (self.prompts.ids[0] + self.prompts.ids[min(1, len(self.prompts.ids) - 1)])[:probe_len]
-        return engine
+    def _probe(self) -> list[int]:
+        """The sync check's probe: two prompts of the set back to back (text the model has seen the like of)."""
+        ids = self.prompts.ids
+        return (ids[0] + ids[min(1, len(ids) - 1)])[:self.rl.max_prompt_len + self.rl.rollout.max_new_tokens]
 
     def close(self) -> None:
         """Let a buffer generated ahead finish (it is not part of any saved state), then stop the sampler."""
@@ -526,7 +515,8 @@ class RLRun(Training):
         """Send the actor's weights when the sampler lags more than `allowed_lag` updates behind (always
         the first time); verify them on the probe after the first sync and every sync_check_every."""
         ro = self.rl.rollout
-        if self.engine.name == "hf":  # samples with the actor module itself
+        if not self.engine.owns_weights:  # samples with the actor module itself: its version follows
+            self.engine.update_weights(self.models.actor.model, self.version)
             return {}
         if self.engine.syncs and self.version - self.engine.version <= allowed_lag:
             return {}
@@ -546,7 +536,7 @@ class RLRun(Training):
 
     def verify_sync(self) -> dict:
         """The sampler's log-probs of the probe against the trainer's (every rank checks its own sampler)."""
-        tokens = self.probe
+        tokens = self.probe[:self.engine.max_len or len(self.probe)]
         seqs = build_sequences([tokens[:1]], [tokens[1:]])
         mask = response_mask([tokens[1:]])
         trainer = score_tokens(lambda b: packed_label_logprobs(self.models.actor.model, b), seqs, mask,
@@ -574,25 +564,15 @@ class RLRun(Training):
     # -- generation -------------------------------------------------------------------------------
 
     def launch(self, step: int) -> PendingRollout:
-        """Take the step's prompts and start this rank's share: every G-th prompt, G the number of samplers
-        (ranks, or tensor-parallel groups of ranks that share one), so a prompt's n samples stay together. Each
-        sample draws from its own stream (seed, step, prompt, sample): the buffer does not depend on G."""
+        """Take the step's prompts and start this rank's share (rollout.my_prompts). Each sample draws from its own
+        stream (seed, step, prompt, sample): the buffer does not depend on how the prompts are shared."""
         chosen = self.sampler.take(self.rl.prompts_per_step)
         prompt_ids = [self.prompts.ids[i] for i in chosen]
-        colocated = self.engine.name == "vllm" and self.ctx.device.type == "cuda"
-        tp = self.rl.rollout.vllm.tensor_parallel_size if colocated else 1
-        group, groups = dist.rank() // tp, max(1, dist.world_size() // tp)
-        mine = list(range(group, len(prompt_ids), groups))
+        mine = my_prompts(self.engine, len(prompt_ids))
         seeds = [sample_seed(self.ctx.cfg.seed, step, int(chosen[i])) for i in mine]
         params = dataclasses.replace(self.params, seeds=seeds)
-        local = [prompt_ids[i] for i in mine]
-        if self.engine.name == "hf":  # the actor module itself: now, in lockstep when its forwards are collective
-            per_call = max(1, self.rl.rollout.batch_size // self.params.n)
-            params.calls = int(dist.all_reduce([math.ceil(len(mine) / per_call)], "max")[0])
-            result = self.engine.generate(local, params)
-            result.versions = [self.version] * len(result.responses)
-        else:
-            result = self.engine.submit_generate(local, params)
+        params.calls = lockstep_calls(self.engine, len(mine), self.rl.rollout.batch_size // self.params.n)
+        result = self.engine.submit([prompt_ids[i] for i in mine], params)
         return PendingRollout(step, chosen, prompt_ids, mine, params, result)
 
     def gather(self, pending: PendingRollout) -> tuple[Generations, dict]:
@@ -600,27 +580,15 @@ class RLRun(Training):
         order. Returns it with the sampler's own time on it (for the hidden fraction)."""
         error, local, waited = None, None, time.perf_counter()
         try:
-            local = pending.result if isinstance(pending.result, Generations) else \
-                self.engine.collect(pending.result, pending.params, f"generate (step {pending.step})")
+            local = self.engine.collect(pending.result, pending.params, f"generate (step {pending.step})")
         except SamplerError as e:
             error = e
         waited = time.perf_counter() - waited
         dist.first_error(error)
-        shares = dist.all_gather_object((pending.mine, local.responses, local.ended, local.logprobs,
-                                         local.versions, local.seconds))
-        n, total = self.params.n, len(pending.prompt_ids) * self.params.n
-        columns = [[None] * total for _ in range(4)]  # responses, ended, logprobs, versions: per sample
-        for prompts_of_rank, *per_sample, _ in shares:
-            for column, values in zip(columns, per_sample):
-                for j, i in enumerate(prompts_of_rank if values is not None else ()):
-                    column[i * n:(i + 1) * n] = values[j * n:(j + 1) * n]
-        responses, ended, logprobs, versions = columns
-        seconds = [sec for *_, sec in shares if sec is not None]
+        gens, seconds = gather_generations(pending.mine, local, len(pending.prompt_ids), self.params.n)
         info = {"time/generate_wait": waited}
         if seconds:  # the samplers' own time on the buffer, the slowest rank's
             info["time/sampler"] = max(seconds)
-        gens = Generations(responses, ended, [i for i in range(len(pending.prompt_ids)) for _ in range(n)],
-                           logprobs if self.engine.name != "hf" else None, versions)
         return gens, info
 
     def rollout(self, step: int) -> tuple[PendingRollout, Generations, dict]:
@@ -669,7 +637,7 @@ class RLRun(Training):
         stats.update(ppo_update(models, exp, train_actor, seed=sample_seed(self.ctx.cfg.seed, step, 1 << 40)))
         if train_actor:
             self.version += 1
-        if self.engine.name == "hf":
+        if not self.engine.owns_weights:  # the actor module itself: it follows each update
             self.engine.update_weights(models.actor.model, self.version)
         times["update"] = time.perf_counter() - t
         questions = [self.prompts.questions[chosen[i]] for i in gens.prompt_index]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 
 import numpy as np
@@ -39,9 +38,9 @@ from ..data import (
 from ..engine import build_engine, save_engines
 from ..errors import ConfigError, SamplerError
 from ..generation import Generations, sample_seed
-from ..modeling import load_model, model_source
+from ..modeling import load_model
 from ..packing import plan_microbatches
-from ..rollout import HFRolloutEngine, SamplingParams
+from ..rollout import HFRolloutEngine, SamplingParams, gather_generations, lockstep_calls, my_prompts, start_sampler
 from ..state import resumable, rng_state, set_rng_state
 from ..world import verifier_for
 from .base import Stage, check_data_spec, check_optim
@@ -208,31 +207,20 @@ def steps_per_iteration(spin: SpinStageConfig, n_pairs: int) -> int:
     return max(1, math.ceil(spin.epochs * n_pairs / spin.batch_size))
 
 
-class Sampler:
-    """y' ~ pi_t for the demonstration prompts through a rollout engine: hf (the actor module itself) or vllm
-    (its own weights, synced from the actor before each iteration's samples). Each rank answers every W-th
-    prompt; every prompt draws from its own stream (seed, iteration, prompt), so the samples do not depend on W."""
+class SpinSampler:
+    """y' ~ pi_t for the demonstration prompts through the stage's rollout.Sampler: the actor module itself (hf) or
+    a sampler with its own weights, synced from the actor before each iteration's samples. Each rank answers its
+    share of the prompts (rollout.my_prompts); every prompt draws from its own stream (seed, iteration, prompt), so
+    the samples do not depend on how they are shared."""
 
-    def __init__(self, ctx, spin: SpinStageConfig, init_path: str):
-        """A vllm sampler starts now, before the actor is loaded (its share of the device is free then); `attach`
-        gives the sampler its actor."""
-        self.ctx, self.spin, self.actor, self.engine = ctx, spin, None, None
-        ro = spin.rollout
-        if ro.engine != "hf":
-            from ..rollout.vllm_engine import context_length, sampler
-
-            init_path = model_source(init_path)[0]  # a GGUF file: its dequantised copy
-            if not os.path.isfile(os.path.join(init_path, "config.json")):
-                raise ConfigError(f"vllm sampling starts the sampler from a checkpoint directory, but spin.init "
-                                  f"resolves to {init_path!r}; point it at a stage of this run or a checkpoint "
-                                  "directory, or use spin.rollout.engine=hf.")
-            self.engine = sampler(init_path, ctx.tokenizer().eos_token_id, ro, device=ctx.device,
-                                  precision=ctx.precision, seed=ctx.cfg.seed,
-                                  max_model_len=context_length(ctx.vllm_context(), init_path),
-                                  world_size=dist.world_size())
+    def __init__(self, ctx, spin: SpinStageConfig, init_path: str, name: str):
+        """A sampler with its own weights starts now, before the actor is loaded (its share of the device is free
+        then); `attach` gives the sampler its actor."""
+        self.ctx, self.spin, self.actor = ctx, spin, None
+        self.engine = start_sampler(ctx, spin.rollout, init_path, f"{name}.init ({spin.init!r})")
 
     def attach(self, engine) -> None:
-        """The actor's engine: hf samples with its module, vllm syncs from it."""
+        """The actor's engine: a sampler without weights of its own samples with its module."""
         self.actor = engine
         if self.engine is None:
             self.engine = HFRolloutEngine(engine.model, self.ctx.tokenizer(), self.spin.rollout.batch_size,
@@ -242,34 +230,28 @@ class Sampler:
         ro, stats = self.spin.rollout, {}
         error = None
         try:
-            stats = self.engine.update_weights(self.actor.model, iteration)  # hf: nothing to copy
-            if getattr(self.engine, "incomplete", None):
+            stats = self.engine.update_weights(self.actor.model, iteration)  # without weights of its own: nothing
+            if self.engine.incomplete:
                 raise SamplerError(f"the weight sync before SPIN iteration {iteration} left parameters unloaded "
                                    f"({', '.join(self.engine.incomplete[:4])}); stopping rather than sampling from "
                                    "other weights than the actor's.")
         except SamplerError as e:
             error = e
         dist.first_error(error)
-        # ranks that share a colocated tensor-parallel sampler submit the same prompts
-        tp = ro.vllm.tensor_parallel_size if self.engine.name == "vllm" and self.ctx.device.type == "cuda" else 1
-        group, groups = dist.rank() // tp, max(1, dist.world_size() // tp)
-        mine = list(range(group, len(prompts), groups))
+        mine = my_prompts(self.engine, len(prompts))
         params = SamplingParams(n=1, temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens,
                                 seeds=[sample_seed(self.ctx.cfg.seed, iteration, i) for i in mine])
-        if self.engine.name == "hf":  # forwards in lockstep when they are collective (ZeRO-3)
-            params.calls = int(dist.all_reduce([math.ceil(len(mine) / max(1, ro.batch_size))], "max")[0])
+        params.calls = lockstep_calls(self.engine, len(mine), ro.batch_size)
         local = None
         try:
-            local = self.engine.generate([prompts[i] for i in mine], params)
+            local = self.engine.collect(self.engine.submit([prompts[i] for i in mine], params), params,
+                                        f"generate (SPIN iteration {iteration})")
         except SamplerError as e:
             error = e
         dist.first_error(error)
         self.engine.sleep()  # a colocated GPU sampler's memory goes to the updates
-        responses, ended = [None] * len(prompts), [False] * len(prompts)
-        for ids, resp, end in dist.all_gather_object((mine, local.responses, local.ended)):
-            for j, i in enumerate(ids):
-                responses[i], ended[i] = resp[j], end[j]
-        return Generations(responses, ended, list(range(len(prompts)))), stats
+        gens, _ = gather_generations(mine, local, len(prompts), 1)
+        return gens, stats
 
     def close(self) -> None:
         if self.engine is not None:
@@ -310,7 +292,7 @@ class SpinTraining(Training):
         state = self.state = resumable(ckpt, self.fingerprint)
         ctx.check_models(name, {f"{name}.init": spin.init})
         init_path = ctx.model_path(spin.init)
-        self.sampler = Sampler(ctx, spin, init_path)  # a vllm sampler takes its share of the device first
+        self.sampler = SpinSampler(ctx, spin, init_path, name)  # one with its own weights starts first
         model = load_model(str(ckpt), ctx.cfg.model) if state else ctx.init_model(spin.init)
         self.engine = build_engine(ctx, model, spin.optim, self.steps, "model",
                                    resume=(str(ckpt), state["engine"]) if state is not None else None)
