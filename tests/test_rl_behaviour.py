@@ -19,6 +19,7 @@ what the real trainer functions (srppo_fast.stages.rl, srppo_fast.ops) make of t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -260,6 +261,37 @@ def test_reinforce_is_whitened_under_the_default(impl, reward):
     rewards_and_advantages(rl, exp, scores, RunningMoments())
     torch.testing.assert_close(exp.advantages, T([[-4, -4]] * 3 + [[14, 14], [-4, 0]]) / math.sqrt(56.0), rtol=1e-5,
                                atol=0)
+
+
+@pytest.mark.parametrize("estimator", ["gae", "reinforce", "rloo", "grpo"])
+def test_a_reward_model_and_the_coherent_reward_with_the_same_scores_give_the_same_advantages(impl, estimator):
+    """One reward-to-advantage path: a reward model whose score of each response is the coherent reward's R gives
+    the same per-token rewards, returns and advantages, through the same adjustments (no-EOS penalty, running
+    whitening, clipping), KL shaping, GAE or baseline and whitening."""
+    rng = np.random.default_rng(7)
+    B, T_max = 12, 6
+    exp, scores, raw, lengths = random_buffer(rng, B, T_max, bias=0.3)
+    exp.prompt_index = np.repeat(np.arange(B // 3), 3)
+    exp.ended = torch.as_tensor(rng.random(B) < 0.75)  # a quarter without EOS: the penalty replaces their reward
+    exp.ref_logp = exp.old_logp + torch.as_tensor(rng.normal(0, 0.1, (B, T_max)), dtype=torch.float32) * exp.mask
+    if estimator == "gae":
+        exp.values = torch.as_tensor(rng.normal(0, 1, (B, T_max)), dtype=torch.float32) * exp.mask
+    sections = {"kl": {"coef": 0.1, "estimator": "k1"}, "advantage": {"estimator": estimator, "whiten": None},
+                "reward": {"whiten": True, "clip": 2.0, "no_eos": "penalty", "no_eos_penalty": -0.5}}
+    coherent = build(RLStageConfig, sections, "srppo")
+    model = build(RLStageConfig, {**sections, "reward": {**sections["reward"], "type": "model",
+                                                         "model_path": "rm/"}}, "ppo_rm")
+    runs = {}
+    for name, rl, given in (("coherent", coherent, scores), ("model", model, {"model": torch.as_tensor(raw).float()})):
+        e = dataclasses.replace(exp, stats={})
+        stats = rewards_and_advantages(rl, e, given, RunningMoments())
+        runs[name] = (e, stats)
+    (a, sa), (b, sb) = runs["coherent"], runs["model"]
+    assert (a.rewards[~a.mask] == 0).all() and (b.rewards[~b.mask] == 0).all()
+    for field in ("rewards", "returns", "advantages"):
+        torch.testing.assert_close(getattr(b, field), getattr(a, field), rtol=1e-5, atol=1e-5)
+    assert sa["reward/task"] == pytest.approx(sb["reward/task"], abs=1e-5)
+    assert sa["reward/coherent"] == pytest.approx(sb["reward/model"], abs=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------

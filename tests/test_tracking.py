@@ -168,6 +168,17 @@ def test_a_run_killed_and_resumed_has_each_point_once_everywhere(tmp_path):
         same(wandb_points(wandb_rows(out, stage)), expected(out, stage))
 
 
+def _wait_for_steps(out, stage: str, steps: list[int], timeout: float = 60.0) -> list[dict]:
+    """The stage's W&B rows once they hold `steps` (W&B's service flushes its offline log every second, after
+    close() returns), or what they hold after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    rows = wandb_rows(out, stage)
+    while [r["_step"] for r in rows] != steps and time.monotonic() < deadline:
+        time.sleep(0.25)
+        rows = wandb_rows(out, stage)
+    return rows
+
+
 def _rows(stage: str, steps) -> list[dict]:
     return [{"stage": stage, "step": s, "loss": 1.0 / s, "time/step": 0.5} for s in steps]
 
@@ -188,6 +199,9 @@ def test_wandb_resume_resends_what_it_lacks_and_skips_what_it_has(tmp_path, held
         killed.log(row)
         killed.samples("srppo", row["step"], [{"pick": "highest", "reward": 1.0, "prompt": "p", "response": "r"}])
     killed.close()
+    # W&B's service writes the offline log on its own schedule (it flushes every second): a resumed run starts in a
+    # new process, long after; here, in the same process, wait until what the killed session logged is on disk
+    _wait_for_steps(tmp_path, "srppo", list(range(1, held + 1)))
     kept = _rows("srppo", range(1, after + 1))  # what metrics.jsonl keeps: up to the checkpoint
     tables = [{"stage": "srppo", "step": s, "pick": "highest", "reward": 1.0, "prompt": "p", "response": "r"}
               for s in range(1, after + 1)]
@@ -197,13 +211,7 @@ def test_wandb_resume_resends_what_it_lacks_and_skips_what_it_has(tmp_path, held
         resumed.log(row)
         resumed.samples("srppo", row["step"], [{"pick": "lowest", "reward": 0.0, "prompt": "p", "response": "r"}])
     resumed.close()
-    # both sessions ran in this one process, where W&B's service may still be writing the second session's log
-    # when close() returns (a resumed run starts in a new process, long after): read until it holds all six
-    deadline = time.monotonic() + 60
-    rows = wandb_rows(tmp_path, "srppo")
-    while [r["_step"] for r in rows] != [1, 2, 3, 4, 5, 6] and time.monotonic() < deadline:
-        time.sleep(0.5)
-        rows = wandb_rows(tmp_path, "srppo")
+    rows = _wait_for_steps(tmp_path, "srppo", [1, 2, 3, 4, 5, 6])
     assert [r["_step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(r["loss"] == 1.0 / r["_step"] and "samples" in r for r in rows)
     ids = json.loads((tmp_path / "wandb" / "srppo-fast-runs.json").read_text())

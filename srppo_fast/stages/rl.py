@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .. import dist
-from ..advantages import RunningMoments, baseline_advantages, compute_advantages, explained_variance, resolve_whiten
+from ..advantages import RunningMoments, baseline_advantages, explained_variance, resolve_whiten
 from ..batching import dummy_batch, rank_microbatches
 from ..config import RLStageConfig
 from ..data import prompt_tokens, read_records
@@ -47,10 +47,8 @@ from ..modeling import load_critic, load_model
 from ..ops import (
     coherent_gae,
     kl_estimate,
-    kl_shaped_rewards_ref,
     masked_whiten,
     ppo_loss,
-    sequence_rewards_ref,
     value_loss,
 )
 from ..rollout import HFRolloutEngine, SamplingParams, gather_generations, lockstep_calls, my_prompts, start_sampler
@@ -193,24 +191,24 @@ def sequence_adjustment(rl: RLStageConfig, raw: torch.Tensor, ended: torch.Tenso
 
 
 def rewards_and_advantages(rl: RLStageConfig, exp: Experience, scores: dict, moments: RunningMoments) -> dict:
-    """Fill exp.rewards / advantages / returns; return the reward statistics of the buffer. The coherent
-    reward, its KL shaping and GAE (or the returns-to-go) are one op (ops.coherent_gae)."""
+    """Fill exp.rewards / advantages / returns; return the reward statistics of the buffer. Whatever the reward
+    (the coherent reward from pi_SFT and pi_PT, or a reward model's score of each response), one path: per-token
+    rewards (the coherent reward's log-ratio, or the score on the terminal token), then the same adjustments (no-EOS
+    policy, running whitening, clipping), KL shaping and GAE or returns (one op, ops.coherent_gae), then the same
+    baseline and whitening."""
     mask, r, a = exp.mask, rl.reward, rl.advantage
     kl_k1 = kl_estimate(exp.old_logp, exp.ref_logp, "k1") * mask
     kl_coef = rl.kl.coef if rl.kl.placement == "reward" else 0.0
     kl = kl_estimate(exp.old_logp, exp.ref_logp, rl.kl.estimator) * mask
-    if "model" in scores:  # one number per response, on its terminal token
+    if "model" in scores:  # one number per response: no per-token log-ratio, the score is the sequence reward
         raw = scores["model"] * r.scale
         scale, shift = sequence_adjustment(rl, raw, exp.ended, moments)
-        final = scale * raw + shift
-        if r.clip is not None:
-            final = final.clamp(-r.clip, r.clip)
-        exp.rewards, _ = kl_shaped_rewards_ref(sequence_rewards_ref(final, mask), exp.old_logp, exp.ref_logp, mask,
-                                               kl_coef, rl.kl.estimator)
-        exp.advantages, exp.returns = compute_advantages(a.estimator, exp.rewards, mask, values=exp.values,
-                                                         prompt_index=exp.prompt_index, gamma=a.gamma, lam=a.lam,
-                                                         whiten=a.whiten)
-        log_ratio = None
+        zero = torch.zeros_like(exp.old_logp)
+        sft, pt, log_ratio = zero, zero, None
+        # the op's terminal reward is clip(seq_scale * R + seq_shift) of its own R (0 here): the score enters as
+        # the shift, adjusted as the coherent reward's R is
+        shape = dict(granularity="sequence", scale=1.0, token_clip=None, length_normalize=False,
+                     seq_scale=torch.zeros_like(raw), seq_shift=scale * raw + shift)
     else:
         d = (scores["sft"] - scores["pt"]) * mask
         if r.token_clip is not None:
@@ -218,16 +216,16 @@ def rewards_and_advantages(rl: RLStageConfig, exp: Experience, scores: dict, mom
         length = mask.sum(-1).clamp_min(1).float()
         raw = r.scale * d.sum(-1) / (length if r.length_normalize else 1.0)
         scale, shift = sequence_adjustment(rl, raw, exp.ended, moments)
-        exp.rewards, exp.advantages, exp.returns, final, _ = coherent_gae(
-            exp.old_logp, exp.ref_logp, scores["sft"], scores["pt"], exp.values if a.estimator == "gae" else None,
-            mask, kl_coef=kl_coef, kl_estimator=rl.kl.estimator, granularity=r.granularity, scale=r.scale,
-            token_clip=r.token_clip, length_normalize=r.length_normalize, seq_scale=scale, seq_shift=shift,
-            seq_clip=r.clip, gamma=a.gamma, lam=a.lam)
-        if a.estimator != "gae":
-            exp.advantages = baseline_advantages(a.estimator, exp.returns, mask, exp.prompt_index)
-        if resolve_whiten(a.estimator, a.whiten):  # null: gae and reinforce only (advantages.py)
-            exp.advantages = masked_whiten(exp.advantages, mask)
-        log_ratio = d
+        sft, pt, log_ratio = scores["sft"], scores["pt"], d
+        shape = dict(granularity=r.granularity, scale=r.scale, token_clip=r.token_clip,
+                     length_normalize=r.length_normalize, seq_scale=scale, seq_shift=shift)
+    exp.rewards, exp.advantages, exp.returns, final, _ = coherent_gae(
+        exp.old_logp, exp.ref_logp, sft, pt, exp.values if a.estimator == "gae" else None, mask, kl_coef=kl_coef,
+        kl_estimator=rl.kl.estimator, seq_clip=r.clip, gamma=a.gamma, lam=a.lam, **shape)
+    if a.estimator != "gae":
+        exp.advantages = baseline_advantages(a.estimator, exp.returns, mask, exp.prompt_index)
+    if resolve_whiten(a.estimator, a.whiten):  # null: gae and reinforce only (advantages.py)
+        exp.advantages = masked_whiten(exp.advantages, mask)
     stats = {"reward/task": final.mean(), "reward/total": exp.rewards.sum(-1).mean(),
              "reward/kl": -kl_coef * kl.sum(-1).mean(), "kl": kl_k1.sum(-1).mean(),
              "kl/estimator_mean": kl.sum() / mask.sum()}
