@@ -131,3 +131,26 @@ def padded_pad_fraction(lengths_per_microbatch: list[np.ndarray]) -> float:
     real = sum(int(x.sum()) for x in lengths_per_microbatch)
     padded = sum(int(x.max()) * len(x) for x in lengths_per_microbatch if len(x))
     return 1.0 - real / padded if padded else 0.0
+
+
+class EpochSampler:
+    """An endless stream of example indices: a seeded permutation per epoch, batches may straddle epochs.
+    `position` (examples consumed) is all that a resume needs."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, position: int = 0):
+        self.n, self.seed, self.shuffle, self.position = n, seed, shuffle, position
+
+    def _epoch(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def take(self, k: int) -> np.ndarray:
+        out = []
+        while k > 0:
+            epoch, offset = divmod(self.position, self.n)
+            chunk = self._epoch(epoch)[offset:offset + k]
+            out.append(chunk)
+            self.position += len(chunk)
+            k -= len(chunk)
+        return np.concatenate(out)

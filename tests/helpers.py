@@ -229,12 +229,12 @@ def same(got: dict, want: dict, timings: bool = True) -> None:
 PHASES = {  # phase -> (module, attribute) of the function whose calls make up that phase
     "lm update": ("srppo_fast.stages.lm", "lm_train_step"),
     "lm held-out loss": ("srppo_fast.stages.lm", "lm_eval_loss"),
-    "spin sampling": ("srppo_fast.stages.spin", "Sampler.sample"),
+    "spin sampling": ("srppo_fast.stages.spin", "SpinSampler.sample"),
     "spin reference": ("srppo_fast.stages.spin", "pair_logprobs"),
     "spin update": ("srppo_fast.stages.spin", "spin_train_step"),
-    "rl rollout": ("srppo_fast.stages.rl", "RLRun.rollout"),
-    "rl scoring": ("srppo_fast.stages.rl", "score"),
-    "rl update": ("srppo_fast.stages.rl", "ppo_update"),
+    "rl rollout": ("srppo_fast.rl.run", "RLRun.rollout"),
+    "rl scoring": ("srppo_fast.rl.run", "score"),
+    "rl update": ("srppo_fast.rl.run", "ppo_update"),
     "eval": ("srppo_fast.stages.eval", "evaluate_model"),  # the eval stage calls it by the name it imported
 }
 

@@ -35,7 +35,9 @@ from srppo_fast.engine import TorchEngine
 from srppo_fast.experience import Experience, build_sequences, forward_logits
 from srppo_fast.generation import Generations
 from srppo_fast.ops import ppo_loss
-from srppo_fast.stages.rl import ppo_update, rewards_and_advantages, score
+from srppo_fast.rl.models import score
+from srppo_fast.rl.rewards import rewards_and_advantages
+from srppo_fast.rl.update import ppo_update
 
 IMPLS = ["torch", "triton"]  # triton: the kernels through TRITON_INTERPRET=1 on CPU (conftest sets it)
 

@@ -12,8 +12,9 @@ from srppo_fast.config_load import load_config
 from srppo_fast.errors import TrainingError
 from srppo_fast.experience import Experience
 from srppo_fast.generation import Generations
+from srppo_fast.rl.rewards import sampler_correction
+from srppo_fast.rl.run import RLRun
 from srppo_fast.rollout.sync import bucket_plan, weight_buckets
-from srppo_fast.stages.rl import RLRun, sampler_correction
 
 QUICKSTART = "configs/quickstart.yaml"
 

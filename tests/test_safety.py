@@ -303,7 +303,7 @@ def test_a_model_with_non_finite_weights_is_never_saved(tiny_model, tokenizer, t
 
 
 def test_every_prompt_dropped_is_a_clear_error(tokenizer, world_dir):
-    from srppo_fast.stages.rl import load_prompts
+    from srppo_fast.rl.run import load_prompts
 
     with pytest.raises(DataError, match=r"srppo.prompts: all 40 prompts of 'world:prompts' are longer than "
                                         r"max_prompt_len=2"):

@@ -80,7 +80,7 @@ def prompts_of(base_run: Path, k: int) -> list[list[int]]:
     """The first k world prompts, rendered and tokenized as the RL stage does."""
     from transformers import AutoTokenizer
 
-    from srppo_fast.stages.rl import load_prompts
+    from srppo_fast.rl.run import load_prompts
 
     tok = AutoTokenizer.from_pretrained(base_run / "checkpoints" / "sft")
     return load_prompts("world:prompts", tok, str(base_run / "world"), 32)[0].ids[:k]
@@ -274,8 +274,8 @@ def test_on_policy_sampler_sleeps_after_generating_and_wakes_weights_before_its_
     models load, sleeps right after generating (before scoring and the update), and before the next buffer wakes
     its weights, takes the sync, and only then wakes its KV cache."""
     from srppo_fast.cli import main
+    from srppo_fast.rl import run as rl  # where RLRun finds its models, score and update
     from srppo_fast.rollout import vllm_engine
-    from srppo_fast.stages import rl
 
     engines, order = [], []
     init = vllm_engine.VLLMRolloutEngine.__init__

@@ -188,7 +188,7 @@ def test_an_overlong_prompt_is_never_tokenized_whole(tokenizer, world_dir, tmp_p
     """RL prompts and SPIN's demonstrations dropped as longer than max_prompt_len / max_seq_len: the tokenizer
     sees at most the characters that prove it, not the 2 MB."""
     from srppo_fast.data import max_token_chars
-    from srppo_fast.stages.rl import load_prompts
+    from srppo_fast.rl.run import load_prompts
     from srppo_fast.stages.spin import Demos
 
     data = tmp_path / "prompts.jsonl"

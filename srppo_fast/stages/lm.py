@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .. import dist
-from ..batching import PackedBatch, padded_pad_fraction, rank_microbatches
+from ..batching import EpochSampler, PackedBatch, padded_pad_fraction, rank_microbatches
 from ..config import LMStageConfig
 from ..data import TokenizedSet, load_lm_data
 from ..engine import EngineBase, build_engine, save_engines
@@ -23,29 +23,6 @@ from .base import Stage, check_data_spec, check_optim
 from .loop import Training, run_training
 
 log = logging.getLogger("srppo_fast")
-
-
-class EpochSampler:
-    """An endless stream of example indices: a seeded permutation per epoch, batches may straddle epochs.
-    `position` (examples consumed) is all that a resume needs."""
-
-    def __init__(self, n: int, seed: int, shuffle: bool = True, position: int = 0):
-        self.n, self.seed, self.shuffle, self.position = n, seed, shuffle, position
-
-    def _epoch(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.n)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
-
-    def take(self, k: int) -> np.ndarray:
-        out = []
-        while k > 0:
-            epoch, offset = divmod(self.position, self.n)
-            chunk = self._epoch(epoch)[offset:offset + k]
-            out.append(chunk)
-            self.position += len(chunk)
-            k -= len(chunk)
-        return np.concatenate(out)
 
 
 def packed_token_logprobs(model, batch: PackedBatch) -> torch.Tensor:

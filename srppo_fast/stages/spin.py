@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dist
-from ..batching import PackedBatch, RankShare, pack_sequences
+from ..batching import EpochSampler, PackedBatch, RankShare, pack_sequences
 from ..config import SpinStageConfig
 from ..data import (
     DataError,
@@ -40,13 +40,13 @@ from ..errors import ConfigError, SamplerError
 from ..generation import Generations, sample_seed
 from ..modeling import load_model
 from ..packing import plan_microbatches
+from ..rl.samples import verify_samples
 from ..rollout import HFRolloutEngine, SamplingParams, gather_generations, lockstep_calls, my_prompts, start_sampler
 from ..state import resumable, rng_state, set_rng_state
 from ..world import verifier_for
 from .base import Stage, check_data_spec, check_optim
-from .lm import EpochSampler, packed_token_logprobs
+from .lm import packed_token_logprobs
 from .loop import Training, run_training
-from .rl import verify_samples
 
 log = logging.getLogger("srppo_fast")
 
