@@ -13,8 +13,8 @@ A kill between 3 and 4 leaves no `NAME/`: `recover_dir` (run at start-up, and be
 newest complete copy back in place (`.NAME.tmp` when its manifest checks, else `.NAME.old`) and sweeps
 what is left. `effective_dir` says, without writing anything, which copy recovery would use.
 
-`fs_step` marks each filesystem step of a save. For tests only: with SRPPO_FAST_TEST_KILL_AT=N the
-process SIGKILLs itself just before its Nth step; SRPPO_FAST_TEST_FS_TRACE=FILE appends "N label" per step.
+`fs_step` marks each filesystem step of a save: the fault point where tests trace the steps and kill the process
+just before one (faults.py, tests/faulty.py).
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ import logging
 import os
 import re
 import shutil
-import signal
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from . import faults
 
 log = logging.getLogger("srppo_fast")
 MANIFEST = ".srppo_manifest.json"
@@ -36,15 +37,10 @@ _fs_steps = 0
 
 
 def fs_step(label: str) -> None:
-    """One filesystem step of a save is about to happen (the test-only kill and trace hooks live here)."""
+    """One filesystem step of a save is about to happen (a fault point: tests trace and kill here)."""
     global _fs_steps
     _fs_steps += 1
-    trace = os.environ.get("SRPPO_FAST_TEST_FS_TRACE")
-    if trace:
-        with open(trace, "a", encoding="utf-8") as fh:
-            fh.write(f"{_fs_steps} {label}\n")
-    if os.environ.get("SRPPO_FAST_TEST_KILL_AT") == str(_fs_steps):
-        os.kill(os.getpid(), signal.SIGKILL)
+    faults.point("fs_step", n=_fs_steps, label=label)
 
 
 def _umask() -> int:

@@ -29,7 +29,7 @@ def _args(out: Path) -> list[str]:
 
 
 def _subprocess(out: Path, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "srppo_fast", *_args(out)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "tests.faulty", *_args(out)], capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=600)
 
 

@@ -45,7 +45,7 @@ METRICS = ("loss", "eval_loss", "grad_norm", "pg_loss", "value_loss", "reward/to
 
 def launch(out: Path, extra: list[str], nproc: int = 1, env: dict | None = None) -> subprocess.CompletedProcess:
     """`srppo-fast train` in 1 process, or under torchrun in `nproc`."""
-    cli = ["-m", "srppo_fast", "train", "--config", QUICKSTART, f"output_dir={out}", *RUN, *extra]
+    cli = ["-m", "tests.faulty", "train", "--config", QUICKSTART, f"output_dir={out}", *RUN, *extra]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cli]
     else:

@@ -24,7 +24,7 @@ RUN = ["stages=[pretrain]", "pretrain.max_steps=6", "pretrain.save_every=2", "ru
 
 def cli(out: Path, extra: list[str] = (), env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "srppo_fast", "train", "--config", QUICKSTART,
+    return subprocess.run([sys.executable, "-m", "tests.faulty", "train", "--config", QUICKSTART,
                            *tiny_run_overrides(out), *RUN, *extra], capture_output=True, text=True, env=env,
                           timeout=timeout)
 

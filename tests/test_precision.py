@@ -113,7 +113,7 @@ def test_a_bf16_run_killed_mid_save_resumes_to_the_uninterrupted_weights(tmp_pat
     in the middle of its second save and run again ends with the uninterrupted run's weights, bit for bit."""
     from safetensors.torch import load_file
 
-    args = [sys.executable, "-m", "srppo_fast", "train", "--config", QUICKSTART, "stages=[pretrain]",
+    args = [sys.executable, "-m", "tests.faulty", "train", "--config", QUICKSTART, "stages=[pretrain]",
             "pretrain.max_steps=3", "pretrain.save_every=1", "runtime.device=cpu", "runtime.precision=bf16",
             "runtime.num_threads=1"]
     env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "OMP_NUM_THREADS": "1"}

@@ -46,7 +46,7 @@ def finished(tmp_path_factory) -> Path:
 def unfinished(tmp_path_factory) -> Path:
     """A run SIGKILLed right after its first save (step 1 of 3): an unfinished checkpoint."""
     out = tmp_path_factory.mktemp("unfinished") / "run"
-    args = [sys.executable, "-m", "srppo_fast", "train", "--config", QUICKSTART, f"output_dir={out}", *BASE, *SFT,
+    args = [sys.executable, "-m", "tests.faulty", "train", "--config", QUICKSTART, f"output_dir={out}", *BASE, *SFT,
             "sft.max_steps=3", "sft.save_every=1"]
     trace = out.parent / "trace.txt"
     probe = subprocess.run(args, capture_output=True, text=True,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -160,11 +159,9 @@ class RLRun:
             return {}
         if self.engine.syncs and self.version - self.engine.version <= allowed_lag:
             return {}
-        skip = os.environ.get("SRPPO_FAST_TEST_SKIP_SYNC_BUCKET")  # tests: a sync that loses a bucket
         error, stats = None, {}
         try:
-            stats = self.engine.update_weights(self.models.actor.model, self.version,
-                                               skip_bucket=int(skip) if skip and self.engine.syncs else None)
+            stats = self.engine.update_weights(self.models.actor.model, self.version)
         except SamplerError as e:
             error = e
         dist.first_error(error)

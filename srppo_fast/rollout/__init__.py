@@ -64,7 +64,7 @@ class Sampler(Protocol):
     def wait(self, future: Future, what: str) -> object:
         ...
 
-    def update_weights(self, model, version: int, skip_bucket: int | None = None) -> dict:
+    def update_weights(self, model, version: int) -> dict:
         """Make it sample from `model`'s current weights (actor update `version`); returns what the sync cost
         (sync/seconds, sync/bytes, sync/buckets), empty when nothing was copied."""
         ...
@@ -126,7 +126,7 @@ class HFRolloutEngine:
     def wait(self, future: Future, what: str) -> object:
         return future.result()
 
-    def update_weights(self, model, version: int, skip_bucket: int | None = None) -> dict:
+    def update_weights(self, model, version: int) -> dict:
         self.model, self.version = model, version  # the same module: nothing to copy
         return {}
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import dist
+from .. import dist, faults
 from ..errors import ConfigError, SamplerError
 from ..generation import Generations
 from ..machine import CPU_HEAD_DIMS
@@ -335,14 +335,14 @@ class VLLMRolloutEngine:
         self.events.append("generate")
         version = self.version
         self.generate_calls += 1
-        if os.environ.get("SRPPO_FAST_TEST_SAMPLER_HANG") == str(self.generate_calls):  # tests: a hung sampler
-            return self.calls.submit(lambda: time.sleep(10**6))
 
         def run():
             started = time.perf_counter()
             with preserved_rng():
                 outputs = self.llm.generate(requests, sampling, use_tqdm=False)
             return version, outputs, time.perf_counter() - started
+
+        run = faults.point("sampler_generate", call=self.generate_calls, run=run) or run  # tests: a hung sampler
 
         return self.calls.submit(run)
 
@@ -413,9 +413,9 @@ class VLLMRolloutEngine:
             raise SamplerError(f"the actor's parameters do not match the checkpoint the sampler serves ({len(bad)} "
                                f"differ, e.g. {bad[0]}); nothing was sent.")
 
-    def update_weights(self, model: torch.nn.Module, version: int, skip_bucket: int | None = None) -> dict:
+    def update_weights(self, model: torch.nn.Module, version: int) -> dict:
         """Send the actor's weights in buckets of rollout.sync_bucket_mib, then drop the prefix cache (its keys
-        and values came from the old weights). `skip_bucket`: tests only, a broken sync on purpose.
+        and values came from the old weights). Each bucket is a fault point (tests: a bucket lost, a load failing).
 
         Under ZeRO-3 gathering each bucket is collective: a sampler that fails (or times out) on one rank must
         not leave the others waiting in the next gather, so this rank keeps gathering every bucket, sends no
@@ -424,7 +424,6 @@ class VLLMRolloutEngine:
         bucket_bytes = int(self.rollout.sync_bucket_mib * 2**20)
         device = None if self.gpu else torch.device("cpu")
         started, sent, n = time.perf_counter(), 0, 0
-        fail_rank = os.environ.get("SRPPO_FAST_TEST_SAMPLER_FAIL_SYNC")  # tests: this rank's sampler fails mid-sync
         error: SamplerError | None = None
         try:
             self.wake(("weights",))  # the KV cache stays asleep until the weights are in
@@ -433,11 +432,11 @@ class VLLMRolloutEngine:
         except SamplerError as e:  # a wake that fails (out of memory) too: the gathers below still run
             error = e
         for i, bucket in enumerate(weight_buckets(model, bucket_bytes, self.dtype, device)):
-            if error is not None or i == skip_bucket:
-                continue  # still gathered above: the other ranks' gathers need this one
             load = lambda b=bucket: self.llm.collective_rpc("srppo_load_bucket", args=(b,))  # noqa: E731
-            if fail_rank == str(dist.rank()) and i == 1:
-                load = _injected_failure
+            fault = faults.point("sync_bucket", rank=dist.rank(), bucket=i, syncs=self.syncs, load=load)
+            if error is not None or fault == "skip":
+                continue  # still gathered above: the other ranks' gathers need this one
+            load = fault or load
             try:
                 self._call("weight sync", load)
             except SamplerError as e:
@@ -460,10 +459,6 @@ class VLLMRolloutEngine:
 
     def planned_buckets(self, model: torch.nn.Module) -> int:
         return len(bucket_plan(model, int(self.rollout.sync_bucket_mib * 2**20), self.dtype))
-
-
-def _injected_failure():
-    raise RuntimeError("injected sampler failure during the weight sync (SRPPO_FAST_TEST_SAMPLER_FAIL_SYNC)")
 
 
 def shutdown_all() -> None:
