@@ -17,11 +17,9 @@ if not torch.cuda.is_available():
 from srppo_fast.config import WorldConfig  # noqa: E402
 
 from .helpers import (  # noqa: E402
-    TINY_ARCH,  # noqa: F401  (re-exported: test_deepspeed.py imports it from here, until it imports tests.helpers)
     TINY_WORLD,
     make_model,
     require_installed,
-    tiny_run_overrides,  # noqa: F401  (re-exported: test_modelcard.py, likewise)
 )
 
 

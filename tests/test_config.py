@@ -14,9 +14,10 @@ from srppo_fast.config import Config, config_reference
 from srppo_fast.config_load import load_config
 from srppo_fast.errors import ConfigError
 
+from .helpers import QUICKSTART
+
 REPO = Path(__file__).resolve().parents[1]
 
-QUICKSTART = "configs/quickstart.yaml"
 
 
 def write(tmp_path, data) -> str:

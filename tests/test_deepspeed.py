@@ -10,7 +10,6 @@ engine; 1e-6 keeps such coordinates still and leaves every real update as it was
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -21,14 +20,24 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("deepspeed")
+from .helpers import (
+    IN_CI,
+    QUICKSTART,
+    TINY_ARCH,
+    TINY_WORLD,
+    expected,
+    require,
+    same,
+    tb_read,
+    wandb_points,
+    wandb_rows,
+)
+
+require("deepspeed")
 pytestmark = pytest.mark.deepspeed
 
 from safetensors.torch import load_file  # noqa: E402
 
-from .conftest import TINY_ARCH, TINY_WORLD  # noqa: E402
-
-QUICKSTART = "configs/quickstart.yaml"
 TOL = 1e-5
 RUN = [*(f"world.{k}={v}" for k, v in TINY_WORLD.items()), *(f"model.arch.{k}={v}" for k, v in TINY_ARCH.items()),
        "runtime.progress=false", "runtime.device=cpu", "runtime.precision=fp32", "logging.backends=[jsonl]",
@@ -122,13 +131,10 @@ def test_deepspeed_matches_the_torch_engine(runs, name):
         assert all(1.0 <= r["rank_imbalance"] < 1.5 and r["time/comm"] > 0 for r in rows)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None or importlib.util.find_spec("wandb") is None,
-                    reason="tensorboard and wandb are not installed (pip install 'srppo-fast[tensorboard,wandb]')")
+@pytest.mark.requires("tensorboard", "wandb")
 def test_trackers_are_written_once_by_rank_0(runs):
     """Two processes: each stage has one TensorBoard events file and one W&B session, holding each step once, the
     same numbers as metrics.jsonl."""
-    from .test_tracking import expected, same, tb_read, wandb_points, wandb_rows
-
     out = runs("ds-2-zero2")
     for stage in ("pretrain", "sft", "srppo"):
         assert len(list((out / "tensorboard" / stage).glob("events.out.tfevents.*"))) == 1, stage
@@ -266,7 +272,8 @@ def test_the_deepspeed_launcher_runs_the_same_training(runs, tmp_path):
 
     launcher = Path(sys.executable).parent / "deepspeed"
     if not launcher.is_file():
-        pytest.skip("no deepspeed launcher script beside this Python")
+        (pytest.fail if IN_CI else pytest.skip)("no deepspeed launcher script beside this Python (the README's "
+                                                 "install puts it in .venv/bin)")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -24,6 +24,8 @@ from srppo_fast.cli import main
 from srppo_fast.errors import DataError
 from srppo_fast.metrics import MetricsLog, read_metrics
 
+from .helpers import IN_CI, require
+
 REPO = Path(__file__).resolve().parents[1]
 ROOT = os.geteuid() == 0
 not_root = pytest.mark.skipif(ROOT, reason="root reads and writes whatever the mode bits say")
@@ -121,7 +123,7 @@ def test_data_directory_empty(tmp_path, capsys):
 
 
 def test_data_directory_without_data_files(tmp_path, capsys):
-    pytest.importorskip("datasets")
+    require("datasets")
     write(tmp_path / "data" / "README.md", "# my data\n")
     line = train_on(tmp_path / "data", tmp_path, capsys)
     assert line.startswith(f"srppo-fast: error: the data directory '{tmp_path / 'data'}' holds no data files the "
@@ -138,14 +140,14 @@ def test_model_directory_given_as_data(tmp_path, capsys):
 
 
 def test_data_directory_with_a_bad_jsonl_line_names_file_and_line(tmp_path, capsys):
-    pytest.importorskip("datasets")
+    require("datasets")
     bad = write(tmp_path / "data" / "train.jsonl", GOOD + '{"prompt": "2+2", "response"\n')
     line = train_on(tmp_path / "data", tmp_path, capsys)
     assert line.startswith(f"srppo-fast: error: {bad}:2: not valid JSON")
 
 
 def test_data_directory_the_datasets_library_rejects(tmp_path, capsys):
-    pytest.importorskip("datasets")
+    require("datasets")
     write(tmp_path / "data" / "train.jsonl", GOOD)
     write(tmp_path / "data" / "train2.jsonl", '{"question": 1}\n')  # columns that do not match
     line = train_on(tmp_path / "data", tmp_path, capsys)
@@ -155,7 +157,7 @@ def test_data_directory_the_datasets_library_rejects(tmp_path, capsys):
 
 
 def test_saved_dataset_directory_that_is_corrupt(tmp_path, capsys):
-    datasets = pytest.importorskip("datasets")
+    datasets = require("datasets")
     datasets.Dataset.from_list([{"prompt": "1+1", "response": "answer 2"}]).save_to_disk(str(tmp_path / "ds"))
     (tmp_path / "ds" / "state.json").write_text("{}")
     capsys.readouterr()  # save_to_disk's progress bar
@@ -218,7 +220,7 @@ def test_report_empty_metrics(tmp_path, capsys, text):
 
 
 def test_report_skips_a_truncated_last_line_with_one_warning(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+    require("matplotlib")
     run = run_dir(tmp_path, lines(ROWS) + '{"stage": "sft", "step": 3, "lo')
     assert main(["report", str(run)]) == 0
     out, err = capsys.readouterr()
@@ -230,7 +232,7 @@ def test_report_skips_a_truncated_last_line_with_one_warning(tmp_path, capsys):
 
 
 def test_report_only_a_truncated_line(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+    require("matplotlib")
     run = run_dir(tmp_path, '{"stage": "sft", "st')
     assert main(["report", str(run)]) == 2
     err = capsys.readouterr().err.splitlines()
@@ -245,7 +247,7 @@ def test_report_only_a_truncated_line(tmp_path, capsys):
     ('{"stage": null, "step": 2}', "'stage' is NoneType, not str"),
 ], ids=["cut", "list", "no_stage", "stage_null"])
 def test_report_bad_line_in_the_middle_names_file_and_line(tmp_path, capsys, bad, problem):
-    pytest.importorskip("matplotlib")
+    require("matplotlib")
     run = run_dir(tmp_path, lines(ROWS[:1]) + bad + "\n" + lines(ROWS[1:]))
     assert error_line(["report", str(run)], capsys) == (
         f"srppo-fast: error: {run / 'metrics.jsonl'}:2: {problem}; every line of a metrics log is one JSON object "
@@ -254,14 +256,14 @@ def test_report_bad_line_in_the_middle_names_file_and_line(tmp_path, capsys, bad
 
 def test_report_row_without_stage_last_is_an_error_not_a_truncation(tmp_path, capsys):
     """A whole JSON row without "stage" cannot be a write cut short: an error even as the last line."""
-    pytest.importorskip("matplotlib")
+    require("matplotlib")
     run = run_dir(tmp_path, lines(ROWS) + '{"step": 3, "loss": 1.0}\n')
     assert error_line(["report", str(run)], capsys).startswith(
         f"srppo-fast: error: {run / 'metrics.jsonl'}:3: a row without 'stage'")
 
 
 def test_report_metrics_not_utf8(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+    require("matplotlib")
     run = run_dir(tmp_path, lines(ROWS).encode() + b'{"stage": "caf\xe9"}\n' + lines(ROWS).encode())
     assert error_line(["report", str(run)], capsys).startswith(
         f"srppo-fast: error: {run / 'metrics.jsonl'}:3: not UTF-8 text (byte 0xe9 at column 15); ")
@@ -270,7 +272,7 @@ def test_report_metrics_not_utf8(tmp_path, capsys):
 def test_report_metrics_unreadable(tmp_path, capsys, monkeypatch):
     import srppo_fast.metrics
 
-    pytest.importorskip("matplotlib")
+    require("matplotlib")
     metrics = run_dir(tmp_path, lines(ROWS)) / "metrics.jsonl"
     make_unreadable(monkeypatch, srppo_fast.metrics, metrics)
     assert error_line(["report", str(tmp_path / "run")], capsys) == (
@@ -278,7 +280,7 @@ def test_report_metrics_unreadable(tmp_path, capsys, monkeypatch):
 
 
 def test_report_dir_is_a_file(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+    require("matplotlib")
     run = run_dir(tmp_path, lines(ROWS))
     (run / "report").write_text("my notes")
     assert error_line(["report", str(run)], capsys) == (
@@ -289,7 +291,7 @@ def test_report_dir_is_a_file(tmp_path, capsys):
 
 def test_report_cannot_write(tmp_path, capsys, monkeypatch):
     """Simulated for every user (root writes anywhere): writing the figure fails as on a read-only directory."""
-    pytest.importorskip("matplotlib")
+    require("matplotlib")
 
     def denied(*args, dir=None, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.path.join(dir, "tmpname"))
@@ -302,7 +304,7 @@ def test_report_cannot_write(tmp_path, capsys, monkeypatch):
 
 
 def test_report_nothing_to_draw(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+    require("matplotlib")
     run = run_dir(tmp_path, lines([{"stage": "eval", "model": "sft", "split": "eval_id", "accuracy": 0.5}]))
     assert error_line(["report", str(run)], capsys) == (
         f"srppo-fast: error: {run / 'metrics.jsonl'}: none of its 1 rows has a step and a plotted value (loss, "
@@ -310,7 +312,7 @@ def test_report_nothing_to_draw(tmp_path, capsys):
 
 
 def test_report_stage_name_is_never_a_path(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+    require("matplotlib")
     run = run_dir(tmp_path, lines([{"stage": "../escape", "step": 1, "loss": 1.0}]))
     assert main(["report", str(run)]) == 0
     report = run / "report"
@@ -514,7 +516,7 @@ def test_main_keeps_tracebacks_for_bugs_and_the_other_exits(capsys, monkeypatch,
 def test_installed_script_prints_one_line(tmp_path, args, path):
     script = Path(sys.executable).parent / "srppo-fast"
     if not script.exists():
-        pytest.skip("the srppo-fast script is not installed beside this Python")
+        (pytest.fail if IN_CI else pytest.skip)("the srppo-fast script is not installed beside this Python")
     proc = subprocess.run([str(script), *(a.format(tmp=tmp_path) for a in args)], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""

@@ -18,9 +18,7 @@ from srppo_fast.config import to_dict
 from srppo_fast.config_load import load_config
 from srppo_fast.io import is_complete
 
-from .conftest import tiny_run_overrides
-
-QUICKSTART = "configs/quickstart.yaml"
+from .helpers import QUICKSTART, tiny_run_overrides
 
 
 def _front_matter(card: str) -> dict:
