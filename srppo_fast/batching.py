@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import TokenizedSet
 from .packing import PackPlan, microbatch_metadata, plan_microbatches
+from .tokens import TokenizedSet
 
 IGNORE = -100
 

@@ -13,9 +13,10 @@ import torch
 
 from .batching import microbatches
 from .config import EvalConfig, stage_label
-from .data import prompt_tokens, read_records, tokenize_records
+from .data import read_records
 from .experience import packed_label_logprobs
 from .generation import generate
+from .tokens import prompt_tokens, tokenize_records
 
 log = logging.getLogger("srppo_fast")
 

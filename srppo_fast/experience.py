@@ -20,8 +20,8 @@ import torch
 from . import dist
 from .attention import packed_kwargs
 from .batching import PackedBatch, rank_microbatches
-from .data import TokenizedSet
 from .ops import linear_token_logprobs, token_logprobs
+from .tokens import TokenizedSet
 
 
 def build_sequences(prompts: list[list[int]], responses: list[list[int]]) -> TokenizedSet:
@@ -108,6 +108,13 @@ def packed_label_logprobs(model, batch: PackedBatch, temperature: float = 1.0, r
         with head_computes_logprobs(head, temperature, return_entropy):
             return head(hidden[keep], labels)
     return linear_token_logprobs(hidden[keep], head.weight, labels, temperature, return_entropy)
+
+
+def packed_token_logprobs(model, batch: PackedBatch) -> torch.Tensor:
+    """Log-prob of each packed token's label ([N] fp32; 0 where the label is -100)."""
+    out = torch.zeros(batch.num_tokens, dtype=torch.float32, device=batch.input_ids.device)
+    out[batch.labels[0] != -100] = packed_label_logprobs(model, batch)
+    return out
 
 
 def packed_response_values(critic, batch: PackedBatch) -> torch.Tensor:

@@ -7,15 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from srppo_fast.data import (
-    DEFAULT_CHAT_TEMPLATE,
-    load_lm_data,
-    read_records,
-    render,
-    render_with_spans,
-    tokenize_records,
-)
+from srppo_fast.data import read_records
 from srppo_fast.errors import DataError
+from srppo_fast.tokens import DEFAULT_CHAT_TEMPLATE, load_lm_data, render, render_with_spans, tokenize_records
 
 from .helpers import require
 

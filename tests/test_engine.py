@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from srppo_fast.config import OptimConfig
-from srppo_fast.data import load_lm_data
 from srppo_fast.engine import TorchEngine, lr_lambda, param_groups
 from srppo_fast.stages.lm import EpochSampler, lm_train_step
+from srppo_fast.tokens import load_lm_data
 
 from .helpers import make_model
 

@@ -70,8 +70,9 @@ def test_gguf_loads_dequantised_and_saves_as_a_plain_directory(smol, tmp_path):
 @needs_model
 def test_packed_log_probs_of_a_real_chat_match_one_by_one(smol):
     from srppo_fast.batching import pack_sequences
-    from srppo_fast.data import Record, tokenize_records
+    from srppo_fast.data import Record
     from srppo_fast.experience import packed_label_logprobs
+    from srppo_fast.tokens import tokenize_records
 
     model, tok = smol
     data = tokenize_records([Record(f"chat:{i}", messages=m) for i, m in enumerate(CHATS)], tok, loss_on="response",
@@ -91,9 +92,10 @@ def test_the_fused_lm_head_kernel_on_the_tied_49k_vocabulary(smol, monkeypatch):
     against the PyTorch reference on a real chat: log-probs, entropies and the gradient reaching the tied
     embedding through both of its uses (the input embedding and the head)."""
     from srppo_fast.batching import pack_sequences
-    from srppo_fast.data import Record, tokenize_records
+    from srppo_fast.data import Record
     from srppo_fast.experience import packed_label_logprobs
     from srppo_fast.ops._triton import interpreting
+    from srppo_fast.tokens import tokenize_records
 
     require("triton")
     if not (torch.cuda.is_available() or interpreting()):
@@ -122,7 +124,8 @@ def test_the_fused_lm_head_kernel_on_the_tied_49k_vocabulary(smol, monkeypatch):
 def test_sft_loss_mask_is_exactly_the_assistant_turns_of_the_template(smol):
     """Each assistant turn's tokens, its closing <|im_end|> included and the newline after it not, found by
     rendering the conversation turn by turn with SmolLM2's own template."""
-    from srppo_fast.data import Record, render, tokenize_records
+    from srppo_fast.data import Record
+    from srppo_fast.tokens import render, tokenize_records
 
     _, tok = smol
     for i, messages in enumerate(CHATS):
@@ -353,10 +356,10 @@ def test_vllm_serves_our_checkpoint_of_it_with_the_trainers_log_probs(sft_done, 
     the bucketed sync and scores a chat as the trainer does."""
     require("vllm")
     from srppo_fast.config_load import load_config
-    from srppo_fast.data import render
     from srppo_fast.modeling import load_model, load_tokenizer
     from srppo_fast.rollout import SamplingParams
     from srppo_fast.rollout.vllm_engine import VLLMRolloutEngine
+    from srppo_fast.tokens import render
 
     cfg = load_config(CONFIG, [f"output_dir={sft_done}", *SMALL])
     sft_dir = str(sft_done / "checkpoints" / "sft")

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from srppo_fast.batching import pack_sequences
-from srppo_fast.data import load_lm_data
 from srppo_fast.ops import token_logprobs
 from srppo_fast.stages.lm import packed_token_logprobs
+from srppo_fast.tokens import load_lm_data
 
 from .helpers import TINY_ARCH, make_model
 

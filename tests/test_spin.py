@@ -19,7 +19,7 @@ from srppo_fast.config_load import load_config
 from srppo_fast.errors import ConfigError
 from srppo_fast.metrics import read_metrics
 from srppo_fast.modeling import checkpoint_info
-from srppo_fast.stages.spin import build_pairs, dpo_loss, pair_share, sequence_logprobs
+from srppo_fast.spin_pairs import build_pairs, dpo_loss, pair_share, sequence_logprobs
 
 from .helpers import QUICKSTART, kill_when, load_weights, step_rows, tiny_run_overrides, train_command
 

@@ -78,7 +78,8 @@ def test_spin_data_must_end_with_the_answer_and_that_is_checked_first(tmp_path, 
 def test_a_line_too_long_to_keep_is_never_tokenized_whole(tokenizer, monkeypatch):
     """A 5 MB response (dropped as longer than max_seq_len): tokenizing it cost 16 s and 2.2 GB before; now the
     tokenizer sees at most max_seq_len x its longest token's characters of it, and the other records as before."""
-    from srppo_fast.data import Record, max_token_chars, tokenize_records
+    from srppo_fast.data import Record
+    from srppo_fast.tokens import max_token_chars, tokenize_records
 
     records = [Record(f"f:{i}", messages=[{"role": "user", "content": "1+2"}, {"role": "assistant", "content": "3"}])
                for i in range(3)]
@@ -187,9 +188,9 @@ def test_precision_makes_a_finished_stage_different_and_how_it_computes_does_not
 def test_an_overlong_prompt_is_never_tokenized_whole(tokenizer, world_dir, tmp_path, monkeypatch):
     """RL prompts and SPIN's demonstrations dropped as longer than max_prompt_len / max_seq_len: the tokenizer
     sees at most the characters that prove it, not the 2 MB."""
-    from srppo_fast.data import max_token_chars
     from srppo_fast.rl.run import load_prompts
-    from srppo_fast.stages.spin import Demos
+    from srppo_fast.spin_pairs import Demos
+    from srppo_fast.tokens import max_token_chars
 
     data = tmp_path / "prompts.jsonl"
     rows = [json.loads(line) for line in Path(world_dir, "demos.jsonl").read_text().splitlines()]

@@ -16,7 +16,7 @@ from .. import dist
 from ..advantages import RunningMoments
 from ..batching import EpochSampler
 from ..config import RLStageConfig
-from ..data import prompt_tokens, read_records
+from ..data import read_records
 from ..engine import save_engines
 from ..errors import DataError, SamplerError, TrainingError
 from ..experience import (
@@ -29,6 +29,7 @@ from ..generation import Generations, sample_seed
 from ..metrics import device_memory
 from ..rollout import HFRolloutEngine, SamplingParams, gather_generations, lockstep_calls, my_prompts, start_sampler
 from ..state import rng_state, set_rng_state
+from ..tokens import prompt_tokens
 from ..world import verifier_for
 from .models import RLModels, score
 from .rewards import rewards_and_advantages, sampler_correction

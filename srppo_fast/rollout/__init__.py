@@ -184,7 +184,8 @@ def start_sampler(ctx, rollout, init_path: str, key: str) -> Sampler | None:
     if rollout.engine == "hf":
         return None
     from ..modeling import model_source
-    from .vllm_engine import context_length, sampler
+    from .vllm_engine import sampler
+    from .vllm_support import context_length
 
     path = model_source(init_path)[0]  # a GGUF file: its dequantised copy
     if not os.path.isfile(os.path.join(path, "config.json")):

@@ -10,26 +10,19 @@ import numpy as np
 import torch
 
 from .. import dist
-from ..batching import EpochSampler, PackedBatch, padded_pad_fraction, rank_microbatches
+from ..batching import EpochSampler, padded_pad_fraction, rank_microbatches
 from ..config import LMStageConfig
-from ..data import TokenizedSet, load_lm_data
 from ..engine import EngineBase, build_engine, save_engines
 from ..errors import ConfigError
-from ..experience import packed_label_logprobs
+from ..experience import packed_token_logprobs
 from ..metrics import device_memory
 from ..modeling import load_model
 from ..state import resumable, rng_state, set_rng_state
+from ..tokens import TokenizedSet, load_lm_data
 from .base import Stage, check_data_spec, check_optim
 from .loop import Training, run_training
 
 log = logging.getLogger("srppo_fast")
-
-
-def packed_token_logprobs(model, batch: PackedBatch) -> torch.Tensor:
-    """Log-prob of each packed token's label ([N] fp32; 0 where the label is -100)."""
-    out = torch.zeros(batch.num_tokens, dtype=torch.float32, device=batch.input_ids.device)
-    out[batch.labels[0] != -100] = packed_label_logprobs(model, batch)
-    return out
 
 
 def lm_train_step(engine: EngineBase, data: TokenizedSet, seq_ids: np.ndarray, budget: int) -> dict:

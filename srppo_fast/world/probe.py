@@ -9,8 +9,9 @@ character of the careful solution, checked by the verifier.
 
 from __future__ import annotations
 
-from ..data import read_records, render
+from ..data import read_records
 from ..generation import generate
+from ..tokens import render
 from .tasks import Problem, careful_solution, verify
 
 SKILL_THRESHOLD = 0.9  # below this, SFT and the RL stage have little to work with

@@ -28,10 +28,10 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from srppo_fast import dist  # noqa: E402
 from srppo_fast.batching import pack_sequences  # noqa: E402
 from srppo_fast.config import DeepSpeedConfig, OptimConfig  # noqa: E402
-from srppo_fast.data import TokenizedSet  # noqa: E402
 from srppo_fast.engine.deepspeed_engine import DeepSpeedEngine  # noqa: E402
 from srppo_fast.experience import packed_label_logprobs  # noqa: E402
 from srppo_fast.ops import linear_logprobs  # noqa: E402
+from srppo_fast.tokens import TokenizedSet  # noqa: E402
 
 V = 300
 
