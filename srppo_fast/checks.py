@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from . import machine
 from .config import Config, is_gguf, resolved_engine, resolved_precision, to_dict
 from .errors import CheckpointError, ConfigError, DataError
 from .io import effective_dir, manifest_problem
@@ -331,30 +332,14 @@ class Preflight:
     checks: list[str]
 
 
-def machine_problems(cfg: Config) -> list[str]:
-    """What this machine lacks for the config (a GPU config validated on a laptop is fine for --dry-run)."""
-    import importlib.util
-
-    import torch
-
-    problems = []
-    if cfg.model.attn_implementation == "flash_attention_2":
-        if not torch.cuda.is_available():
-            problems.append("model.attn_implementation is 'flash_attention_2', which runs on CUDA only, and no CUDA "
-                            "device is visible; use varlen_sdpa (the default) on this machine.")
-        elif importlib.util.find_spec("flash_attn") is None:
-            problems.append("model.attn_implementation is 'flash_attention_2' but the flash-attn package is not "
-                            "installed; pip install flash-attn, or use varlen_sdpa.")
-    return problems
-
-
 def preflight(cfg: Config, dry_run: bool = False) -> Preflight:
     """Every check that can be made without training, in an order that writes nothing: the output
     directory, the inputs, then each stage's checkpoint against this config. What this machine lacks stops
     a run; a dry run lists it and goes on."""
     from .world.build import check_world_config
 
-    problems = machine_problems(cfg)
+    samplers = {name: ro for name in cfg.stages if (ro := stage_of(cfg, name).rollout()) is not None}
+    problems = machine.problems(cfg, samplers)
     if problems and not dry_run:
         raise ConfigError(problems[0])
     check_output_dir(cfg.output_dir)

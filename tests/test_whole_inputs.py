@@ -120,12 +120,17 @@ def test_a_bad_environment_variable_is_a_config_error_before_anything_is_written
 
 
 def test_triton_on_the_cpu_needs_the_interpreter(tmp_path, capsys, monkeypatch):
+    """What the machine lacks follows the one rule (machine.problems): a run stops at it before writing anything, a
+    dry run lists it and plans on."""
     require("triton")
     monkeypatch.setenv("SRPPO_FAST_IMPL", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    line = one_error(["train", "--config", QUICKSTART, *tiny_run_overrides(tmp_path / "out"), *FAST, "--dry-run"],
-                     capsys)
-    assert "set TRITON_INTERPRET=1 too" in line
+    out = tmp_path / "out"
+    argv = ["train", "--config", QUICKSTART, *tiny_run_overrides(out), *FAST]
+    assert main([*argv, "--dry-run"]) == 0
+    assert "NOT ON THIS MACHINE: SRPPO_FAST_IMPL is triton but the run computes on the CPU" in capsys.readouterr().out
+    assert "set TRITON_INTERPRET=1 too" in one_error(argv, capsys)
+    assert not out.exists()
 
 
 def test_duplicate_yaml_keys_are_refused_with_both_lines(tmp_path, capsys):
@@ -211,3 +216,18 @@ def test_an_overlong_prompt_is_never_tokenized_whole(tokenizer, world_dir, tmp_p
     demos = Demos(str(data), tokenizer, None, 32, 128, "spin.data")
     assert demos.dropped == 1 and len(demos.prompts) == len(rows) - 1
     assert max(seen) <= 128 * max_token_chars(tokenizer) + 1
+
+
+def test_what_the_machine_lacks_follows_one_rule(tmp_path, capsys):
+    """A GPU config checked on this CPU machine: every problem of the machine (no CUDA device, flash-attn on CUDA
+    only) is listed by the dry run, which plans on; the run stops at the first; nothing is written."""
+    out = tmp_path / "out"
+    argv = ["train", "--config", QUICKSTART, *tiny_run_overrides(out), *FAST, "stages=[pretrain,sft,srppo]",
+            "runtime.device=cuda", "model.attn_implementation=flash_attention_2"]
+    assert main([*argv, "--dry-run"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if "NOT ON THIS MACHINE" in line]
+    assert len(listed) == 2, listed
+    assert "runtime.device is 'cuda' but no CUDA device is visible" in listed[0]
+    assert "flash_attention_2', which runs on CUDA only" in listed[1]
+    assert "runtime.device is 'cuda' but no CUDA device is visible" in one_error(argv, capsys)
+    assert not out.exists()

@@ -10,7 +10,6 @@ import difflib
 import os
 from typing import ClassVar
 
-from .. import machine
 from ..config import WORLD_SPLITS, Config, OptimConfig, RolloutConfig, is_gguf, shown
 from ..errors import ConfigError
 
@@ -131,7 +130,7 @@ class Stage:
         raise ConfigError(f"{key}: '{ref}' is not a stage, 'base' or a path; {hint}")
 
     def check_rollout(self) -> None:
-        """The sampler settings, against each other and (vLLM) against this machine."""
+        """The sampler settings against each other."""
         ro, where = self.rollout(), f"{self.name}.rollout"
         if ro.engine == "hf":
             if ro.async_:
@@ -143,7 +142,7 @@ class Stage:
                                   f"keep (it is the actor: nothing to correct); set {where}.engine=vllm, or remove "
                                   "tis_cap.")
             return
-        machine.check_vllm(self.cfg, where, ro)
+        # a vLLM sampler: its settings against the machine are machine.py's (check_config, problems)
 
 
 def check_data_spec(spec: str, key: str, check_files: bool) -> None:
