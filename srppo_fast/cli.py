@@ -27,8 +27,9 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("config", help="print the config reference (every key, type, default, help)")
     c.add_argument("--markdown", action="store_true", help="as a Markdown table (docs/config.md's reference)")
-    c.add_argument("--update-docs", metavar="FILE", help="rewrite the table between the config-reference "
-                   "markers of this file (docs/config.md)")
+    c.add_argument("--update-docs", "--update-readme", metavar="FILE", dest="update_docs",
+                   help="rewrite the table between the config-reference markers of this file (docs/config.md; "
+                   "--update-readme is its earlier name)")
 
     b = sub.add_parser("bench", help="run the kernel and packing benchmarks (benchmarks/ of a source checkout)")
     b.add_argument("--op", default="all", choices=["all", *BENCHMARKS],
