@@ -198,7 +198,10 @@ def is_our_config_yaml(path: Path) -> bool:
         raw = yaml.safe_load(text)
     except yaml.YAMLError:
         return False
-    return isinstance(raw, dict) and set(raw) == set(to_dict(Config()))
+    if not isinstance(raw, dict):
+        return False
+    extra = set(raw) - set(to_dict(Config()))  # named stages: sections with a kind
+    return set(to_dict(Config())) <= set(raw) and all(isinstance(raw[k], dict) and "kind" in raw[k] for k in extra)
 
 
 def check_output_dir(out: str) -> None:

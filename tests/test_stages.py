@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from srppo_fast.checks import resolved_config_text, stage_fingerprint
+from srppo_fast.checks import is_our_config_yaml, resolved_config_text, stage_fingerprint
 from srppo_fast.cli import main
 from srppo_fast.config import STAGE_TYPES
 from srppo_fast.config_load import load_config
@@ -48,6 +48,11 @@ def test_a_named_stage_is_a_copy_of_its_types_section_with_its_own_changes(tmp_p
     again = load_config(str(tmp_path / "again.yaml"))
     for name in cfg.stages:
         assert stage_fingerprint(again, name) == stage_fingerprint(cfg, name)
+    # an output_dir whose config.yaml lost its header (an older run, an edit) is still recognised as a run's
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("".join(line for line in resolved_config_text(cfg).splitlines(keepends=True)
+                            if not line.startswith("#")))
+    assert is_our_config_yaml(bare)
     # the two stages differ only where they were told to, and their fingerprints say so
     b02, b1 = stage_fingerprint(cfg, "srppo_b02"), stage_fingerprint(cfg, "srppo_b1")
     assert b02["srppo_b02"]["kind"] == "srppo" and b02["srppo_b02"]["kl"]["coef"] == 0.2
