@@ -42,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from srppo_fast.config_load import load_config
-    from srppo_fast.data import render
     from srppo_fast.experience import build_sequences, packed_label_logprobs, response_mask, score_tokens
     from srppo_fast.modeling import load_model, load_tokenizer
     from srppo_fast.ops.rewards import coherent_rewards_ref
+    from srppo_fast.tokens import render
     from srppo_fast.world import verify
 
     run = Path(args.run)

@@ -170,7 +170,8 @@ def cpu_stall_us() -> int | None:
 def load_prompt_set(w: Workload, tokenizer) -> tuple[list[list[dict]], list[list[int]]]:
     """The prompts as srppo-fast sees them (srppo_fast.data.read_records / render; stages.rl.load_prompts
     drops those longer than max_prompt_len): (chat messages, token ids) per kept prompt."""
-    from srppo_fast.data import read_records, render
+    from srppo_fast.data import read_records
+    from srppo_fast.tokens import render
 
     messages, ids = [], []
     for rec in read_records(w.prompts, "prompt"):

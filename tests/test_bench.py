@@ -40,8 +40,9 @@ def test_gpu_e2e_runs_end_to_end_at_toy_size(tmp_path):
 
     out = tmp_path / "e2e.csv"
     env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "OMP_NUM_THREADS": "2"}
-    done = subprocess.run([sys.executable, "benchmarks/gpu_e2e.py", "--toy", "--out", str(out),
-                           "--workdir", str(tmp_path / "work")], capture_output=True, text=True, env=env, timeout=1200)
+    # deadlines guard a lent GPU's minutes; here they would only measure how loaded the machine is: x10
+    done = subprocess.run([sys.executable, "benchmarks/gpu_e2e.py", "--toy", "--slack", "10", "--out", str(out),
+                           "--workdir", str(tmp_path / "work")], capture_output=True, text=True, env=env, timeout=3600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = list(csv.DictReader(out.open()))
     status = {(r["phase"], r["engine"]): r["status"] for r in rows}

@@ -278,9 +278,23 @@ def test_spin_samples_through_the_vllm_sampler(base_run, tmp_path):
     firsts = [r for r in steps if "spin/identical_fraction" in r]
     assert [r["iteration"] for r in firsts] == [1, 2] and len(steps) == 8
     assert all(r["sync/bytes"] > 0 and r["sync/buckets"] >= 3 for r in firsts)
+    assert firsts[0]["sync/check_max"] < 1e-3  # the first sync is verified on the probe, as RL's
     for it in (1, 2):
         margins = [r["rewards/margin"] for r in steps if r["iteration"] == it]
         assert margins[-1] > margins[0] + 0.05, margins
+
+
+def test_a_spin_sync_that_loses_a_bucket_stops_the_run(base_run, tmp_path):
+    """SPIN's sampler is checked on the probe like RL's (the shared rollout.verify_sync): a sync that drops a bucket
+    before iteration 2 ends the run instead of sampling pi_2 from stale weights."""
+    out = copy_run(base_run, tmp_path)
+    proc = cli(out, ["spin.iterations=2", "spin.epochs=1", "spin.batch_size=4", "spin.rollout.max_new_tokens=12",
+                     "spin.max_prompt_len=32", "spin.max_seq_len=128", "spin.micro_batch_tokens=512",
+                     "spin.optim.lr=1e-3", "spin.optim.warmup_ratio=0", "spin.rollout.engine=vllm",
+                     "spin.rollout.sync_bucket_mib=0.05", "spin.rollout.sync_check_every=1"],
+               stages="[pretrain,sft,spin]", env={"SRPPO_FAST_TEST_SKIP_SYNC_BUCKET": "1"})
+    assert proc.returncode != 0
+    assert "weight sync check failed after sync 2 (SPIN iteration 2)" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_on_policy_sampler_sleeps_after_generating_and_wakes_weights_before_its_kv_cache(base_run, tmp_path,

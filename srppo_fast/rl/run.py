@@ -27,7 +27,16 @@ from ..experience import (
 )
 from ..generation import Generations, sample_seed
 from ..metrics import device_memory
-from ..rollout import HFRolloutEngine, SamplingParams, gather_generations, lockstep_calls, my_prompts, start_sampler
+from ..rollout import (
+    HFRolloutEngine,
+    SamplingParams,
+    check_due,
+    gather_generations,
+    lockstep_calls,
+    my_prompts,
+    start_sampler,
+    verify_sync,
+)
 from ..state import rng_state, set_rng_state
 from ..tokens import prompt_tokens
 from ..world import verifier_for
@@ -166,38 +175,20 @@ class RLRun:
         except SamplerError as e:
             error = e
         dist.first_error(error)
-        n = self.engine.syncs
-        if n == 1 or (ro.sync_check_every and n % ro.sync_check_every == 0) or \
-                dist.any_true(bool(self.engine.incomplete)):
+        if check_due(self.engine, ro.sync_check_every):
             stats.update(self.verify_sync())
         return stats
 
+    def trainer_logprobs(self, tokens: list[int]) -> torch.Tensor:
+        """The actor's log-prob of each token of `tokens` after the first (the probe)."""
+        seqs, mask = build_sequences([tokens[:1]], [tokens[1:]]), response_mask([tokens[1:]])
+        return score_tokens(lambda b: packed_label_logprobs(self.models.actor.model, b), seqs, mask, len(tokens),
+                            self.ctx.device, self.models.actor.autocast)[0]
+
     def verify_sync(self) -> dict:
-        """The sampler's log-probs of the probe against the trainer's (every rank checks its own sampler)."""
-        tokens = self.probe[:self.engine.max_len or len(self.probe)]
-        seqs = build_sequences([tokens[:1]], [tokens[1:]])
-        mask = response_mask([tokens[1:]])
-        trainer = score_tokens(lambda b: packed_label_logprobs(self.models.actor.model, b), seqs, mask,
-                               len(tokens), self.ctx.device, self.models.actor.autocast)[0].double()
-        error, diff = None, torch.zeros(1)
-        try:
-            diff = (self.engine.prompt_logprobs(tokens) - trainer).abs()
-        except SamplerError as e:
-            error = e
-        dist.first_error(error)
-        exact = self.engine.dtype == torch.float32 and self.ctx.precision == "fp32"  # both sides compute in fp32
-        tol = self.rl.rollout.sync_check_tol or (1e-3 if exact else 3e-2)
-        mean, worst = float(diff.mean()), float(diff.max())
-        bad = dist.all_reduce([mean], "max")[0]
-        if not bad <= tol:
-            raise SamplerError(f"weight sync check failed after sync {self.engine.syncs} (actor update "
-                               f"{self.version}): the sampler's log-probs of the probe differ from the trainer's "
-                               f"by {bad:.3g} nats per token on average (rollout.sync_check_tol {tol:g}), so it "
-                               "serves other weights than the trainer's; stopping rather than training on "
-                               "samples from them.")
-        log.info("sampler weights verified after sync %d: probe |dlogp| mean %.2e, max %.2e over %d tokens",
-                 self.engine.syncs, mean, worst, len(diff))
-        return {"sync/check_mean": mean, "sync/check_max": worst}
+        """The sampler's log-probs of the probe against the trainer's (rollout.verify_sync)."""
+        return verify_sync(self.engine, self.probe, self.trainer_logprobs, self.ctx.precision,
+                           self.rl.rollout.sync_check_tol, f"actor update {self.version}")
 
     # -- generation -------------------------------------------------------------------------------
 

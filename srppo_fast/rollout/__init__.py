@@ -12,6 +12,7 @@ measure the sampler/trainer mismatch and, optionally, to correct for it (rollout
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from concurrent.futures import Future
@@ -21,8 +22,10 @@ from typing import Protocol
 import torch
 
 from .. import dist
-from ..errors import ConfigError
+from ..errors import ConfigError, SamplerError
 from ..generation import Generations, generate
+
+log = logging.getLogger("srppo_fast")
 
 
 @dataclass
@@ -175,6 +178,41 @@ def gather_generations(mine: list[int], local: Generations, n_prompts: int, n: i
         logprobs = None
     gens = Generations(responses, ended, [i for i in range(n_prompts) for _ in range(n)], logprobs, versions)
     return gens, [sec for *_, sec in shares if sec is not None]
+
+
+def check_due(sampler: Sampler, every: int) -> bool:
+    """Whether the sampler's weights are verified after its latest sync: after the first, every `every` syncs
+    (rollout.sync_check_every; 0: the first only), and whenever any rank's sync left parameters unloaded."""
+    n = sampler.syncs
+    return n == 1 or bool(every and n % every == 0) or dist.any_true(bool(sampler.incomplete))
+
+
+def verify_sync(sampler: Sampler, tokens: list[int], trainer_logprobs, precision: str, tol: float | None,
+                what: str) -> dict:
+    """The sampler's log-probs of the probe `tokens` against the trainer's (`trainer_logprobs(tokens)`: [len - 1]),
+    every rank its own sampler: a SamplerError on every rank when any differs by more than `tol` nats per token on
+    average (default: 1e-3 when both compute in float32, else 3e-2), since it then serves other weights than the
+    trainer's. `what`: which sync, for the message. Returns the check's statistics."""
+    tokens = tokens[:sampler.max_len or len(tokens)]
+    trainer = trainer_logprobs(tokens).double()
+    error, diff = None, torch.zeros(1)
+    try:
+        diff = (sampler.prompt_logprobs(tokens) - trainer).abs()
+    except SamplerError as e:
+        error = e
+    dist.first_error(error)
+    exact = sampler.dtype == torch.float32 and precision == "fp32"  # both sides compute in fp32
+    tol = tol or (1e-3 if exact else 3e-2)
+    mean, worst = float(diff.mean()), float(diff.max())
+    bad = dist.all_reduce([mean], "max")[0]
+    if not bad <= tol:
+        raise SamplerError(f"weight sync check failed after sync {sampler.syncs} ({what}): the sampler's log-probs of "
+                           f"the probe differ from the trainer's by {bad:.3g} nats per token on average "
+                           f"(rollout.sync_check_tol {tol:g}), so it serves other weights than the trainer's; "
+                           "stopping rather than training on samples from them.")
+    log.info("sampler weights verified after sync %d: probe |dlogp| mean %.2e, max %.2e over %d tokens",
+             sampler.syncs, mean, worst, len(diff))
+    return {"sync/check_mean": mean, "sync/check_max": worst}
 
 
 def start_sampler(ctx, rollout, init_path: str, key: str) -> Sampler | None:

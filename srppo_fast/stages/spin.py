@@ -25,9 +25,19 @@ from ..batching import EpochSampler
 from ..config import SpinStageConfig
 from ..engine import build_engine, save_engines
 from ..errors import ConfigError, SamplerError
+from ..experience import build_sequences, packed_label_logprobs, response_mask, score_tokens
 from ..generation import Generations, sample_seed
 from ..modeling import load_model
-from ..rollout import HFRolloutEngine, SamplingParams, gather_generations, lockstep_calls, my_prompts, start_sampler
+from ..rollout import (
+    HFRolloutEngine,
+    SamplingParams,
+    check_due,
+    gather_generations,
+    lockstep_calls,
+    my_prompts,
+    start_sampler,
+    verify_sync,
+)
 from ..spin_pairs import Demos, build_pairs, iteration_stats, pair_logprobs, spin_train_step, steps_per_iteration
 from ..state import resumable, rng_state, set_rng_state
 from ..tokens import TokenizedSet
@@ -78,13 +88,13 @@ class SpinSampler:
         error = None
         try:
             stats = self.engine.update_weights(self.actor.model, iteration)  # without weights of its own: nothing
-            if self.engine.incomplete:
-                raise SamplerError(f"the weight sync before SPIN iteration {iteration} left parameters unloaded "
-                                   f"({', '.join(self.engine.incomplete[:4])}); stopping rather than sampling from "
-                                   "other weights than the actor's.")
         except SamplerError as e:
             error = e
         dist.first_error(error)
+        if self.engine.owns_weights and check_due(self.engine, ro.sync_check_every):
+            probe = (prompts[0] + prompts[min(1, len(prompts) - 1)])[:self.spin.max_prompt_len + ro.max_new_tokens]
+            stats.update(verify_sync(self.engine, probe, self._trainer_logprobs, self.ctx.precision,
+                                     ro.sync_check_tol, f"SPIN iteration {iteration}"))
         mine = my_prompts(self.engine, len(prompts))
         params = SamplingParams(n=1, temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens,
                                 seeds=[sample_seed(self.ctx.cfg.seed, iteration, i) for i in mine])
@@ -99,6 +109,12 @@ class SpinSampler:
         self.engine.sleep()  # a colocated GPU sampler's memory goes to the updates
         gens, _ = gather_generations(mine, local, len(prompts), 1)
         return gens, stats
+
+    def _trainer_logprobs(self, tokens: list[int]):
+        """The actor's log-prob of each token of `tokens` after the first (the sync check's probe)."""
+        seqs, mask = build_sequences([tokens[:1]], [tokens[1:]]), response_mask([tokens[1:]])
+        return score_tokens(lambda b: packed_label_logprobs(self.actor.model, b), seqs, mask, len(tokens),
+                            self.ctx.device, self.actor.autocast)[0]
 
     def close(self) -> None:
         if self.engine is not None:
