@@ -21,7 +21,7 @@ from . import machine
 from .config import Config, is_gguf, resolved_engine, resolved_precision, to_dict
 from .errors import CheckpointError, ConfigError, DataError
 from .io import effective_dir, manifest_problem
-from .stages import stage_of
+from .stages import samplers, stage_of
 from .state import describe_changes
 
 log = logging.getLogger("srppo_fast")
@@ -200,8 +200,9 @@ def is_our_config_yaml(path: Path) -> bool:
         return False
     if not isinstance(raw, dict):
         return False
-    extra = set(raw) - set(to_dict(Config()))  # named stages: sections with a kind
-    return set(to_dict(Config())) <= set(raw) and all(isinstance(raw[k], dict) and "kind" in raw[k] for k in extra)
+    keys = set(to_dict(Config()))
+    extra = set(raw) - keys  # named stages: sections with a kind
+    return keys <= set(raw) and all(isinstance(raw[k], dict) and "kind" in raw[k] for k in extra)
 
 
 def check_output_dir(out: str) -> None:
@@ -341,8 +342,7 @@ def preflight(cfg: Config, dry_run: bool = False) -> Preflight:
     a run; a dry run lists it and goes on."""
     from .world.build import check_world_config
 
-    samplers = {name: ro for name in cfg.stages if (ro := stage_of(cfg, name).rollout()) is not None}
-    problems = machine.problems(cfg, samplers)
+    problems = machine.problems(cfg, samplers(cfg))
     if problems and not dry_run:
         raise ConfigError(problems[0])
     check_output_dir(cfg.output_dir)

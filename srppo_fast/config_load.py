@@ -19,7 +19,7 @@ from . import machine
 from .config import STAGE_TYPES, Config, _type_name, config_key, shown
 from .errors import ConfigError
 from .io import read_text_file
-from .stages import KINDS, stage_of
+from .stages import KINDS, samplers, stage_of
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:
@@ -322,5 +322,4 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
     if cfg.model.attn_implementation == "flash_attention_2" and cfg.runtime.device == "cpu":
         raise ConfigError("model.attn_implementation is 'flash_attention_2', which runs on CUDA only, but "
                           "runtime.device is 'cpu'; use varlen_sdpa (the default) on the CPU.")
-    samplers = {name: ro for name in cfg.stages if (ro := stage_of(cfg, name).rollout()) is not None}
-    machine.check_config(cfg, samplers)
+    machine.check_config(cfg, samplers(cfg))

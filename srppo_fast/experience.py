@@ -110,6 +110,12 @@ def packed_label_logprobs(model, batch: PackedBatch, temperature: float = 1.0, r
     return linear_token_logprobs(hidden[keep], head.weight, labels, temperature, return_entropy)
 
 
+def probe_logprobs(model, tokens: list[int], device: torch.device, autocast) -> torch.Tensor:
+    """`model`'s log-prob of each token of `tokens` after the first, given its prefix: [len - 1] (a sampler's probe)."""
+    seqs, mask = build_sequences([tokens[:1]], [tokens[1:]]), response_mask([tokens[1:]])
+    return score_tokens(lambda b: packed_label_logprobs(model, b), seqs, mask, len(tokens), device, autocast)[0]
+
+
 def packed_token_logprobs(model, batch: PackedBatch) -> torch.Tensor:
     """Log-prob of each packed token's label ([N] fp32; 0 where the label is -100)."""
     out = torch.zeros(batch.num_tokens, dtype=torch.float32, device=batch.input_ids.device)

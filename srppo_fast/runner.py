@@ -18,7 +18,7 @@ import torch
 from . import dist
 from .checks import Preflight, preflight, resolved_config_text, stage_fingerprint, uses_world
 from .config import Config, resolved_engine
-from .engine import EngineBase, autocast, frozen_model, release_frozen, resolve_device, resolve_precision
+from .engine import EngineBase, autocast, frozen_model, release_frozen, resolve_device, resolve_precision, save_engines
 from .engine.placement import Placement, cast_parameters_, measured_param_bytes, placement
 from .errors import CheckpointError, ConfigError, SrppoError
 from .io import atomic_write_text, recover_tree
@@ -36,7 +36,7 @@ from .modeling import (
     tokenizer_fingerprint,
     tokenizer_mismatch,
 )
-from .stages import stage_of
+from .stages import samplers, stage_of
 
 log = logging.getLogger("srppo_fast")
 
@@ -71,12 +71,21 @@ class RunContext:
 
     def vllm_context(self) -> int:
         """The longest prompt + response of the run's stages that sample with vLLM: the context of its sampler."""
-        stages = [stage_of(self.cfg, s) for s in self.cfg.stages]
-        return max(s.longest_sample() for s in stages if s.rollout() is not None and s.rollout().engine == "vllm")
+        return max(stage_of(self.cfg, name).longest_sample() for name, ro in samplers(self.cfg).items()
+                   if ro.engine == "vllm")
 
     def fingerprint(self, name: str) -> dict:
         """What the stage's result depends on (checks.stage_fingerprint): saved with its checkpoints."""
         return stage_fingerprint(self.cfg, name)
+
+    def save_checkpoint(self, name: str, engines: dict, step: int, complete: bool, fingerprint: dict,
+                        state: dict | None = None, **info) -> None:
+        """A stage's checkpoint after `step` (engine.save_engines: the first engine's model, the others in
+        subdirectories by label), its model card, and `state` for a resumable one; `info` joins the marker."""
+        info = {"stage": name, "step": step, "complete": complete, "fingerprint": fingerprint, **info}
+        self.metrics.flush()
+        save_engines(self.checkpoint_dir(name), engines, self.tokenizer(), info, None if complete else state,
+                     card=self.model_card(name, info))
 
     def model_card(self, name: str, info: dict) -> str:
         """The README.md a stage's checkpoint carries (modelcard.py)."""
@@ -281,8 +290,7 @@ def run(cfg: Config) -> RunContext:
     3. run each stage in order; stages completed by the same config and data are skipped."""
     if resolved_engine(cfg) == "deepspeed" or dist.launched():
         # a rank waiting in a collective for a rank whose sampler hangs must outlast that sampler's timeout
-        samplers = [ro for s in cfg.stages if (ro := stage_of(cfg, s).rollout()) is not None]
-        sampler_timeouts = [ro.timeout_s for ro in samplers]
+        sampler_timeouts = [ro.timeout_s for ro in samplers(cfg).values()]
         dist.init(resolve_device(cfg.runtime.device), max([30, *(math.ceil(t / 60) + 5 for t in sampler_timeouts)]))
     watch_launcher()  # launched workers stop (saving first) when their launcher is gone
     out = Path(cfg.output_dir)

@@ -227,9 +227,9 @@ def test_two_processes_with_deepspeed(base_run, tmp_path, mode):
 
 def machine_problems(cfg) -> list[str]:
     from srppo_fast import machine
-    from srppo_fast.stages import stage_of
+    from srppo_fast.stages import samplers
 
-    return machine.problems(cfg, {s: r for s in cfg.stages if (r := stage_of(cfg, s).rollout()) is not None})
+    return machine.problems(cfg, samplers(cfg))
 
 
 def test_vllm_options_that_contradict(tmp_path, monkeypatch):

@@ -17,14 +17,7 @@ from ..advantages import RunningMoments
 from ..batching import EpochSampler
 from ..config import RLStageConfig
 from ..data import read_records
-from ..engine import save_engines
 from ..errors import DataError, SamplerError, TrainingError
-from ..experience import (
-    build_sequences,
-    packed_label_logprobs,
-    response_mask,
-    score_tokens,
-)
 from ..generation import Generations, sample_seed
 from ..metrics import device_memory
 from ..rollout import (
@@ -34,6 +27,7 @@ from ..rollout import (
     gather_generations,
     lockstep_calls,
     my_prompts,
+    probe_tokens,
     start_sampler,
     verify_sync,
 )
@@ -72,19 +66,6 @@ def load_prompts(spec: str, tokenizer, world_dir: str | None, max_len: int,
     return Prompts(ids, questions), dropped
 
 
-def save_rl(ctx, name: str, models: RLModels, step: int, complete: bool, fingerprint: dict,
-            extra_state: dict | None = None) -> None:
-    """The actor as a Hugging Face directory, the critic in its `critic/` subdirectory, and (unfinished
-    runs only) the trainer state. `fingerprint`: the stage's, taken when it started (what it trained on)."""
-    info = {"stage": name, "step": step, "complete": complete, "fingerprint": fingerprint}
-    engines = {"actor": models.actor}
-    if models.critic is not None:
-        engines["critic"] = models.critic  # saved in the critic/ subdirectory
-    ctx.metrics.flush()
-    save_engines(ctx.checkpoint_dir(name), engines, ctx.tokenizer(), info, None if complete else extra_state,
-                 card=ctx.model_card(name, info))
-
-
 @dataclass
 class PendingRollout:
     """A buffer whose generation was started: its prompts, and this rank's share in flight (vllm) or done."""
@@ -110,7 +91,7 @@ class RLRun:
         self.ctx, self.rl, self.prompts, self.steps, self.stage = ctx, rl, prompts, steps, stage
         # a sampler with its own weights starts first, while its share of the device is free; then the models
         self.engine = start_sampler(ctx, rl.rollout, ctx.model_path(rl.init), f"{stage}.init ({rl.init!r})")
-        self.probe = self._probe()
+        self.probe = probe_tokens(prompts.ids, rl.max_prompt_len + rl.rollout.max_new_tokens)
         self.models = RLModels(ctx, rl, steps, resume_dir=resume_dir if state else None, state=state)
         if self.engine is None:
             self.engine = HFRolloutEngine(self.models.actor.model, ctx.tokenizer(), rl.rollout.batch_size,
@@ -126,11 +107,6 @@ class RLRun:
             self.load_state_dict(state)
         self.end = (self.sampler.position, rng_state())  # where the last complete step left the streams
         self.sync_stats = self.sync_sampler(0)  # a sampler with its own weights gets the actor's (resumed or not)
-
-    def _probe(self) -> list[int]:
-        """The sync check's probe: two prompts of the set back to back (text the model has seen the like of)."""
-        ids = self.prompts.ids
-        return (ids[0] + ids[min(1, len(ids) - 1)])[:self.rl.max_prompt_len + self.rl.rollout.max_new_tokens]
 
     def close(self) -> None:
         """Let a buffer generated ahead finish (it is not part of any saved state), then stop the sampler."""
@@ -179,15 +155,9 @@ class RLRun:
             stats.update(self.verify_sync())
         return stats
 
-    def trainer_logprobs(self, tokens: list[int]) -> torch.Tensor:
-        """The actor's log-prob of each token of `tokens` after the first (the probe)."""
-        seqs, mask = build_sequences([tokens[:1]], [tokens[1:]]), response_mask([tokens[1:]])
-        return score_tokens(lambda b: packed_label_logprobs(self.models.actor.model, b), seqs, mask, len(tokens),
-                            self.ctx.device, self.models.actor.autocast)[0]
-
     def verify_sync(self) -> dict:
         """The sampler's log-probs of the probe against the trainer's (rollout.verify_sync)."""
-        return verify_sync(self.engine, self.probe, self.trainer_logprobs, self.ctx.precision,
+        return verify_sync(self.engine, self.models.actor, self.probe, self.ctx.device, self.ctx.precision,
                            self.rl.rollout.sync_check_tol, f"actor update {self.version}")
 
     # -- generation -------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch
 
 from .. import dist
 from ..errors import ConfigError, SamplerError
+from ..experience import probe_logprobs
 from ..generation import Generations, generate
 
 log = logging.getLogger("srppo_fast")
@@ -41,13 +42,12 @@ class SamplingParams:
 
 class Sampler(Protocol):
     """What the stages sample through (RLRun, SPIN), whichever engine it is. The stages never ask which: they ask
-    what it does (`owns_weights`, `keeps_logprobs`, `lockstep`, `group_size`)."""
+    what it does (`owns_weights`, `lockstep`, `group_size`)."""
 
     name: str  # for logs
     version: int  # the actor update its weights come from (0: the stage's initial weights)
     syncs: int  # weight syncs so far
     owns_weights: bool  # it holds its own copy of the weights, which `update_weights` brings up to date (vllm)
-    keeps_logprobs: bool  # its Generations carry the log-probs it drew each token with
     lockstep: bool  # its forwards may be collective (the actor module under ZeRO-3): every rank calls as often
     group_size: int  # ranks that share one sampler (a colocated tensor-parallel group); each group answers its share
     incomplete: list[str]  # served parameters the last sync did not bring
@@ -61,7 +61,7 @@ class Sampler(Protocol):
 
     def collect(self, future: Future, params: SamplingParams, what: str = "generate") -> Generations:
         """The submitted responses, each with EOS included when it ended, `versions` the weights' update and
-        `logprobs` filled when `keeps_logprobs`; a SamplerError if the sampler failed or hung."""
+        `logprobs` filled when it keeps its own; a SamplerError if the sampler failed or hung."""
         ...
 
     def wait(self, future: Future, what: str) -> object:
@@ -84,9 +84,6 @@ class Sampler(Protocol):
         ...
 
 
-RolloutEngine = Sampler  # the earlier name
-
-
 class HFRolloutEngine:
     """transformers `generate` on the actor module (CPU or one GPU), under the actor engine's compute precision
     (`autocast`: in a bf16 run the module's weights and so the KV cache are bf16 too). It samples with the actor
@@ -94,7 +91,6 @@ class HFRolloutEngine:
 
     name = "hf"
     owns_weights = False
-    keeps_logprobs = False
     lockstep = True
     group_size = 1
     max_len = None
@@ -187,14 +183,19 @@ def check_due(sampler: Sampler, every: int) -> bool:
     return n == 1 or bool(every and n % every == 0) or dist.any_true(bool(sampler.incomplete))
 
 
-def verify_sync(sampler: Sampler, tokens: list[int], trainer_logprobs, precision: str, tol: float | None,
+def probe_tokens(prompts: list[list[int]], limit: int) -> list[int]:
+    """A sync check's probe: two prompts of the stage's set back to back (text the model has seen the like of)."""
+    return (prompts[0] + prompts[min(1, len(prompts) - 1)])[:limit]
+
+
+def verify_sync(sampler: Sampler, actor, tokens: list[int], device: torch.device, precision: str, tol: float | None,
                 what: str) -> dict:
-    """The sampler's log-probs of the probe `tokens` against the trainer's (`trainer_logprobs(tokens)`: [len - 1]),
-    every rank its own sampler: a SamplerError on every rank when any differs by more than `tol` nats per token on
+    """The sampler's log-probs of the probe `tokens` against the trainer's (the `actor` engine's module), every
+    rank its own sampler: a SamplerError on every rank when any differs by more than `tol` nats per token on
     average (default: 1e-3 when both compute in float32, else 3e-2), since it then serves other weights than the
     trainer's. `what`: which sync, for the message. Returns the check's statistics."""
     tokens = tokens[:sampler.max_len or len(tokens)]
-    trainer = trainer_logprobs(tokens).double()
+    trainer = probe_logprobs(actor.model, tokens, device, actor.autocast).double()
     error, diff = None, torch.zeros(1)
     try:
         diff = (sampler.prompt_logprobs(tokens) - trainer).abs()

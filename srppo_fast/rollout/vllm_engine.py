@@ -74,7 +74,6 @@ class VLLMRolloutEngine:
 
     name = "vllm"
     owns_weights = True
-    keeps_logprobs = True
     lockstep = False
 
     def __init__(self, model_dir: str, eos_token_id: int, rollout, *, device: torch.device, precision: str,

@@ -2,7 +2,7 @@
 here, and adding one is that module plus its line below. A config's stages are named sections (config.py), each of
 a stage type whose section type picks its kind."""
 
-from ..config import Config
+from ..config import Config, RolloutConfig
 from .base import Stage
 from .eval import EvalStage
 from .lm import LMStage
@@ -19,4 +19,9 @@ def stage_of(cfg: Config, name: str) -> Stage:
     return _BY_SECTION[type(cfg.section(name))](cfg, name)
 
 
-__all__ = ["KINDS", "Stage", "stage_of"]
+def samplers(cfg: Config) -> dict[str, RolloutConfig]:
+    """The rollout section of each stage of the run that samples from its model, in run order."""
+    return {name: ro for name in cfg.stages if (ro := stage_of(cfg, name).rollout()) is not None}
+
+
+__all__ = ["KINDS", "Stage", "samplers", "stage_of"]

@@ -12,7 +12,7 @@ import torch
 from .. import dist
 from ..batching import EpochSampler, padded_pad_fraction, rank_microbatches
 from ..config import LMStageConfig
-from ..engine import EngineBase, build_engine, save_engines
+from ..engine import EngineBase, build_engine
 from ..errors import ConfigError
 from ..experience import packed_token_logprobs
 from ..metrics import device_memory
@@ -142,8 +142,7 @@ class LMTraining(Training):
         return {"loss": f"{stats['loss']:.3f}", "tok_s": f"{stats['tokens_per_s']:.0f}"}
 
     def save(self, step: int, complete: bool) -> None:
-        info = {"stage": self.name, "step": step, "complete": complete, "fingerprint": self.fingerprint}
-        state = None
+        info, state = {}, None
         if complete:
             info.update(eval_loss_start=self.start_eval, eval_loss_end=self.evaluate(step))
             if self.section.data == "world:corpus" and self.ctx.world_dir:
@@ -153,14 +152,11 @@ class LMTraining(Training):
         else:
             state = {"step": step, "engine": self.engine.state_dict(), "sampler_position": self.sampler.position,
                      "start_eval": self.start_eval, "rng": rng_state()}
-        self.ctx.metrics.flush()
-        save_engines(self.ckpt, {"model": self.engine}, self.ctx.tokenizer(), info, state,
-                     card=self.ctx.model_card(self.name, info))
+        self.ctx.save_checkpoint(self.name, {"model": self.engine}, step, complete, self.fingerprint, state, **info)
 
     def finish(self, steps: int) -> None:
         self.save(steps, complete=True)  # the held-out loss at the end and the final checkpoint
         self.engine.close()
-        log.info("%s: saved %s", self.name, self.ckpt)
 
 
 def run_lm_stage(ctx, name: str) -> None:

@@ -6,6 +6,7 @@ the messages a stopped stage ends with."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 from .. import dist
@@ -13,6 +14,8 @@ from ..engine import check_divergence
 from ..errors import SamplerError
 from ..metrics import progress
 from ..state import Interrupted, SignalGuard
+
+log = logging.getLogger("srppo_fast")
 
 
 class Training:
@@ -94,3 +97,4 @@ def run_training(ctx, name: str, training: Training, steps: int, start: int, res
                                   f"{step} of {steps}; its state is saved in {ckpt}: run the same command to resume.")
     bar.close()
     training.finish(steps)
+    log.info("%s: saved %s", name, ckpt)

@@ -18,7 +18,7 @@ import os
 from ..config import RLStageConfig
 from ..errors import ConfigError
 from ..rl.models import total_rl_steps
-from ..rl.run import RLRun, load_prompts, save_rl
+from ..rl.run import RLRun, load_prompts
 from ..rl.samples import evaluate_during_training
 from ..state import resumable
 from .base import Stage, check_data_spec, check_optim
@@ -69,8 +69,10 @@ class RLTraining(Training):
                 "acc": f"{stats.get('sample/accuracy', float('nan')):.2f}"}
 
     def save(self, step: int, complete: bool) -> None:
-        save_rl(self.ctx, self.name, self.run.models, step, complete, self.fingerprint,
-                None if complete else self.run.state_dict(step))
+        models = self.run.models  # the actor's directory, the critic in its critic/ subdirectory
+        engines = {"actor": models.actor, **({"critic": models.critic} if models.critic is not None else {})}
+        self.ctx.save_checkpoint(self.name, engines, step, complete, self.fingerprint,
+                                 None if complete else self.run.state_dict(step))
 
     def close(self) -> None:
         self.run.close()
@@ -78,7 +80,6 @@ class RLTraining(Training):
     def finish(self, steps: int) -> None:
         self.save(steps, complete=True)
         self.run.models.close()
-        log.info("%s: saved %s", self.name, self.ctx.checkpoint_dir(self.name))
 
 
 def run_rl_stage(ctx, name: str) -> None:

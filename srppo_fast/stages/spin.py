@@ -23,9 +23,8 @@ import numpy as np
 from .. import dist
 from ..batching import EpochSampler
 from ..config import SpinStageConfig
-from ..engine import build_engine, save_engines
+from ..engine import build_engine
 from ..errors import ConfigError, SamplerError
-from ..experience import build_sequences, packed_label_logprobs, response_mask, score_tokens
 from ..generation import Generations, sample_seed
 from ..modeling import load_model
 from ..rollout import (
@@ -35,6 +34,7 @@ from ..rollout import (
     gather_generations,
     lockstep_calls,
     my_prompts,
+    probe_tokens,
     start_sampler,
     verify_sync,
 )
@@ -92,8 +92,8 @@ class SpinSampler:
             error = e
         dist.first_error(error)
         if self.engine.owns_weights and check_due(self.engine, ro.sync_check_every):
-            probe = (prompts[0] + prompts[min(1, len(prompts) - 1)])[:self.spin.max_prompt_len + ro.max_new_tokens]
-            stats.update(verify_sync(self.engine, probe, self._trainer_logprobs, self.ctx.precision,
+            probe = probe_tokens(prompts, self.spin.max_prompt_len + ro.max_new_tokens)
+            stats.update(verify_sync(self.engine, self.actor, probe, self.ctx.device, self.ctx.precision,
                                      ro.sync_check_tol, f"SPIN iteration {iteration}"))
         mine = my_prompts(self.engine, len(prompts))
         params = SamplingParams(n=1, temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens,
@@ -109,12 +109,6 @@ class SpinSampler:
         self.engine.sleep()  # a colocated GPU sampler's memory goes to the updates
         gens, _ = gather_generations(mine, local, len(prompts), 1)
         return gens, stats
-
-    def _trainer_logprobs(self, tokens: list[int]):
-        """The actor's log-prob of each token of `tokens` after the first (the sync check's probe)."""
-        seqs, mask = build_sequences([tokens[:1]], [tokens[1:]]), response_mask([tokens[1:]])
-        return score_tokens(lambda b: packed_label_logprobs(self.actor.model, b), seqs, mask, len(tokens),
-                            self.ctx.device, self.actor.autocast)[0]
 
     def close(self) -> None:
         if self.engine is not None:
@@ -195,8 +189,7 @@ class SpinTraining(Training):
         return {"loss": f"{stats['loss']:.3f}", "margin": f"{stats['rewards/margin']:.2f}"}
 
     def save(self, step: int, complete: bool) -> None:
-        info = {"stage": self.name, "step": step, "complete": complete, "fingerprint": self.fingerprint}
-        state = None
+        info, state = {}, None
         if complete:
             info["iterations"] = self.spin.iterations
         else:
@@ -206,9 +199,7 @@ class SpinTraining(Training):
                      "pairs": None if done else (pairs.tokens, pairs.targets, pairs.offsets),
                      "ref": None if done else self.ref, "identical": None if done else self.identical,
                      "rng": rng_state()}
-        self.ctx.metrics.flush()
-        save_engines(self.ckpt, {"model": self.engine}, self.ctx.tokenizer(), info, state,
-                     card=self.ctx.model_card(self.name, info))
+        self.ctx.save_checkpoint(self.name, {"model": self.engine}, step, complete, self.fingerprint, state, **info)
 
     def close(self) -> None:
         self.sampler.close()
@@ -216,7 +207,6 @@ class SpinTraining(Training):
     def finish(self, steps: int) -> None:
         self.save(steps, complete=True)
         self.engine.close()
-        log.info("%s: saved %s", self.name, self.ckpt)
 
 
 def run_spin_stage(ctx, name: str) -> None:
