@@ -14,6 +14,7 @@ POINTS = {
     "sampler_generate": "(call, run): the vLLM sampler's call-th generate; returns a replacement for `run`",
     "sync_bucket": "(rank, bucket, syncs, load): a weight-sync bucket; returns 'skip' (not sent) or a replacement "
                    "for `load`",
+    "step_logged": "(stage, step): a training step's metrics row is written (stages/loop.py); may signal",
 }
 
 

@@ -7,6 +7,8 @@ variables:
     SRPPO_FAST_TEST_SAMPLER_HANG=N         the vLLM sampler's N-th generate never returns
     SRPPO_FAST_TEST_SAMPLER_FAIL_SYNC=R    rank R's sampler fails loading the second bucket of each weight sync
     SRPPO_FAST_TEST_SKIP_SYNC_BUCKET=B     bucket B of every weight sync after the first is not sent
+    SRPPO_FAST_TEST_SIGTERM_AT=STAGE:N     SIGTERM the process once STAGE's step N is logged (a kill at an exact
+                                           step, whatever the machine's speed)
 """
 
 from __future__ import annotations
@@ -43,6 +45,15 @@ def install_from_environment(env=os.environ) -> None:
             return None
 
         faults.install("sync_bucket", sync_bucket)
+    sigterm_at = env.get("SRPPO_FAST_TEST_SIGTERM_AT")
+    if sigterm_at:
+        stage_at, step_at = sigterm_at.rsplit(":", 1)
+
+        def step_logged(stage: str, step: int) -> None:
+            if stage == stage_at and step == int(step_at):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        faults.install("step_logged", step_logged)
 
 
 def _injected_failure():

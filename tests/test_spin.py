@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import signal
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,7 +21,7 @@ from srppo_fast.metrics import read_metrics
 from srppo_fast.modeling import checkpoint_info
 from srppo_fast.spin_pairs import build_pairs, dpo_loss, pair_share, sequence_logprobs
 
-from .helpers import QUICKSTART, kill_when, load_weights, step_rows, tiny_run_overrides, train_command
+from .helpers import QUICKSTART, load_weights, step_rows, tiny_run_overrides, train_command
 
 TINY_SPIN = ["spin.iterations=2", "spin.epochs=2", "spin.batch_size=4", "spin.rollout.max_new_tokens=12",
              "spin.max_prompt_len=32", "spin.max_seq_len=128", "spin.micro_batch_tokens=512", "spin.optim.lr=1e-3",
@@ -140,8 +140,11 @@ def test_a_killed_spin_run_resumes_to_the_same_result(sft_done, tmp_path):
             done = subprocess.run(args, env=env, capture_output=True, text=True)
             assert done.returncode == 0, done.stderr[-2000:]
         else:
-            proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            kill_when(proc, out / "metrics.jsonl", "spin", 2, signal.SIGTERM)
+            # SIGTERM once step 2 is logged, from inside (tests/faulty.py): a tiny SPIN stage can finish its last
+            # step before a watcher outside could send it, and the kill must land inside the loop on any machine
+            killer = [sys.executable, "-m", "tests.faulty", *args[args.index("srppo_fast") + 1:]]
+            proc = subprocess.Popen(killer, env={**env, "SRPPO_FAST_TEST_SIGTERM_AT": "spin:2"},
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             err = proc.communicate(timeout=300)[1]
             assert proc.returncode == 130, err
             info = checkpoint_info(out / "checkpoints" / "spin")

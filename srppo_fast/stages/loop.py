@@ -9,7 +9,7 @@ import contextlib
 import logging
 from typing import Any
 
-from .. import dist
+from .. import dist, faults
 from ..engine import check_divergence
 from ..errors import SamplerError
 from ..metrics import progress
@@ -81,6 +81,7 @@ def run_training(ctx, name: str, training: Training, steps: int, start: int, res
             row = training.row(step, stats, last=step == steps)
             if row is not None:
                 ctx.metrics.log({"stage": name, "step": step, **row})
+            faults.point("step_logged", stage=name, step=step)  # tests: a signal at an exact step
             training.after(step, stats)
             bar.update(1)
             bar.set_postfix(**training.postfix(stats))
