@@ -115,8 +115,10 @@ def stage_fingerprint(cfg: Config, name: str) -> dict:
     section = to_dict(cfg.section(name))
     if name in cfg.named:  # a named stage: its type counts too
         section = {"kind": cfg.stage_type(name), **section}
-    fp.update({name: _result_keys(section), "model": _result_keys(to_dict(cfg.model),
-                                                                                     _MODEL_NOT_RESULTS),
+    model = _result_keys(to_dict(cfg.model), _MODEL_NOT_RESULTS)
+    if not stage.trains_adapters():
+        model.pop("lora", None)  # full weights: model.lora does not change this stage's result
+    fp.update({name: _result_keys(section), "model": model,
                "seed": cfg.seed, "precision": resolved_precision(cfg)})
     if uses_world(cfg):
         fp["world"] = to_dict(cfg.world)
@@ -236,6 +238,7 @@ def _local(ref: str) -> bool:
 def _check_model_path(path: str, key: str, trust_remote_code: bool) -> str:
     from transformers import AutoConfig
 
+    from .lora import adapter_base, is_adapter_dir
     from .modeling import gguf_config, model_source, resolve_model_spec
 
     if is_gguf(path):
@@ -254,6 +257,10 @@ def _check_model_path(path: str, key: str, trust_remote_code: bool) -> str:
                     "starts)")
     if not os.path.isdir(path):
         raise ConfigError(f"{key}: '{path}' does not exist; give a directory with a Hugging Face checkpoint.")
+    if is_adapter_dir(path):  # a LoRA adapter: the model it sits on must be there
+        base = adapter_base(path)
+        _check_model_path(base, f"{key} (the base of the LoRA adapter '{path}')", trust_remote_code)
+        return f"{key}: '{path}' is a LoRA adapter on '{base}'"
     try:
         AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -309,6 +316,7 @@ def check_inputs(cfg: Config) -> list[str]:
         done.append(_check_model_path(cfg.model.base, "model.base", cfg.model.trust_remote_code))
     if cfg.model.tokenizer not in ("auto", "world"):
         done.append(_check_tokenizer_path(cfg.model.tokenizer, cfg.model.trust_remote_code))
+    done += _check_lora(cfg)
     seen = set()
     for name in cfg.stages:
         stage = stage_of(cfg, name)
@@ -324,6 +332,26 @@ def check_inputs(cfg: Config) -> list[str]:
         for spec, kind, final_answer in stage.data_checks():
             done.append(_check_data(spec, kind, f"{name} data", final_answer=final_answer))
     return done
+
+
+def _check_lora(cfg: Config) -> list[str]:
+    """model.lora's target modules against the base's architecture (built on the meta device: no weights)."""
+    lora = cfg.model.lora
+    if lora is None:
+        return []
+    from .engine.sizes import UnknownSize, hf_config_for
+    from .lora import model_linear_names, resolve_targets
+
+    stages = [name for name in cfg.stages if stage_of(cfg, name).trains_adapters()]
+    if not stages:
+        return ["model.lora: no stage trains adapters (each starts from a 'scratch' base or trains nothing)"]
+    try:
+        hf_config = hf_config_for(cfg, "base")
+    except UnknownSize:
+        return ["model.lora: target modules not checked (the base's architecture is read when the run starts)"]
+    targets = resolve_targets(model_linear_names(hf_config), list(lora.target_modules))
+    return [f"model.lora: rank {lora.rank} (alpha {lora.alpha:g}) adapters on {', '.join(targets)} for "
+            f"{', '.join(stages)}"]
 
 
 # ---------------------------------------------------------------------------------------------

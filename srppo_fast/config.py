@@ -32,7 +32,7 @@ from .sections import (
 )
 
 __all__ = ["WORLD_SPLITS", "AdvantageConfig", "Config", "CriticConfig", "DeepSpeedConfig", "EvalConfig", "KLConfig",
-           "LMStageConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "PPOConfig", "RewardConfig",
+           "LMStageConfig", "LoggingConfig", "LoraConfig", "ModelConfig", "OptimConfig", "PPOConfig", "RewardConfig",
            "RLStageConfig", "RolloutConfig", "RuntimeConfig", "SpinStageConfig", "VLLMConfig", "WandbConfig",
            "WorldConfig", "STAGE_TYPES", "opt", "sub", "stage_section", "to_dict", "shown", "is_gguf",
            "resolved_precision", "resolved_engine", "config_key", "stage_label"]
@@ -57,6 +57,19 @@ class WorldConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters as the model roles (peft): one frozen base serves pi_PT (adapters off), pi_SFT (the SFT stage's
+    adapter), the actor (a trainable adapter started from it) and the critic (its own adapter + a value head)."""
+
+    rank: int = opt(16, "Rank r of every adapter's A (r x in) and B (out x r) matrices.", gt=0)
+    alpha: float = opt(32.0, "Scale numerator: an adapter adds (alpha / rank) * B A x to the layer's output.", gt=0)
+    dropout: float = opt(0.0, "Dropout on an adapter's input while training (0 keeps on-policy ratios exactly 1 "
+                         "before the first update).", ge=0, lt=1)
+    target_modules: list = opt(["all-linear"], "Which linear layers get adapters: module names (suffixes such as "
+                               "q_proj, v_proj) or 'all-linear' (every linear layer but the output head).")
+
+
+@dataclass
 class ModelConfig:
     """Which model and tokenizer the run starts from."""
 
@@ -76,6 +89,10 @@ class ModelConfig:
         "block-diagonal mask from position_ids). All keep sequences apart.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     trust_remote_code: bool = opt(False, "Allow model code shipped with a hub checkpoint.")
+    lora: LoraConfig | None = opt(None, "LoRA adapters instead of full weights (a mapping of the fields below; "
+                                        "null: off). The stages that adapt a trained model (sft, sft_extended, "
+                                        "spin, srppo, ppo_rm) train adapters on one shared frozen base; `pretrain` "
+                                        "trains full weights. Needs peft: pip install 'srppo-fast[lora]'.")
 
 
 @dataclass
@@ -325,7 +342,12 @@ def config_reference(cls: type = Config, prefix: str = "") -> list[tuple[str, st
         key = f"{prefix}{config_key(f.name)}"
         tp = hints[f.name]
         value = getattr(default_obj, f.name)
-        if dataclasses.is_dataclass(tp):
+        optional = optional_section(tp)
+        if optional is not None:  # off unless given: its fields' defaults are the class's
+            rows.append((key, "section or null", "null", f.metadata.get("help", "")))
+            rows += [(k, t, _fmt(_get_path(optional(), k[len(key) + 1:])), h)
+                     for k, t, _, h in config_reference(optional, key + ".")]
+        elif dataclasses.is_dataclass(tp):
             rows.append((key, "section", "", f.metadata.get("help", "")))
             for sub_key, sub_tp, _, sub_help in config_reference(tp, key + "."):
                 # section defaults may differ from the class's own (e.g. pretrain vs sft)
@@ -334,6 +356,15 @@ def config_reference(cls: type = Config, prefix: str = "") -> list[tuple[str, st
         else:
             rows.append((key, _type_name(tp), _fmt(value), f.metadata.get("help", "")))
     return rows
+
+
+def optional_section(tp: Any) -> type | None:
+    """The section class of a field typed `Section | None` (a section that is off unless given), else None."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+            return inner[0]
+    return None
 
 
 def _get_path(obj: Any, dotted: str) -> Any:

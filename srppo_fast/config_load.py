@@ -16,7 +16,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from . import machine
-from .config import STAGE_TYPES, Config, _type_name, config_key, shown
+from .config import STAGE_TYPES, Config, _type_name, config_key, optional_section, shown
 from .errors import ConfigError
 from .io import read_text_file
 from .stages import KINDS, samplers, stage_of
@@ -132,7 +132,8 @@ def _section_type(cls: Any, name: str) -> Any:
     """The type of field `name` of dataclass `cls` (None when unknown: `build` reports it)."""
     if not dataclasses.is_dataclass(cls):
         return None
-    return typing.get_type_hints(cls).get(name)
+    tp = typing.get_type_hints(cls).get(name)
+    return optional_section(tp) or tp
 
 
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few kilobytes; a megabyte is not a config

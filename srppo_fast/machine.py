@@ -70,6 +70,9 @@ def problems(cfg: Config, samplers: dict[str, RolloutConfig]) -> list[str]:
         found.append("runtime.engine resolves to 'deepspeed' but DeepSpeed is not installed: pip install "
                      "'srppo-fast[deepspeed]' (on a CPU-only machine: DS_BUILD_OPS=0 pip install deepspeed), or set "
                      "runtime.engine=torch for one process.")
+    if cfg.model.lora is not None and importlib.util.find_spec("peft") is None:
+        found.append("model.lora is set but peft is not installed: pip install 'srppo-fast[lora]', or remove "
+                     "model.lora to train full weights.")
     for backend, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
         if backend in cfg.logging.backends and importlib.util.find_spec(package) is None:
             found.append(f"logging.backends has '{backend}' but the {package} package is not installed; pip install "

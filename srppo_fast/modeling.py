@@ -280,8 +280,14 @@ def build_scratch_model(cfg: ModelConfig, tokenizer, seed: int):
 
 
 def load_model(path: str, cfg: ModelConfig, *, dtype: torch.dtype = torch.float32):
+    """A causal LM from a checkpoint directory, hub name or GGUF file; a LoRA adapter directory is the model it
+    sits on with the adapter merged in (a private copy: eval, export)."""
     from transformers import AutoModelForCausalLM
 
+    from .lora import adapter_base, is_adapter_dir, merge_adapter_into
+
+    if is_adapter_dir(path):
+        return merge_adapter_into(load_model(adapter_base(path), cfg, dtype=dtype), path)
     register_attention()
     source, _ = model_source(path)
     try:

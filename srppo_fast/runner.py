@@ -23,6 +23,7 @@ from .engine.placement import Placement, cast_parameters_, measured_param_bytes,
 from .errors import CheckpointError, ConfigError, SrppoError
 from .io import atomic_write_text, recover_tree
 from .lock import RunLock, RunLockedError, lock_holder, watch_launcher
+from .lora import adapter_base, is_adapter_dir
 from .metrics import MetricsLog, NullMetricsLog
 from .modelcard import add_eval_to_cards, model_card
 from .modeling import (
@@ -63,6 +64,7 @@ class RunContext:
     stage: str = ""  # the stage running now
     loaded: list = field(default_factory=list, repr=False)  # LoadedModel: every model a stage placed
     owned: list = field(default_factory=list, repr=False)  # the running stage's engines and frozen models
+    bases: dict = field(default_factory=dict, repr=False)  # the running stage's shared LoRA bases (roles.py)
     _tokenizer: object = field(default=None, repr=False)
     _checked: dict = field(default_factory=dict, repr=False)
 
@@ -137,7 +139,7 @@ class RunContext:
                     tok = load_tokenizer(path, trust_remote_code=self.cfg.model.trust_remote_code)
                 except SrppoError:
                     tok = None  # a model directory without tokenizer files: its vocabulary size is still checked
-                source, extra = model_source(path)
+                source, extra = model_source(adapter_base(path) if is_adapter_dir(path) else path)
                 self._checked[path] = (tokenizer_fingerprint(tok) if tok is not None else None,
                                        AutoConfig.from_pretrained(
                                            source, trust_remote_code=self.cfg.model.trust_remote_code, **extra))
@@ -192,6 +194,7 @@ class RunContext:
         """The stage is over, however it ended: close its engines and tear down the DeepSpeed engines that shard
         its frozen models (both idempotent: the stages close theirs on success), then free the memory."""
         owned, self.owned = self.owned, []
+        self.bases = {}
         for thing in owned:
             if isinstance(thing, EngineBase):
                 thing.close()

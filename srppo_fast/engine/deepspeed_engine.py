@@ -178,6 +178,13 @@ class DeepSpeedEngine(EngineBase):
     def full_state_dict(self) -> dict | None:
         """Collective under ZeRO-3 (the shards are gathered one layer at a time onto rank 0); rank 0 gets the
         whole model's state dict, the other ranks None."""
+        own = getattr(self.model, "own_parameters", None)
+        if own is not None and self.zero_stage == 3:  # a LoRA role: its adapter (and head) only, never the base
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(own(), modifier_rank=None):
+                state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            return state if dist.is_main() else None
         if self.zero_stage == 3:
             state = self.ds._zero3_consolidated_16bit_state_dict()
             return state if dist.is_main() else None

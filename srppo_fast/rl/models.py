@@ -21,7 +21,7 @@ from ..experience import (
     response_mask,
     score_tokens,
 )
-from ..modeling import load_critic, load_model
+from ..roles import critic_model, frozen_model, trainable_model, uses_lora
 
 log = logging.getLogger("srppo_fast")
 
@@ -32,29 +32,36 @@ class RLModels:
     def __init__(self, ctx, rl: RLStageConfig, steps: int, resume_dir: str | None = None, state: dict | None = None):
         """`steps` rollout buffers; the engines' schedules count optimizer steps (optimizer_steps). `state`: an
         interrupted run's trainer state, saved in `resume_dir`."""
-        cfg = ctx.cfg
         self.ctx, self.rl = ctx, rl
-        frozen: dict[str, torch.nn.Module] = {}
+        frozen_models: dict[str, torch.nn.Module] = {}
+        self.lora = lora = uses_lora(ctx, rl.init)  # every role an adapter on one shared base (roles.py)
 
-        def frozen_model(ref: str):  # one copy per distinct model, in the run's precision
+        def frozen(ref: str):  # one per distinct model, in the run's precision
             path = ctx.model_path(ref)
-            if path not in frozen:
-                frozen[path] = ctx.load_frozen(ctx.stage, ref)
-            return frozen[path]
+            if path not in frozen_models:
+                frozen_models[path] = frozen_model(ctx, ref, lora)
+            return frozen_models[path]
 
-        actor = load_model(resume_dir, cfg.model) if state else ctx.init_model(rl.init)
+        if lora:  # the frozen adapters join the base before an engine (ZeRO-3) shards it
+            self._frozen_roles(frozen)
+        actor = trainable_model(ctx, rl.init, "actor", resume_dir if state else None)
         actor_steps, critic_steps = optimizer_steps(rl, steps)
         self.actor = build_engine(ctx, actor, rl.optim, actor_steps, "actor",
                                   resume=(resume_dir, state["actor"]) if state else None)
         self.critic = None
         if rl.advantage.estimator == "gae":
-            critic_path = f"{resume_dir}/critic" if state else ctx.model_path(rl.critic.init)
-            self.critic = build_engine(ctx, load_critic(critic_path, cfg.model), rl.critic.optim, critic_steps,
-                                       "critic", resume=(resume_dir, state["critic"]) if state else None)
-        self.ref = frozen_model(rl.kl.reference or rl.reward.sft)
+            critic = critic_model(ctx, rl.critic.init, rl.init, f"{resume_dir}/critic" if state else None)
+            self.critic = build_engine(ctx, critic, rl.critic.optim, critic_steps, "critic",
+                                       resume=(resume_dir, state["critic"]) if state else None)
+        if not lora:
+            self._frozen_roles(frozen)
+
+    def _frozen_roles(self, frozen) -> None:
+        rl, ctx = self.rl, self.ctx
+        self.ref = frozen(rl.kl.reference or rl.reward.sft)
         self.sft = self.pt = self.reward_model = None
         if rl.reward.type == "coherent":
-            self.sft, self.pt = frozen_model(rl.reward.sft), frozen_model(rl.reward.pretrained)
+            self.sft, self.pt = frozen(rl.reward.sft), frozen(rl.reward.pretrained)
         else:
             self.reward_model = ctx.load_frozen(ctx.stage, rl.reward.model_path, "sequence_classification")
 

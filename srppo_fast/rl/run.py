@@ -20,6 +20,7 @@ from ..data import read_records
 from ..errors import DataError, SamplerError, TrainingError
 from ..generation import Generations, sample_seed
 from ..metrics import device_memory
+from ..roles import sampler_path
 from ..rollout import (
     HFRolloutEngine,
     SamplingParams,
@@ -90,7 +91,7 @@ class RLRun:
                  stage: str):
         self.ctx, self.rl, self.prompts, self.steps, self.stage = ctx, rl, prompts, steps, stage
         # a sampler with its own weights starts first, while its share of the device is free; then the models
-        self.engine = start_sampler(ctx, rl.rollout, ctx.model_path(rl.init), f"{stage}.init ({rl.init!r})")
+        self.engine = start_sampler(ctx, rl.rollout, sampler_path(ctx, rl.init), f"{stage}.init ({rl.init!r})")
         self.probe = probe_tokens(prompts.ids, rl.max_prompt_len + rl.rollout.max_new_tokens)
         self.models = RLModels(ctx, rl, steps, resume_dir=resume_dir if state else None, state=state)
         if self.engine is None:

@@ -18,13 +18,20 @@ def _numel(p: torch.nn.Parameter) -> int:
     return int(getattr(p, "ds_numel", p.numel()))  # a ZeRO-3 shard knows its full size
 
 
+def served_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of what a sampler serves for `model`: its parameters, or for a LoRA role (lora.RoleView)
+    the plain model's, with the adapter merged into each weight when it is read."""
+    merged = getattr(model, "sync_parameters", None)
+    return merged() if merged is not None else list(model.named_parameters())
+
+
 def bucket_plan(model: torch.nn.Module, bucket_bytes: int,
                 dtype: torch.dtype) -> list[list[tuple[str, torch.nn.Parameter]]]:
     """The parameters in order, grouped so that each group's tensors take at most `bucket_bytes` in `dtype`
     (a parameter larger than that is a bucket of its own)."""
     size = torch.empty((), dtype=dtype).element_size()
     buckets, current, used = [], [], 0
-    for name, p in model.named_parameters():
+    for name, p in served_parameters(model):
         nbytes = _numel(p) * size
         if current and used + nbytes > bucket_bytes:
             buckets.append(current)
@@ -53,4 +60,9 @@ def weight_buckets(model: torch.nn.Module, bucket_bytes: int, dtype: torch.dtype
     iterate to the end (gathering is collective)."""
     for bucket in bucket_plan(model, bucket_bytes, dtype):
         with _gathered([p for _, p in bucket]):
-            yield [(name, p.detach().to(device=device or p.device, dtype=dtype)) for name, p in bucket]
+            yield [(name, _value(p, device, dtype)) for name, p in bucket]
+
+
+def _value(p, device: torch.device | None, dtype: torch.dtype) -> torch.Tensor:
+    t = p.value() if hasattr(p, "value") else p.detach()  # a LoRA role's weight: merged here
+    return t.to(device=device or t.device, dtype=dtype)

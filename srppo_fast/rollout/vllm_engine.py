@@ -37,7 +37,7 @@ from ..errors import ConfigError, SamplerError
 from ..generation import Generations
 from ..machine import CPU_HEAD_DIMS
 from . import SamplingParams
-from .sync import bucket_plan, weight_buckets
+from .sync import bucket_plan, served_parameters, weight_buckets
 from .vllm_support import (
     _CallThread,
     checkpoint_shapes,
@@ -293,7 +293,7 @@ class VLLMRolloutEngine:
     def validate(self, model: torch.nn.Module) -> None:
         """Names and shapes before anything is sent (vLLM's engine does not survive a failed load)."""
         bad = []
-        for name, p in model.named_parameters():
+        for name, p in served_parameters(model):
             shape = tuple(getattr(p, "ds_shape", p.shape))
             if self.expected.get(name) != shape:
                 served = list(self.expected[name]) if name in self.expected else "absent"

@@ -44,6 +44,13 @@ class Stage:
         """The models the stage reads as 'base', stages or paths (not a reward model), in a fixed order."""
         return [self.section.init]
 
+    def trains_adapters(self) -> bool:
+        """Under model.lora the stage trains LoRA adapters on a frozen base (roles.py): every stage that trains a
+        model, except one that starts from a 'scratch' base (there is nothing to adapt: it trains full weights)."""
+        if self.cfg.model.lora is None or not self.makes_model:
+            return False
+        return not (self.section.init == "base" and self.cfg.model.base == "scratch")
+
     def external_models(self) -> dict[str, str]:
         """Models the stage reads that are not policies ('base', stages, checkpoints): config key -> path."""
         return {}

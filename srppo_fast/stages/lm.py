@@ -16,7 +16,7 @@ from ..engine import EngineBase, build_engine
 from ..errors import ConfigError
 from ..experience import packed_token_logprobs
 from ..metrics import device_memory
-from ..modeling import load_model
+from ..roles import trainable_model
 from ..state import resumable, rng_state, set_rng_state
 from ..tokens import TokenizedSet, load_lm_data
 from .base import Stage, check_data_spec, check_optim
@@ -99,7 +99,7 @@ class LMTraining(Training):
         self.fingerprint = ctx.fingerprint(name)
         state = self.state = resumable(ckpt, self.fingerprint)
         ctx.check_models(name, {f"{name}.init": section.init})
-        model = load_model(str(ckpt), ctx.cfg.model) if state else ctx.init_model(section.init)
+        model = trainable_model(ctx, section.init, resume_dir=str(ckpt) if state else None)
         self.engine = build_engine(ctx, model, section.optim, self.steps, "model",
                                    resume=(str(ckpt), state["engine"]) if state is not None else None)
         self.sampler = EpochSampler(len(train), ctx.cfg.seed, section.shuffle)

@@ -26,7 +26,7 @@ from ..config import SpinStageConfig
 from ..engine import build_engine
 from ..errors import ConfigError, SamplerError
 from ..generation import Generations, sample_seed
-from ..modeling import load_model
+from ..roles import sampler_path, trainable_model
 from ..rollout import (
     HFRolloutEngine,
     SamplingParams,
@@ -135,9 +135,9 @@ class SpinTraining(Training):
         self.fingerprint = ctx.fingerprint(name)
         state = self.state = resumable(ckpt, self.fingerprint)
         ctx.check_models(name, {f"{name}.init": spin.init})
-        init_path = ctx.model_path(spin.init)
+        init_path = sampler_path(ctx, spin.init)
         self.sampler = SpinSampler(ctx, spin, init_path, name)  # one with its own weights starts first
-        model = load_model(str(ckpt), ctx.cfg.model) if state else ctx.init_model(spin.init)
+        model = trainable_model(ctx, spin.init, resume_dir=str(ckpt) if state else None)
         self.engine = build_engine(ctx, model, spin.optim, self.steps, "model",
                                    resume=(str(ckpt), state["engine"]) if state is not None else None)
         self.sampler.attach(self.engine)
