@@ -189,6 +189,10 @@ class SharedBase:
                     p.copy_(state[key])
         self._active = object()  # unknown: the next call switches for real
 
+    def base_numel(self) -> int:
+        """The base's own parameters (tied ones once), without any adapter's."""
+        return sum(p.numel() for n, p in self.model.named_parameters() if ".lora_" not in n)
+
     def params(self, name: str) -> list[tuple[str, torch.nn.Parameter]]:
         """(peft key, parameter) of adapter `name`, in module order."""
         mark = f".{name}."

@@ -110,7 +110,7 @@ def trainable_model(ctx, init: str, role: str = "model", resume_dir: str | None 
     view = base.view(name, owner=_zero3(ctx))
     n = sum(p.numel() for p in view.parameters())
     log.info("%s: LoRA adapter '%s' on %s: %.3fM trainable parameters (%.2f%% of the base)", ctx.stage, role,
-             base.label, n / 1e6, 100 * n / max(1, num_parameters(base.model)))
+             base.label, n / 1e6, 100 * n / max(1, base.base_numel()))
     return view
 
 

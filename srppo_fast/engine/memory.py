@@ -192,6 +192,73 @@ def _plan_model(cfg: Config, role: str, ref: str, trainable: bool, kind: str, ke
     return m
 
 
+def lora_base_ref(cfg: Config, ref: str) -> tuple[str, bool]:
+    """(the full weights `ref` sits on under model.lora, whether `ref` is an adapter): a stage of this run that
+    trains adapters sits on its init's base; an adapter directory on the model its adapter_config.json names."""
+    if cfg.is_stage(ref):
+        stage = stage_of(cfg, ref)
+        if stage.trains_adapters():
+            return lora_base_ref(cfg, stage.section.init)[0], True
+        return ref, False
+    from ..lora import adapter_base, is_adapter_dir
+
+    if ref != "base" and is_adapter_dir(ref):
+        return adapter_base(ref), True
+    return ref, False
+
+
+def _lora_models(cfg: Config, specs: list, num_gpus: int, cache: dict) -> list[ModelPlan]:
+    """A stage that trains adapters (roles.py): each distinct base once (frozen; sharded under ZeRO-3, where the
+    critic's engine shards a copy of its own), each trainable role's adapter with its gradients and optimizer
+    states (the critic's with its value head), each frozen role's adapter; a reward model as it is."""
+    from .sizes import adapter_numels
+
+    lora = cfg.model.lora
+    trainable_place = model_placement(cfg, True, num_gpus)
+    zero3 = trainable_place.sharded
+    bases: dict[str, ModelPlan] = {}
+    adapters: list[ModelPlan] = []
+    for role, ref, trainable, kind, keys in specs:
+        if kind == "sequence_classification":
+            adapters.append(_plan_model(cfg, role, ref, trainable, kind, keys, num_gpus, False, cache))
+            continue
+        base_ref, has_adapter = lora_base_ref(cfg, ref)
+        copy = " (the critic's own copy)" if zero3 and role == "critic" else ""
+        base = bases.get(base_ref + copy)
+        if base is None:
+            base = _plan_model(cfg, f"frozen base {base_ref}{copy}", base_ref, False, "causal_lm", [], num_gpus,
+                               False, cache)
+            if base.params is not None and zero3 and not base.sharded:  # owned by a ZeRO-3 engine: sharded
+                base.sharded = True
+                base.param_bytes = trainable_place.param_bytes([base.params], num_gpus)
+            bases[base_ref + copy] = base
+        base.serves += keys
+        if not trainable and not has_adapter:
+            continue  # adapters off: the base itself (pi_PT)
+        m = ModelPlan(f"{role} adapter" + (" + value head" if kind == "token_classification" else "")
+                      if trainable else f"frozen adapter {ref}", ref, trainable, serves=keys)
+        if base.hf_config is None:
+            m.error = base.error
+            adapters.append(m)
+            continue
+        numels = adapter_numels(base.hf_config, lora.rank, list(lora.target_modules))
+        if kind == "token_classification":
+            numels.append(base.hf_config.hidden_size)
+        place = trainable_place if trainable else model_placement(cfg, False, num_gpus)
+        m.hf_config, m.params, m.sharded = base.hf_config, sum(numels), place.sharded
+        m.param_bytes = place.param_bytes(numels, num_gpus)
+        if trainable:
+            m.states = place.state_bytes(m.params, num_gpus)
+            m.largest_layer = getattr(base, "largest_layer", 0) or cache_largest(base)
+        adapters.append(m)
+    return list(bases.values()) + adapters
+
+
+def cache_largest(base: ModelPlan) -> int:
+    """The base's largest layer (ZeRO-3 gathers it around a trainable role's forward too)."""
+    return parameter_numels(base.hf_config)[1] if base.hf_config is not None else 0
+
+
 def plan_memory(cfg: Config, num_gpus: int, num_nodes: int, gpu_gib: float) -> list[StagePlan]:
     """The per-GPU memory plan of each stage of `cfg` on `num_gpus` GPUs over `num_nodes` nodes of `gpu_gib`
     each. Never raises for a model: its ModelPlan carries the error instead."""
@@ -200,7 +267,11 @@ def plan_memory(cfg: Config, num_gpus: int, num_nodes: int, gpu_gib: float) -> l
     for name in cfg.stages:
         stage = stage_of(cfg, name)
         whole = stage.whole_models_on_rank0
-        models = [_plan_model(cfg, *spec, num_gpus, whole, cache) for spec in stage.memory_models()]
+        specs = stage.memory_models()
+        if stage.trains_adapters():
+            models = _lora_models(cfg, specs, num_gpus, cache)
+        else:
+            models = [_plan_model(cfg, *spec, num_gpus, whole, cache) for spec in specs]
         plan = StagePlan(name, models, gpu_gib, one_at_a_time=whole)
         plan.transient = _transient(cfg, name, models, num_gpus, gpu_gib)
         ro = stage.rollout()
@@ -221,7 +292,7 @@ def _transient(cfg: Config, name: str, models: list[ModelPlan], num_gpus: int, g
     gc = cfg.model.gradient_checkpointing
     tokens = stage.update_tokens()
     if tokens is not None:
-        update = sum(activation_bytes(m.hf_config, tokens, size, gc, lm_head=m.role != "critic")
+        update = sum(activation_bytes(m.hf_config, tokens, size, gc, lm_head=not m.role.startswith("critic"))
                      for m in known if m.trainable)
         ds = cfg.deepspeed
         engine = plan_engine(cfg, num_gpus)
@@ -273,6 +344,8 @@ def describe_memory(cfg: Config) -> str:
     """The memory plan block of --dry-run (one line on failure: never raises)."""
     try:
         gpus, nodes, note = plan_world()
+        if cfg.runtime.engine == "torch":  # one process: one GPU
+            gpus, nodes, note = 1, 1, None
         gpu_gib = plan_gpu_gib(cfg)
         plans = plan_memory(cfg, gpus, nodes, gpu_gib)
     except Exception as e:  # noqa: BLE001
@@ -280,7 +353,7 @@ def describe_memory(cfg: Config) -> str:
     ds = cfg.deepspeed
     precision = plan_precision(cfg)
     engine = plan_engine(cfg, gpus)
-    where = f"{gpus} GPUs" + (f" on {nodes} nodes" if nodes > 1 else "")
+    where = (f"{gpus} GPUs" if gpus > 1 else "1 GPU") + (f" on {nodes} nodes" if nodes > 1 else "")
     how = f"deepspeed ZeRO-{ds.zero_stage}" if engine == "deepspeed" else "torch engine, one process"
     offload = [k for k in ("offload_optimizer", "offload_param") if getattr(ds, k)] if engine == "deepspeed" else []
     lines = [f"memory plan ({how}, {where} x {gpu_gib:g} GiB, {precision}"

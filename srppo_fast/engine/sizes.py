@@ -103,6 +103,25 @@ def parameter_numels(hf_config, kind: str = "causal_lm") -> tuple[list[int], int
     return numels, int(largest)
 
 
+def adapter_numels(hf_config, rank: int, targets: list[str]) -> list[int]:
+    """The element counts of a rank-`rank` LoRA adapter's matrices on `targets` (model.lora.target_modules) of the
+    architecture: A (r x in) and B (out x r) per adapted linear layer."""
+    import transformers
+
+    from ..lora import linear_names, resolve_targets
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    names = linear_names(model)
+    chosen = resolve_targets(names, targets)
+    modules = dict(model.named_modules())
+    out = []
+    for n in names:
+        if any(n == t or n.endswith("." + t) for t in chosen):
+            out += [rank * modules[n].in_features, modules[n].out_features * rank]
+    return out
+
+
 def count_params(hf_config, kind: str = "causal_lm") -> tuple[int, int]:
     """(total parameters, largest layer's own parameters) of the architecture."""
     numels, largest = parameter_numels(hf_config, kind)
