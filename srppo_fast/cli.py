@@ -1,4 +1,4 @@
-"""`srppo-fast` command line: train | profile | config | bench | report | world."""
+"""`srppo-fast` command line: train | profile | config | bench | report | export | world."""
 
 from __future__ import annotations
 
@@ -48,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="draw a run's curves (PNG) and one self-contained HTML page with "
                        "curves, eval table and samples (OUTPUT_DIR/report/index.html)")
     r.add_argument("output_dir", help="a run's output_dir")
+
+    e = sub.add_parser("export", help="write a checkpoint as a plain Hugging Face directory (a LoRA adapter merged "
+                       "into its base), which transformers and vLLM load as they are")
+    e.add_argument("checkpoint", help="a stage's checkpoint directory (OUTPUT_DIR/checkpoints/STAGE)")
+    e.add_argument("--out", required=True, help="directory to write (must not exist)")
+    e.add_argument("--merge", action="store_true", help="merge a LoRA adapter into its base (required for one)")
+    e.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="the weights' dtype (default fp32)")
 
     w = sub.add_parser("world", help="write the embedded world (JSONL splits + tokenizer) to a directory")
     w.add_argument("--out", required=True, help="directory to write")
@@ -156,6 +163,13 @@ def cmd_config(args) -> int:
         return 0
     for key, tp, default, help_ in config_reference():
         print(f"{key}  [{tp}]" + (f" = {default}" if tp != "section" else "") + f"\n    {help_}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .modeling import export_checkpoint
+
+    print(export_checkpoint(args.checkpoint, args.out, merge=args.merge, dtype=args.dtype))
     return 0
 
 
@@ -272,7 +286,7 @@ def _sigterm_like_sigint(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": cmd_train, "config": cmd_config, "world": cmd_world, "report": cmd_report,
+    handler = {"train": cmd_train, "config": cmd_config, "world": cmd_world, "export": cmd_export, "report": cmd_report,
                "bench": cmd_bench, "profile": cmd_profile}[args.command]
     previous = None
     _signalled.clear()

