@@ -349,10 +349,11 @@ def config_reference(cls: type = Config, prefix: str = "") -> list[tuple[str, st
                      for k, t, _, h in config_reference(optional, key + ".")]
         elif dataclasses.is_dataclass(tp):
             rows.append((key, "section", "", f.metadata.get("help", "")))
-            for sub_key, sub_tp, _, sub_help in config_reference(tp, key + "."):
-                # section defaults may differ from the class's own (e.g. pretrain vs sft)
+            for sub_key, sub_tp, sub_default, sub_help in config_reference(tp, key + "."):
+                # section defaults may differ from the class's own (e.g. pretrain vs sft); inside a section that
+                # is off by default (model.lora) the row keeps its class's default
                 sub_value = _get_path(value, sub_key[len(key) + 1:])
-                rows.append((sub_key, sub_tp, _fmt(sub_value), sub_help))
+                rows.append((sub_key, sub_tp, sub_default if sub_value is _OFF else _fmt(sub_value), sub_help))
         else:
             rows.append((key, _type_name(tp), _fmt(value), f.metadata.get("help", "")))
     return rows
@@ -367,8 +368,13 @@ def optional_section(tp: Any) -> type | None:
     return None
 
 
+_OFF = object()  # a path through a section that is off (None)
+
+
 def _get_path(obj: Any, dotted: str) -> Any:
     for part in dotted.split("."):
+        if obj is None:
+            return _OFF
         obj = getattr(obj, part) if hasattr(obj, part) else getattr(obj, part + "_")
     return obj
 

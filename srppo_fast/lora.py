@@ -48,10 +48,19 @@ def require_peft():
 
 
 def linear_names(model: torch.nn.Module) -> list[str]:
-    """The module names of every linear layer an adapter may sit on (not the output head, not a value head)."""
+    """The module names of every linear layer an adapter may sit on (not the output head, not a value head); on a
+    model that already carries adapters, the adapted layers by their own names (not peft's inner modules)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [name for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and m is not head and name.split(".")[-1] not in ("score", "lm_head")]
+    names = []
+    for name, m in model.named_modules():
+        parts = name.split(".")
+        if not isinstance(m, torch.nn.Linear) or m is head or any(p.startswith("lora_") for p in parts):
+            continue
+        if parts[-1] == "base_layer":  # peft's wrapper holds the original layer under this name
+            parts = parts[:-1]
+        if parts[-1] not in ("score", "lm_head"):
+            names.append(".".join(parts))
+    return names
 
 
 def resolve_targets(names: list[str], targets: list[str], key: str = "model.lora.target_modules") -> list[str]:

@@ -163,8 +163,9 @@ def model_card(ctx, name: str, info: dict) -> str:
     stages = lineage(cfg, name)
     step, complete = info.get("step", "?"), bool(info.get("complete"))
     base = cfg.model.base
-    front = {"library_name": "transformers", **({"base_model": base} if base != "scratch" else {}),
-             "tags": ["srppo-fast", name]}
+    adapter = stage_of(cfg, name).trains_adapters()
+    front = {"library_name": "peft" if adapter else "transformers",
+             **({"base_model": base} if base != "scratch" else {}), "tags": ["srppo-fast", name]}
     state = (f"complete, after step {step}" if complete else
              f"a resumable mid-stage save after step {step} (trainer state included; the reproducing command "
              "below, in the same output_dir, resumes it)")
@@ -179,7 +180,8 @@ def model_card(ctx, name: str, info: dict) -> str:
                                    " (the base's)" if tokenizer == "auto" else "") + "; saved in this directory"
     lines = ["---", _yaml(front).rstrip(), "---", "",
              f"# {cfg.label(name)} (`{name}`)", "",
-             f"A Hugging Face checkpoint written by the `{name}` stage of an srppo-fast run.", "",
+             f"A {'LoRA adapter (peft format)' if adapter else 'Hugging Face checkpoint'} written by the `{name}` "
+             "stage of an srppo-fast run.", "",
              "| | |", "|---|---|",
              f"| stage | `{name}`: {_cell(describe_stage(cfg, name))} |",
              f"| checkpoint | {state} |",
@@ -188,8 +190,15 @@ def model_card(ctx, name: str, info: dict) -> str:
              f"| srppo-fast | {__version__} |",
              f"| saved | {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} |"]
     lines += stage_of(cfg, name).card_rows()
-    lines += ["", "Load it with `transformers.AutoModelForCausalLM.from_pretrained(\"<this directory>\")` and "
-              "`AutoTokenizer.from_pretrained(\"<this directory>\")`.", ""]
+    if adapter:
+        lora = cfg.model.lora
+        lines += ["", f"LoRA rank {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.target_modules)}; the model it "
+                  "sits on is `base_model_name_or_path` in `adapter_config.json`. Load it with "
+                  "`peft.PeftModel.from_pretrained(<that model>, \"<this directory>\")`, or write the merged model "
+                  "as a plain Hugging Face directory with `srppo-fast export <this directory> --merge --out DIR`.", ""]
+    else:
+        lines += ["", "Load it with `transformers.AutoModelForCausalLM.from_pretrained(\"<this directory>\")` and "
+                  "`AutoTokenizer.from_pretrained(\"<this directory>\")`.", ""]
     if base == "scratch":
         lines += ["## Base model", "", "`model.base: scratch`; `model.arch`:", "",
                   _block(_yaml(dict(cfg.model.arch)), "yaml"), ""]

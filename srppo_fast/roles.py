@@ -25,6 +25,7 @@ from .lora import (
     adapter_base,
     is_adapter_dir,
     linear_names,
+    merge_adapter_into,
     peft_config,
     read_adapter_config,
     read_adapter_state,
@@ -38,10 +39,24 @@ log = logging.getLogger("srppo_fast")
 
 
 def resolve(ctx, ref: str) -> Resolved:
+    """(the full weights, the adapter) of model reference `ref`. An adapter stage of this run sits on its init's
+    weights in this run (so a copied or moved output directory resolves within itself); an adapter directory from
+    elsewhere on the model its adapter_config.json names."""
+
     path = ctx.model_path(ref)
-    if path != "scratch" and os.path.isdir(path) and is_adapter_dir(path):
-        return Resolved(adapter_base(path), path)
-    return Resolved(path, None)
+    if path == "scratch" or not is_adapter_dir(path):
+        return Resolved(path, None)
+    if ctx.cfg.is_stage(ref):
+        return Resolved(resolve(ctx, ctx.cfg.section(ref).init).base, path)
+    return Resolved(adapter_base(path), path)
+
+
+def load_merged(ctx, ref: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The whole model `ref` names, as one plain module (eval): its weights, with its adapter merged in if it has
+    one (a private copy)."""
+    r = resolve(ctx, ref)
+    model = load_model(r.base, ctx.cfg.model, dtype=dtype)
+    return merge_adapter_into(model, r.adapter) if r.adapter is not None else model
 
 
 def uses_lora(ctx, init: str) -> bool:
@@ -107,10 +122,13 @@ def trainable_model(ctx, init: str, role: str = "model", resume_dir: str | None 
     if not uses_lora(ctx, init):
         return load_model(resume_dir, ctx.cfg.model) if resume_dir is not None else ctx.init_model(init)
     base, name = _trainable_adapter(ctx, init, role, resume_dir)
-    view = base.view(name, owner=_zero3(ctx))
-    n = sum(p.numel() for p in view.parameters())
-    log.info("%s: LoRA adapter '%s' on %s: %.3fM trainable parameters (%.2f%% of the base)", ctx.stage, role,
-             base.label, n / 1e6, 100 * n / max(1, base.base_numel()))
+    return _logged(ctx, base.view(name, owner=_zero3(ctx)))
+
+
+def _logged(ctx, view):
+    n = sum(p.numel() for p in view.own_parameters())
+    log.info("%s: LoRA adapter '%s' on %s: %.3fM trainable parameters (%.2f%% of the base)", ctx.stage, view.adapter,
+             view.shared.label, n / 1e6, 100 * n / max(1, view.shared.base_numel()))
     return view
 
 
@@ -124,7 +142,7 @@ def critic_model(ctx, init: str, actor_init: str, resume_dir: str | None = None)
     base, name = _trainable_adapter(ctx, init, "critic", resume_dir, key=" (critic)" if _zero3(ctx) else "")
     saved = read_value_head(resume_dir) if resume_dir is not None else None
     head = value_head(base.model.config.hidden_size, saved).to(ctx.device)
-    return base.view(name, head, owner=_zero3(ctx))
+    return _logged(ctx, base.view(name, head, owner=_zero3(ctx)))
 
 
 def frozen_model(ctx, ref: str, lora: bool) -> torch.nn.Module:

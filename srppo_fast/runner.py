@@ -23,7 +23,6 @@ from .engine.placement import Placement, cast_parameters_, measured_param_bytes,
 from .errors import CheckpointError, ConfigError, SrppoError
 from .io import atomic_write_text, recover_tree
 from .lock import RunLock, RunLockedError, lock_holder, watch_launcher
-from .lora import adapter_base, is_adapter_dir
 from .metrics import MetricsLog, NullMetricsLog
 from .modelcard import add_eval_to_cards, model_card
 from .modeling import (
@@ -37,6 +36,7 @@ from .modeling import (
     tokenizer_fingerprint,
     tokenizer_mismatch,
 )
+from .roles import load_merged, resolve
 from .stages import samplers, stage_of
 
 log = logging.getLogger("srppo_fast")
@@ -139,7 +139,7 @@ class RunContext:
                     tok = load_tokenizer(path, trust_remote_code=self.cfg.model.trust_remote_code)
                 except SrppoError:
                     tok = None  # a model directory without tokenizer files: its vocabulary size is still checked
-                source, extra = model_source(adapter_base(path) if is_adapter_dir(path) else path)
+                source, extra = model_source(resolve(self, ref).base)
                 self._checked[path] = (tokenizer_fingerprint(tok) if tok is not None else None,
                                        AutoConfig.from_pretrained(
                                            source, trust_remote_code=self.cfg.model.trust_remote_code, **extra))
@@ -183,8 +183,8 @@ class RunContext:
         elif path == "scratch":
             model = cast_parameters_(build_scratch_model(self.cfg.model, self.tokenizer(), self.cfg.seed),
                                      place.param_dtype)
-        else:
-            model = load_model(path, self.cfg.model, dtype=place.param_dtype)
+        else:  # a LoRA stage's adapter: merged into a private copy of its base
+            model = load_merged(self, ref, place.param_dtype)
         placed = frozen_model(self, model) if shard else model.to(self.device).eval().requires_grad_(False)
         if "_srppo_deepspeed_engine" in placed.__dict__:  # a ZeRO-3 shard: its engine is torn down with the stage
             self.owned.append(placed)

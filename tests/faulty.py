@@ -7,6 +7,8 @@ variables:
     SRPPO_FAST_TEST_SAMPLER_HANG=N         the vLLM sampler's N-th generate never returns
     SRPPO_FAST_TEST_SAMPLER_FAIL_SYNC=R    rank R's sampler fails loading the second bucket of each weight sync
     SRPPO_FAST_TEST_SKIP_SYNC_BUCKET=B     bucket B of every weight sync after the first is not sent
+    SRPPO_FAST_TEST_DROP_SYNCS=1           no bucket of any weight sync after the first is sent (the sampler keeps
+                                           its first weights, as verl's #7495 did)
     SRPPO_FAST_TEST_SIGTERM_AT=STAGE:N     SIGTERM the process once STAGE's step N is logged (a kill at an exact
                                            step, whatever the machine's speed)
 """
@@ -36,9 +38,10 @@ def install_from_environment(env=os.environ) -> None:
     if hang:
         faults.install("sampler_generate", lambda call, run: (lambda: time.sleep(10**6)) if str(call) == hang else None)
     fail_rank, skip = env.get("SRPPO_FAST_TEST_SAMPLER_FAIL_SYNC"), env.get("SRPPO_FAST_TEST_SKIP_SYNC_BUCKET")
-    if fail_rank or skip:
+    drop = env.get("SRPPO_FAST_TEST_DROP_SYNCS")
+    if fail_rank or skip or drop:
         def sync_bucket(rank: int, bucket: int, syncs: int, load):
-            if skip and syncs and bucket == int(skip):
+            if syncs and (drop or (skip and bucket == int(skip))):
                 return "skip"
             if fail_rank == str(rank) and bucket == 1:
                 return _injected_failure

@@ -406,3 +406,26 @@ def test_srppo_with_vllm_rollouts_from_the_gguf_model_itself(sft_done, tmp_path)
     for r in rows:
         assert r["rollout/logprob_diff_max"] < 1e-3 and r["sync/check_max"] < 1e-3, r
     assert "sampler weights verified after sync 2" in done.stderr
+
+
+@pytest.mark.slow
+@needs_model
+@pytest.mark.requires("peft")
+def test_lora_on_the_gguf_base_shares_its_dequantised_copy(smol, tmp_path):
+    """model.lora on the GGUF model: SFT trains an adapter on the cached dequantised copy, and SRPPO's pi_PT,
+    pi_SFT, actor and critic are that one module (one 'shared base' line per stage; GAE, so a critic too)."""
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "srppo_fast", "train", "--config", CONFIG, f"output_dir={out}", *SMALL,
+            "stages=[sft,srppo]", "sft.max_steps=2", "srppo.max_steps=2", "srppo.advantage.estimator=gae",
+            "srppo.critic.warmup_buffers=1", "model.lora.rank=8", "model.lora.target_modules=[q_proj,v_proj]"]
+    done = subprocess.run(args, env={**os.environ, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    srppo_log = done.stderr.split("stage 2/2: srppo")[1]
+    assert srppo_log.count("shared base ") == 1 and "LoRA adapter 'actor'" in srppo_log
+    config = json.loads((out / "checkpoints/srppo/adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == SPEC and config["r"] == 8
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    rl = step_rows(out / "metrics.jsonl", "srppo")
+    assert [r["step"] for r in rl] == [1, 2] and all(np.isfinite(r["reward/coherent"]) for r in rl)
+    assert rl[0]["kl"] == 0.0  # the actor's adapter starts as the SFT adapter

@@ -231,6 +231,27 @@ def test_srppo_with_lora_holds_one_base_and_trains_only_adapters(pretrained, tmp
     assert not (ckpt / "model.safetensors").exists() and not (out / "checkpoints/sft/model.safetensors").exists()
 
 
+def test_a_full_sft_checkpoint_with_a_lora_actor_is_the_base_of_its_adapters(pretrained, tmp_path):
+    """Full SFT weights from elsewhere and model.lora: the actor's and the critic's adapters sit on those weights,
+    which are also pi_SFT (adapters off); pi_PT, other weights, is a second frozen copy."""
+    out = _copy(pretrained, tmp_path / "run")
+    full = str(out / "checkpoints/pretrain")  # stands for a full SFT checkpoint of another run
+    proc = _train(out, [*RL, *LORA, "stages=[srppo]", f"srppo.init={full}", f"srppo.reward.sft={full}",
+                        f"srppo.critic.init={full}", "srppo.reward.pretrained=base", "srppo.max_steps=2",
+                        f"model.tokenizer={out / 'world/tokenizer'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bases = [line.split("shared base ")[1].split(":")[0] for line in proc.stderr.splitlines() if "shared base " in line]
+    assert sorted(bases) == sorted([full, "scratch"])
+    assert f"LoRA adapter 'actor' on {full}" in proc.stderr and f"LoRA adapter 'critic' on {full}" in proc.stderr
+    assert json_base(out / "checkpoints/srppo") == full
+
+
+def json_base(path: Path) -> str:
+    import json
+
+    return json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
 def test_a_killed_lora_run_resumes_to_the_same_adapters(pretrained, tmp_path):
     runs = {}
     for kind in ("straight", "killed"):

@@ -376,3 +376,45 @@ def test_one_sampler_serves_every_vllm_stage_of_a_run(base_run, tmp_path):
     rows = srppo_rows(out)
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["sync/check_max"] < 1e-3
     assert rows[0]["rollout/logprob_diff_mean"] < 1e-4  # it sampled from srppo's actor, not spin's last weights
+
+
+# ------------------------------------------------------------------------------------------------
+# a LoRA actor (model.lora): the sampler serves base + adapter, merged out of place and sent bucket by bucket
+
+LORA = ["model.lora.rank=4", "model.lora.alpha=8"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """pretrain (full weights) + SFT as an adapter on it."""
+    out = tmp_path_factory.mktemp("vllm-lora") / "run"
+    proc = cli(out, LORA, stages="[pretrain,sft]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.requires("peft")
+def test_a_lora_actor_is_served_merged_and_verified(lora_run, tmp_path):
+    out = copy_run(lora_run, tmp_path)
+    proc = cli(out, [*LORA, "srppo.max_steps=3"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = srppo_rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    full = load_model(str(out / "checkpoints/pretrain"), load_config(None, check_files=False).model)
+    full_bytes = 4 * sum(p.numel() for p in full.parameters())
+    for r in rows:  # the sampler's own log-probs are the trainer's: the adapter reached it, every update
+        assert r["rollout/logprob_diff_mean"] < 1e-4 and r["rollout/logprob_diff_max"] < 1e-3, r
+        assert r["sync/check_max"] < 1e-3 and r["sync/bytes"] == full_bytes  # the merged model, in fp32
+    assert "sampler weights verified after sync 3" in proc.stderr
+    assert "from " + str(out / "checkpoints" / "pretrain") in proc.stderr  # it started from the base
+
+
+@pytest.mark.requires("peft")
+def test_a_sampler_that_misses_the_adapter_updates_stops_the_run(lora_run, tmp_path):
+    """verl's #7495: the sampler silently kept the initial policy. Here every sync after the first sends nothing
+    (tests/faulty.py), so the sampler keeps pi_SFT while the actor's adapter moves: the probe stops the run."""
+    out = copy_run(lora_run, tmp_path)
+    proc = cli(out, [*LORA, "srppo.max_steps=3"], env={"SRPPO_FAST_TEST_DROP_SYNCS": "1"})
+    assert proc.returncode != 0
+    assert "weight sync check failed after sync 2" in proc.stderr, proc.stderr[-2000:]
+    assert len(srppo_rows(out)) == 1  # stopped before step 2 sampled from the stale weights

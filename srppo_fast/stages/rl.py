@@ -220,7 +220,11 @@ class RLStage(Stage):
                 f"`{s.reward.sft}`, pi_PT: `{s.reward.pretrained}`)")
 
     def card_rows(self) -> list[str]:
-        return ["| critic | the value model, in `critic/` |"] if self.section.advantage.estimator == "gae" else []
+        if self.section.advantage.estimator != "gae":
+            return []
+        if self.trains_adapters():
+            return ["| critic | its LoRA adapter and value head (`value_head.safetensors`), in `critic/` |"]
+        return ["| critic | the value model, in `critic/` |"]
 
     def run(self, ctx) -> None:
         run_rl_stage(ctx, self.name)
