@@ -145,9 +145,14 @@ def merge_adapter_into(model: torch.nn.Module, path: str) -> torch.nn.Module:
         weight = params.get(module + ".weight")
         if weight is None:
             raise ConfigError(f"'{path}': the adapter names {module}, which the model it is loaded on does not have.")
-        b = state[key.replace(".lora_A.", ".lora_B.")]
-        weight.data = (weight.float() + scale * (b.float() @ a.float())).to(weight.dtype)
+        weight.data = merged_weight(weight, a, state[key.replace(".lora_A.", ".lora_B.")], scale)
     return model
+
+
+@torch.no_grad()
+def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale * B A, computed in fp32 into a new tensor of W's dtype (W itself is never written)."""
+    return (weight.float() + scale * (b.float() @ a.float())).to(weight.dtype)
 
 
 @dataclass(frozen=True)
@@ -166,6 +171,7 @@ class SharedBase:
         self.model, self.label = model, label
         model.requires_grad_(False)
         self.configs: dict = {}  # adapter name -> peft LoraConfig
+        self._params: dict[str, list] = {}  # adapter name -> its (peft key, parameter) pairs
         self._active: object = None  # None: adapters off
         self._layers: list = []
         self._gc = False
@@ -186,6 +192,9 @@ class SharedBase:
             inject_adapter_in_model(config, self.model, adapter_name=name)
         self.configs[name] = config
         self._layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        ends = {f".lora_A.{name}.weight": ".lora_A.weight", f".lora_B.{name}.weight": ".lora_B.weight"}
+        self._params[name] = [(PEFT_PREFIX + n[:-len(end)] + ends[end], p) for n, p in self.model.named_parameters()
+                              for end in ends if n.endswith(end)]
         for p in self.model.parameters():  # peft's injection marks trainability its own way: ours stands
             p.requires_grad_(flags.get(id(p), False))
         with torch.no_grad():
@@ -204,9 +213,7 @@ class SharedBase:
 
     def params(self, name: str) -> list[tuple[str, torch.nn.Parameter]]:
         """(peft key, parameter) of adapter `name`, in module order."""
-        mark = f".{name}."
-        return [(PEFT_PREFIX + n.replace(mark, "."), p) for n, p in self.model.named_parameters()
-                if mark in n and (".lora_A." in n or ".lora_B." in n)]
+        return self._params[name]
 
     def switch(self, name: str | None) -> None:
         """Make adapter `name` the one every forward adds (None: the base alone), leaving requires_grad as it was."""
@@ -253,39 +260,6 @@ class SharedBase:
 
     # -- merged weights (never in place) ----------------------------------------------------------
 
-    @torch.no_grad()
-    def merged_state_dict(self, name: str | None, dtype: torch.dtype | None = None,
-                          adapter_state: dict | None = None) -> dict[str, torch.Tensor]:
-        """The plain model's state dict (Hugging Face names) with adapter `name` merged into new tensors:
-        W + (alpha / r) B A. `adapter_state` (peft keys -> tensors; e.g. an engine's fp32 masters) overrides the
-        adapter's own weights. The base is read, never written."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        out: dict[str, torch.Tensor] = {}
-        lora_keys = {}
-        if name is not None:
-            for module_name, m in self.model.named_modules():
-                if isinstance(m, BaseTunerLayer) and name in getattr(m, "lora_A", {}):
-                    lora_keys[module_name] = m
-        for key, t in self.model.state_dict().items():
-            if ".lora_" in key:
-                continue
-            plain = key.replace(".base_layer.", ".")
-            module_name = plain.rsplit(".", 1)[0]
-            layer = lora_keys.get(module_name)
-            value = t
-            if layer is not None and plain.endswith(".weight") and ".base_layer." in key:
-                a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-                if adapter_state is not None:
-                    a = adapter_state[f"{PEFT_PREFIX}{module_name}.lora_A.weight"]
-                    b = adapter_state[f"{PEFT_PREFIX}{module_name}.lora_B.weight"]
-                delta = (b.float() @ a.float()) * layer.scaling[name]
-                if getattr(layer, "fan_in_fan_out", False):
-                    delta = delta.T
-                value = (t.float() + delta).to(t.dtype)
-            out[plain] = value if dtype is None else value.to(dtype)
-        return out
-
     def merged_parameters(self, name: str | None) -> list[tuple[str, MergedParameter]]:
         """The plain model's parameters in order (tied ones once), adapter `name` merged into each targeted
         weight when it is read: a sampler's sync takes them bucket by bucket, never the whole merged model."""
@@ -320,11 +294,8 @@ class MergedParameter:
     def value(self) -> torch.Tensor:
         if self.layer is None:
             return self.weight.detach()
-        a, b = self.layer.lora_A[self.adapter].weight, self.layer.lora_B[self.adapter].weight
-        delta = (b.float() @ a.float()) * self.layer.scaling[self.adapter]
-        if getattr(self.layer, "fan_in_fan_out", False):
-            delta = delta.T
-        return (self.weight.float() + delta).to(self.weight.dtype)
+        return merged_weight(self.weight, self.layer.lora_A[self.adapter].weight,
+                             self.layer.lora_B[self.adapter].weight, self.layer.scaling[self.adapter])
 
 
 class _Body:
@@ -397,10 +368,6 @@ class RoleView(torch.nn.Module):
 
     def gradient_checkpointing_enable(self, **_):
         self.shared.enable_gradient_checkpointing()
-
-    def merged_state_dict(self, dtype: torch.dtype | None = None, adapter_state: dict | None = None) -> dict:
-        """The whole model this role is, as plain Hugging Face weights (the adapter merged out of place)."""
-        return self.shared.merged_state_dict(self.adapter, dtype, adapter_state)
 
     def sync_parameters(self) -> list[tuple[str, MergedParameter]]:
         """What a sampler serves for this role: the plain model's parameters, merged when read."""

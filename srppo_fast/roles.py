@@ -19,6 +19,7 @@ import re
 
 import torch
 
+from .engine.placement import cast_parameters_
 from .lora import (
     Resolved,
     SharedBase,
@@ -75,7 +76,7 @@ def shared_base(ctx, spec: str, key: str = "") -> SharedBase:
     if spec + key not in ctx.bases:
         dtype = ctx.placement(trainable=False).param_dtype
         if spec == "scratch":
-            model = build_scratch_model(ctx.cfg.model, ctx.tokenizer(), ctx.cfg.seed).to(dtype)
+            model = cast_parameters_(build_scratch_model(ctx.cfg.model, ctx.tokenizer(), ctx.cfg.seed), dtype)
         else:
             model = load_model(spec, ctx.cfg.model, dtype=dtype)
         model = model.to(ctx.device).eval()

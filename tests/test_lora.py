@@ -231,6 +231,36 @@ def test_srppo_with_lora_holds_one_base_and_trains_only_adapters(pretrained, tmp
     assert not (ckpt / "model.safetensors").exists() and not (out / "checkpoints/sft/model.safetensors").exists()
 
 
+def test_bf16_keeps_the_base_and_the_adapters_in_bf16_and_fp32_masters(pretrained, tmp_path, monkeypatch):
+    """runtime.precision=bf16 (autocast on the CPU): the shared base and every adapter the forwards read are bf16,
+    the trainable adapters' masters fp32 (what the optimizer steps and the checkpoint saves)."""
+    from safetensors.torch import load_file
+
+    from srppo_fast.rl.models import RLModels
+
+    out = _copy(pretrained, tmp_path / "run")
+    seen = {}
+    close = RLModels.close
+
+    def inspect(self):
+        base = self.pt.shared
+        seen["base"] = {p.dtype for n, p in base.model.named_parameters() if ".lora_" not in n}
+        seen["adapters"] = {p.dtype for name in base.configs for _, p in base.params(name)}
+        seen["masters"] = {m.dtype for m in self.actor.masters.values()} | {m.dtype for m in
+                                                                              self.critic.masters.values()}
+        seen["n_masters"] = len(self.actor.masters) + len(self.critic.masters)
+        seen["own"] = len(self.actor.model.own_parameters()) + len(self.critic.model.own_parameters())
+        close(self)
+
+    monkeypatch.setattr(RLModels, "close", inspect)
+    assert main(["train", "--config", QUICKSTART, *tiny_run_overrides(out), *[a for a in RL if "precision" not in a],
+                 *LORA, "runtime.precision=bf16", "stages=[pretrain,sft,srppo]"]) == 0
+    assert seen["base"] == {torch.bfloat16} and seen["adapters"] == {torch.bfloat16}
+    assert seen["masters"] == {torch.float32} and seen["n_masters"] == seen["own"]
+    saved = load_file(out / "checkpoints/srppo/adapter_model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}  # the masters, not their bf16 rounding
+
+
 def test_a_full_sft_checkpoint_with_a_lora_actor_is_the_base_of_its_adapters(pretrained, tmp_path):
     """Full SFT weights from elsewhere and model.lora: the actor's and the critic's adapters sit on those weights,
     which are also pi_SFT (adapters off); pi_PT, other weights, is a second frozen copy."""
