@@ -238,7 +238,7 @@ def _local(ref: str) -> bool:
 def _check_model_path(path: str, key: str, trust_remote_code: bool) -> str:
     from transformers import AutoConfig
 
-    from .lora import adapter_base, is_adapter_dir
+    from .adapters import adapter_base, is_adapter_dir
     from .modeling import gguf_config, model_source, resolve_model_spec
 
     if is_gguf(path):
@@ -339,8 +339,8 @@ def _check_lora(cfg: Config) -> list[str]:
     lora = cfg.model.lora
     if lora is None:
         return []
+    from .adapters import model_linear_names, resolve_targets
     from .engine.sizes import UnknownSize, hf_config_for
-    from .lora import model_linear_names, resolve_targets
 
     stages = [name for name in cfg.stages if stage_of(cfg, name).trains_adapters()]
     if not stages:

@@ -284,7 +284,7 @@ def load_model(path: str, cfg: ModelConfig, *, dtype: torch.dtype = torch.float3
     sits on with the adapter merged in (a private copy: eval, export)."""
     from transformers import AutoModelForCausalLM
 
-    from .lora import adapter_base, is_adapter_dir, merge_adapter_into
+    from .adapters import adapter_base, is_adapter_dir, merge_adapter_into
 
     if is_adapter_dir(path):
         return merge_adapter_into(load_model(adapter_base(path), cfg, dtype=dtype), path)
@@ -417,8 +417,8 @@ def export_checkpoint(checkpoint: str, out: str, *, merge: bool, dtype: str = "f
     """A stage's checkpoint as a plain Hugging Face directory at `out` (config.json, model.safetensors, tokenizer),
     atomically: a LoRA adapter (with `merge`) is added into a private copy of its base, W + (alpha / r) B A in
     fp32. Returns what was written, in words."""
+    from .adapters import adapter_base, is_adapter_dir
     from .config import ModelConfig
-    from .lora import adapter_base, is_adapter_dir
 
     if not os.path.isdir(checkpoint) or checkpoint_info(checkpoint) is None and not is_adapter_dir(checkpoint):
         raise ConfigError(f"export: '{checkpoint}' is not a checkpoint directory; give OUTPUT_DIR/checkpoints/STAGE.")

@@ -19,21 +19,17 @@ import re
 
 import torch
 
-from .engine.placement import cast_parameters_
-from .lora import (
-    Resolved,
-    SharedBase,
+from .adapters import (
     adapter_base,
     is_adapter_dir,
     linear_names,
     merge_adapter_into,
-    peft_config,
-    read_adapter_config,
     read_adapter_state,
     read_value_head,
     resolve_targets,
-    value_head,
 )
+from .engine.placement import cast_parameters_
+from .lora import Resolved, SharedBase, peft_config, read_adapter_config, value_head
 from .modeling import build_scratch_model, load_critic, load_model, num_parameters
 
 log = logging.getLogger("srppo_fast")

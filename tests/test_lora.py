@@ -20,9 +20,10 @@ from .helpers import QUICKSTART, require, step_rows, tiny_run_overrides, trainer
 
 require("peft")
 
+from srppo_fast.adapters import linear_names, merge_adapter_into, resolve_targets  # noqa: E402
 from srppo_fast.cli import main  # noqa: E402
 from srppo_fast.config import ModelConfig  # noqa: E402
-from srppo_fast.lora import SharedBase, linear_names, merge_adapter_into, peft_config, resolve_targets  # noqa: E402
+from srppo_fast.lora import SharedBase, peft_config  # noqa: E402
 
 LORA = ["model.lora.rank=4", "model.lora.alpha=8"]
 RL = ["srppo.prompts_per_step=4", "srppo.rollout.n_samples=2", "srppo.ppo.train_batch_size=4",
@@ -231,14 +232,14 @@ def test_srppo_with_lora_holds_one_base_and_trains_only_adapters(pretrained, tmp
     assert not (ckpt / "model.safetensors").exists() and not (out / "checkpoints/sft/model.safetensors").exists()
 
 
-def test_bf16_keeps_the_base_and_the_adapters_in_bf16_and_fp32_masters(pretrained, tmp_path, monkeypatch):
+def test_bf16_keeps_the_base_and_the_adapters_in_bf16_and_fp32_masters(tmp_path, monkeypatch):
     """runtime.precision=bf16 (autocast on the CPU): the shared base and every adapter the forwards read are bf16,
     the trainable adapters' masters fp32 (what the optimizer steps and the checkpoint saves)."""
     from safetensors.torch import load_file
 
     from srppo_fast.rl.models import RLModels
 
-    out = _copy(pretrained, tmp_path / "run")
+    out = tmp_path / "run"  # its own pretraining: a finished stage is not re-run under another precision
     seen = {}
     close = RLModels.close
 

@@ -200,7 +200,7 @@ def lora_base_ref(cfg: Config, ref: str) -> tuple[str, bool]:
         if stage.trains_adapters():
             return lora_base_ref(cfg, stage.section.init)[0], True
         return ref, False
-    from ..lora import adapter_base, is_adapter_dir
+    from ..adapters import adapter_base, is_adapter_dir
 
     if ref != "base" and is_adapter_dir(ref):
         return adapter_base(ref), True

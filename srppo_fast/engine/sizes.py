@@ -108,7 +108,7 @@ def adapter_numels(hf_config, rank: int, targets: list[str]) -> list[int]:
     architecture: A (r x in) and B (out x r) per adapted linear layer."""
     import transformers
 
-    from ..lora import linear_names, resolve_targets
+    from ..adapters import linear_names, resolve_targets
 
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(hf_config)
