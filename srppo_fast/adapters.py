@@ -65,7 +65,7 @@ def is_adapter_dir(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
 
 
-def _adapter_json(path: str) -> dict:
+def adapter_json(path: str) -> dict:
     try:
         with open(os.path.join(path, ADAPTER_CONFIG), encoding="utf-8") as fh:
             return json.load(fh)
@@ -75,7 +75,7 @@ def _adapter_json(path: str) -> dict:
 
 def adapter_base(path: str) -> str:
     """The full weights an adapter directory sits on (its adapter_config.json's base_model_name_or_path)."""
-    base = _adapter_json(path).get("base_model_name_or_path")
+    base = adapter_json(path).get("base_model_name_or_path")
     if not base:
         raise ConfigError(f"'{path}' is a LoRA adapter that does not name the model it sits on "
                           f"(base_model_name_or_path in {ADAPTER_CONFIG}); set it to that model's directory.")
@@ -89,7 +89,7 @@ def adapter_base(path: str) -> str:
 def merge_adapter_into(model: torch.nn.Module, path: str) -> torch.nn.Module:
     """Add the adapter saved in `path` into `model`'s own weights (a private copy: never a shared base), computing
     W + s B A in fp32; s = alpha / r (alpha / sqrt(r) with rsLoRA). No peft needed."""
-    config = _adapter_json(path)
+    config = adapter_json(path)
     if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("fan_in_fan_out"):
         raise ConfigError(f"'{path}': adapters with rank_pattern, alpha_pattern or fan_in_fan_out are not supported.")
     r, alpha = config["r"], config["lora_alpha"]

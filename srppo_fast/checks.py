@@ -257,9 +257,10 @@ def _check_model_path(path: str, key: str, trust_remote_code: bool) -> str:
                     "starts)")
     if not os.path.isdir(path):
         raise ConfigError(f"{key}: '{path}' does not exist; give a directory with a Hugging Face checkpoint.")
-    if is_adapter_dir(path):  # a LoRA adapter: the model it sits on must be there
+    if is_adapter_dir(path):  # a LoRA adapter: the model it sits on must be there and have its target layers
         base = adapter_base(path)
         _check_model_path(base, f"{key} (the base of the LoRA adapter '{path}')", trust_remote_code)
+        _check_adapter_targets(path, base, key, trust_remote_code)
         return f"{key}: '{path}' is a LoRA adapter on '{base}'"
     try:
         AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -267,6 +268,25 @@ def _check_model_path(path: str, key: str, trust_remote_code: bool) -> str:
         raise ConfigError(f"{key}: '{path}' is not a Hugging Face model directory ({str(e).splitlines()[0]}); give "
                           "a directory holding config.json and the weights.") from None
     return f"{key}: '{path}' holds a model config"
+
+
+def _check_adapter_targets(path: str, base: str, key: str, trust_remote_code: bool) -> None:
+    """The adapter's target_modules are linear layers of the model it sits on (its architecture on the meta device;
+    not checked for a hub model outside the local cache)."""
+    from transformers import AutoConfig
+
+    from .adapters import adapter_json, model_linear_names, resolve_targets
+    from .modeling import gguf_config
+
+    try:
+        hf_config = gguf_config(base) if is_gguf(base) else AutoConfig.from_pretrained(
+            base, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError):
+        return
+    targets = adapter_json(path).get("target_modules") or []
+    if isinstance(targets, list):  # (a string is a regular expression to peft: not checked here)
+        resolve_targets(model_linear_names(hf_config), targets,
+                        f"{key}: the LoRA adapter '{path}' (target_modules in its adapter_config.json)")
 
 
 def _check_tokenizer_path(path: str, trust_remote_code: bool) -> str:

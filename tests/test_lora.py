@@ -7,6 +7,7 @@ export, bad inputs."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import subprocess
@@ -278,8 +279,6 @@ def test_a_full_sft_checkpoint_with_a_lora_actor_is_the_base_of_its_adapters(pre
 
 
 def json_base(path: Path) -> str:
-    import json
-
     return json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
@@ -423,6 +422,13 @@ def test_an_adapter_whose_base_is_gone_is_refused_before_anything_is_written(pre
     fresh = tmp_path / "fresh"
     proc = _train(fresh, [*LORA, "stages=[sft]", f"sft.init={moved}", "model.tokenizer=world"])
     assert proc.returncode == 2 and "does not exist" in proc.stderr and str(moved) in proc.stderr, proc.stderr[-2000:]
+    assert not fresh.exists()
+    # an adapter for layers its base does not have
+    shutil.move(moved_base, out / "checkpoints/pretrain")
+    config = json.loads((moved / "adapter_config.json").read_text())
+    (moved / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj", "wq"]}))
+    proc = _train(fresh, [*LORA, "stages=[sft]", f"sft.init={moved}", "model.tokenizer=world"])
+    assert proc.returncode == 2 and "no linear layer named 'wq'" in proc.stderr, proc.stderr[-2000:]
     assert not fresh.exists()
 
 
