@@ -23,10 +23,8 @@ names the machine.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -35,6 +33,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import append_rows, cpu_model  # noqa: E402
 
 RECIPES = {
     "smollm2": {
@@ -70,15 +71,7 @@ RECIPES = {
 
 
 def machine() -> str:
-    name = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores"
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def run(config: str, out: Path, overrides: list[str]) -> tuple[float, float, int]:
@@ -144,14 +137,7 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     if args.out:
-        path = Path(args.out)
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        new = not path.exists()
-        with open(path, "a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=keys)
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        append_rows(Path(args.out), rows, list(dict.fromkeys(k for r in rows for k in r)))
 
 
 if __name__ == "__main__":
