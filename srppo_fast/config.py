@@ -228,6 +228,13 @@ class Config:
             return self.named[name][3]
         return name in STAGE_TYPES and STAGE_TYPES[name]["makes_model"]
 
+    def trains_adapters(self, name: str) -> bool:
+        """Under model.lora the stage `name` trains LoRA adapters on a frozen base (roles.py): every stage that trains
+        a model, except one that starts from a 'scratch' base (there is nothing to adapt: it trains full weights)."""
+        if self.model.lora is None or not self.makes_model(name):
+            return False
+        return not (self.section(name).init == "base" and self.model.base == "scratch")
+
     def model_stages(self) -> list[str]:
         """Every model-making stage section of this config: the stage types', then the named ones."""
         return [n for n in [*STAGE_TYPES, *self.named] if self.makes_model(n)]

@@ -56,10 +56,9 @@ def load_merged(ctx, ref: str, dtype: torch.dtype) -> torch.nn.Module:
     return merge_adapter_into(model, r.adapter) if r.adapter is not None else model
 
 
-def uses_lora(ctx, init: str) -> bool:
-    """The stage starting from `init` trains adapters (Stage.trains_adapters says the same from the config alone):
-    model.lora is set and there is a trained model to adapt."""
-    return ctx.cfg.model.lora is not None and resolve(ctx, init).base != "scratch"
+def uses_lora(ctx) -> bool:
+    """The running stage trains adapters (Config.trains_adapters: model.lora is set and it adapts a trained model)."""
+    return ctx.cfg.trains_adapters(ctx.stage)
 
 
 def _zero3(ctx) -> bool:
@@ -116,7 +115,7 @@ def _trainable_adapter(ctx, init: str, role: str, resume_dir: str | None, key: s
 def trainable_model(ctx, init: str, role: str = "model", resume_dir: str | None = None) -> torch.nn.Module:
     """The model a stage trains, from `init` (or from an interrupted run's checkpoint `resume_dir`): full weights
     in fp32 (the engine casts and keeps masters), or under LoRA adapter `role` on the shared base."""
-    if not uses_lora(ctx, init):
+    if not uses_lora(ctx):
         return load_model(resume_dir, ctx.cfg.model) if resume_dir is not None else ctx.init_model(init)
     base, name = _trainable_adapter(ctx, init, role, resume_dir)
     return _logged(ctx, base.view(name, owner=_zero3(ctx)))
@@ -129,11 +128,11 @@ def _logged(ctx, view):
     return view
 
 
-def critic_model(ctx, init: str, actor_init: str, resume_dir: str | None = None) -> torch.nn.Module:
+def critic_model(ctx, init: str, resume_dir: str | None = None) -> torch.nn.Module:
     """The value model: a language model with a scalar head. Under LoRA, adapter 'critic' (from init's adapter, or
     new) on the actor's shared base, with its own head; a critic whose init sits on other weights than the actor's
     gets its own base."""
-    if not uses_lora(ctx, actor_init):
+    if not uses_lora(ctx):
         return load_critic(resume_dir if resume_dir is not None else ctx.model_path(init), ctx.cfg.model)
     # under ZeRO-3 one engine shards a base: the critic's engine gets its own (sharded over the ranks too)
     base, name = _trainable_adapter(ctx, init, "critic", resume_dir, key=" (critic)" if _zero3(ctx) else "")

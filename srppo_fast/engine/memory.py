@@ -241,7 +241,11 @@ def _lora_models(cfg: Config, specs: list, num_gpus: int, cache: dict) -> list[M
             m.error = base.error
             adapters.append(m)
             continue
-        numels = adapter_numels(base.hf_config, lora.rank, list(lora.target_modules))
+        arch = base.hf_config.to_json_string(use_diff=False)
+        key = (arch, "lora", lora.rank, tuple(lora.target_modules))  # one meta build per architecture, as for models
+        if key not in cache:
+            cache[key] = adapter_numels(base.hf_config, lora.rank, list(lora.target_modules))
+        numels = list(cache[key])
         if kind == "token_classification":
             numels.append(base.hf_config.hidden_size)
         place = trainable_place if trainable else model_placement(cfg, False, num_gpus)
@@ -249,14 +253,9 @@ def _lora_models(cfg: Config, specs: list, num_gpus: int, cache: dict) -> list[M
         m.param_bytes = place.param_bytes(numels, num_gpus)
         if trainable:
             m.states = place.state_bytes(m.params, num_gpus)
-            m.largest_layer = getattr(base, "largest_layer", 0) or cache_largest(base)
+            m.largest_layer = cache[(arch, "causal_lm")][1]  # the base's largest layer (ZeRO-3 gathers it)
         adapters.append(m)
     return list(bases.values()) + adapters
-
-
-def cache_largest(base: ModelPlan) -> int:
-    """The base's largest layer (ZeRO-3 gathers it around a trainable role's forward too)."""
-    return parameter_numels(base.hf_config)[1] if base.hf_config is not None else 0
 
 
 def plan_memory(cfg: Config, num_gpus: int, num_nodes: int, gpu_gib: float) -> list[StagePlan]:

@@ -34,7 +34,7 @@ class RLModels:
         interrupted run's trainer state, saved in `resume_dir`."""
         self.ctx, self.rl = ctx, rl
         frozen_models: dict[str, torch.nn.Module] = {}
-        self.lora = lora = uses_lora(ctx, rl.init)  # every role an adapter on one shared base (roles.py)
+        self.lora = lora = uses_lora(ctx)  # every role an adapter on one shared base (roles.py)
 
         def frozen(ref: str):  # one per distinct model, in the run's precision
             path = ctx.model_path(ref)
@@ -50,7 +50,7 @@ class RLModels:
                                   resume=(resume_dir, state["actor"]) if state else None)
         self.critic = None
         if rl.advantage.estimator == "gae":
-            critic = critic_model(ctx, rl.critic.init, rl.init, f"{resume_dir}/critic" if state else None)
+            critic = critic_model(ctx, rl.critic.init, f"{resume_dir}/critic" if state else None)
             self.critic = build_engine(ctx, critic, rl.critic.optim, critic_steps, "critic",
                                        resume=(resume_dir, state["critic"]) if state else None)
         if not lora:

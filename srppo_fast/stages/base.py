@@ -45,11 +45,8 @@ class Stage:
         return [self.section.init]
 
     def trains_adapters(self) -> bool:
-        """Under model.lora the stage trains LoRA adapters on a frozen base (roles.py): every stage that trains a
-        model, except one that starts from a 'scratch' base (there is nothing to adapt: it trains full weights)."""
-        if self.cfg.model.lora is None or not self.makes_model:
-            return False
-        return not (self.section.init == "base" and self.cfg.model.base == "scratch")
+        """Under model.lora the stage trains LoRA adapters on a frozen base (Config.trains_adapters)."""
+        return self.cfg.trains_adapters(self.name)
 
     def external_models(self) -> dict[str, str]:
         """Models the stage reads that are not policies ('base', stages, checkpoints): config key -> path."""
